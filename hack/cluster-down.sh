@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Stop the operator and node agent started by the demo, and delete the local cluster.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+stop_bg operator
+stop_bg node-agent
+if [ -x "$bindir/kwokctl" ]; then
+  "$bindir/kwokctl" --name "$cluster_name" delete cluster 2>/dev/null || true
+fi
+rm -f "$KUBECONFIG"
+say "cluster '$cluster_name' deleted"

@@ -1,0 +1,36 @@
+# Shared shell helpers for the dev scripts (sourced, not run).
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${RLOPS_CACHE:-$HOME/.cache/rlops}
+cluster_name=${RLOPS_CLUSTER_NAME:-rlops}
+export KWOK_WORKDIR="$cache/kwok"
+export KUBECONFIG="${RLOPS_KUBECONFIG:-$cache/cluster/kubeconfig}"
+bindir="$cache/bin/current"
+rundir="$cache/run"
+venv="$root/.venv"
+kubectl() { "$bindir/kubectl" "$@"; }
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# start_bg NAME LOGFILE CMD...: run CMD in its own session, record its pid under $rundir.
+start_bg() {
+  local name=$1 logfile=$2; shift 2
+  mkdir -p "$rundir" "$(dirname "$logfile")"
+  if [ -f "$rundir/$name.pid" ] && kill -0 "$(cat "$rundir/$name.pid")" 2>/dev/null; then
+    say "$name already running (pid $(cat "$rundir/$name.pid"))"; return 0
+  fi
+  setsid "$@" >>"$logfile" 2>&1 < /dev/null &
+  echo $! > "$rundir/$name.pid"
+  say "started $name (pid $!, log $logfile)"
+}
+
+# stop_bg NAME: stop a process started with start_bg (its whole process group).
+stop_bg() {
+  local pidfile="$rundir/$1.pid" pid
+  [ -f "$pidfile" ] || return 0
+  pid=$(cat "$pidfile")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}

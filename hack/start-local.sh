@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Bring up everything the local demo and tests need, idempotently:
+#   control plane (hack/cluster-up.sh), CRDs + RBAC (manifests/overlays/local),
+#   the dev node agent (hack/node_agent.py), and the operator as a local process running as
+#   the rlops-operator ServiceAccount.
+# Env: RLOPS_NO_OPERATOR=1 skips the operator (tests start their own).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+bash "$root/hack/setup-venv.sh"
+bash "$root/hack/cluster-up.sh"
+
+say "installing CRDs and RBAC (kubectl apply -k manifests/overlays/local)"
+kubectl apply -k "$root/manifests/overlays/local" >/dev/null
+kubectl wait --for condition=Established --timeout=60s crd/rlagents.rlops.dev crd/trainingruns.rlops.dev crd/rollouts.rlops.dev >/dev/null
+
+node=${RLOPS_AGENT_NODE:-rlops-local-gpu}
+start_bg node-agent "$cache/logs/node-agent.log" "$venv/bin/python" "$root/hack/node_agent.py" \
+  --kubeconfig "$KUBECONFIG" --node-name "$node" --gpus 1 --state-dir "$cache/state/node-agent" --path-prepend "$venv/bin"
+kubectl wait --for condition=Ready --timeout=90s "node/$node" >/dev/null
+say "node $node Ready (dev node agent: pods bound to it run as local processes)"
+
+if [ -z "${RLOPS_NO_OPERATOR:-}" ]; then
+  opcfg=$(bash "$root/hack/operator-kubeconfig.sh")
+  start_bg operator "$cache/logs/operator.log" env KUBECONFIG="$opcfg" \
+    RLOPS_ARTIFACT_ROOT="file://$cache/artifacts" "$venv/bin/python" -m rl_operator --liveness http://127.0.0.1:8089/healthz
+  for _ in $(seq 60); do curl -sf http://127.0.0.1:8089/healthz >/dev/null && break; sleep 1; done
+  curl -sf http://127.0.0.1:8089/healthz >/dev/null || { tail -30 "$cache/logs/operator.log"; exit 1; }
+  say "operator running as system:serviceaccount:rlops-system:rlops-operator (log $cache/logs/operator.log)"
+fi

@@ -1,0 +1,107 @@
+"""The Kubernetes adapter: every call the operator makes to the API server goes through here.
+
+Uses the official ``kubernetes`` client (synchronous; kopf runs sync handlers in threads).
+Objects cross this boundary as plain JSON dicts, exactly as the API serves them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from rl_operator import models as m
+
+log = logging.getLogger(__name__)
+
+
+def load_config() -> None:
+    """In-cluster service-account credentials when in a pod, else ``$KUBECONFIG`` / ``~/.kube/config``."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+def _api() -> client.ApiClient:
+    return client.ApiClient()
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    return _api().sanitize_for_serialization(obj)
+
+
+def _custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi()
+
+
+def get_custom(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
+    """One rlops.dev object, or None if it does not exist."""
+    try:
+        return _custom().get_namespaced_custom_object(m.GROUP, m.VERSION, namespace, plural, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def list_custom(namespace: str, plural: str, label_selector: str = "") -> list[dict[str, Any]]:
+    result = _custom().list_namespaced_custom_object(
+        m.GROUP, m.VERSION, namespace, plural, label_selector=label_selector
+    )
+    return list(result.get("items", []))
+
+
+def create_custom_or_get(body: dict[str, Any], plural: str) -> tuple[dict[str, Any], bool]:
+    """Create a rlops.dev object; if one with that name exists, return it instead.
+
+    Returns:
+        ``(object, created)``.
+    """
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    try:
+        return _custom().create_namespaced_custom_object(m.GROUP, m.VERSION, ns, plural, body), True
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    existing = get_custom(ns, plural, name)
+    if existing is None:  # deleted between our create and get: let the next event retry
+        raise RuntimeError(f"{plural}/{name} conflicted on create but is gone")
+    return existing, False
+
+
+def patch_status(namespace: str, plural: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+    """Merge-patch the ``status`` subresource of a rlops.dev object."""
+    return _custom().patch_namespaced_custom_object_status(
+        m.GROUP, m.VERSION, namespace, plural, name, {"status": status}
+    )
+
+
+def get_job(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return _plain(client.BatchV1Api().read_namespaced_job(name, namespace))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def create_job_or_get(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Create a Job; if one with that name exists, return it instead. Returns ``(job, created)``."""
+    ns = body["metadata"]["namespace"]
+    try:
+        return _plain(client.BatchV1Api().create_namespaced_job(ns, body)), True
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    existing = get_job(ns, body["metadata"]["name"])
+    if existing is None:
+        raise RuntimeError(f"jobs/{body['metadata']['name']} conflicted on create but is gone")
+    return existing, False
+
+
+def list_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
+    pods = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=label_selector)
+    return [_plain(p) for p in pods.items]

@@ -1,0 +1,377 @@
+"""Training decisions: pure functions from (spec, status, observed world) to objects and statuses.
+
+Nothing here performs I/O. ``handlers`` reads the world through ``kube``, calls these
+functions, and writes what they return. That keeps every decision unit-testable without a
+cluster, and makes the order of operations readable in one place.
+
+Flow: RLAgent (generation g) --> TrainingRun ``<agent>-<g>`` --> Job ``<agent>-<g>`` --> pod;
+the pod's termination message (the trainer's JSON summary) becomes the run's status, and the
+latest run's status becomes the agent's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlparse
+
+from rl_operator import models as m
+from rl_operator.conditions import set_condition
+from rl_operator.settings import OperatorSettings
+
+TRAINER_CONTAINER = "trainer"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
+TERMINATION_LOG = "/dev/termination-log"
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on an object: ``type`` is Normal or Warning."""
+
+    type: str
+    reason: str
+    message: str
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
+    """A controller ownerReference to ``obj`` (a Kubernetes object as a dict)."""
+    return {
+        "apiVersion": obj["apiVersion"],
+        "kind": obj["kind"],
+        "name": obj["metadata"]["name"],
+        "uid": obj["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+# ----------------------------------------------------------------------------- RLAgent -> TrainingRun
+
+
+def run_name(agent_name: str, generation: int) -> str:
+    """Deterministic TrainingRun (and Job) name for one agent generation: ``<agent>-<generation>``.
+
+    A restarted operator computes the same name and finds the run it made instead of making
+    a second one.
+    """
+    return f"{agent_name}-{generation}"
+
+
+def desired_training_run(agent: dict[str, Any]) -> dict[str, Any]:
+    """The TrainingRun that the agent's current generation calls for.
+
+    Args:
+        agent: the RLAgent object (as returned by the API server, so defaults are applied).
+    Returns:
+        A TrainingRun manifest: a snapshot of the agent's environment, algorithm, training and
+        evaluation spec, the trigger, labels and a controller ownerReference.
+    Raises:
+        pydantic.ValidationError: the agent's spec does not parse (the CRD should have refused it).
+    """
+    spec = m.RLAgentSpec.model_validate(agent["spec"])
+    meta = agent["metadata"]
+    generation = int(meta.get("generation") or 1)
+    trigger = m.TrainingTrigger(reason="Created" if generation == 1 else "SpecChanged", agent_generation=generation)
+    run_spec = m.TrainingRunSpec(
+        agent_ref=m.ObjectRef(name=meta["name"]),
+        trigger=trigger,
+        environment=spec.environment,
+        algorithm=spec.algorithm,
+        training=spec.training,
+        evaluation=spec.evaluation,
+    )
+    return {
+        "apiVersion": m.API_VERSION,
+        "kind": m.TrainingRun.KIND,
+        "metadata": {
+            "name": run_name(meta["name"], generation),
+            "namespace": meta["namespace"],
+            "labels": {m.AGENT_LABEL: meta["name"], "app.kubernetes.io/managed-by": "rlops"},
+            "ownerReferences": [owner_reference(agent)],
+        },
+        "spec": run_spec.wire(),
+    }
+
+
+# ----------------------------------------------------------------------------- TrainingRun -> Job
+
+
+def artifact_uri(settings: OperatorSettings, run: dict[str, Any]) -> str:
+    """Where this run's trainer writes its artifact set (an fsspec URI, no trailing slash)."""
+    meta = run["metadata"]
+    agent = run["spec"]["agentRef"]["name"]
+    return f"{settings.artifact_root.rstrip('/')}/{meta['namespace']}/{agent}/{meta['name']}-{meta['uid'][:8]}"
+
+
+def run_config(run: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's run config (``RLOPS_RUN_CONFIG``): the part of the run spec the trainer reads.
+
+    Placement fields (image, resources, deadlines) stay with the Job; see ``docs/trainer.md``.
+    """
+    spec = m.TrainingRunSpec.model_validate(run["spec"])
+    training = spec.training
+    return {
+        "agent": spec.agent_ref.name,
+        "namespace": run["metadata"]["namespace"],
+        "run": run["metadata"]["name"],
+        "environment": spec.environment.wire(),
+        "algorithm": spec.algorithm.wire(),
+        "training": {
+            k: v for k, v in training.wire().items() if k in ("totalTimesteps", "seed", "targetReturn", "evalInterval")
+        },
+        "evaluation": {"episodes": spec.evaluation.episodes},
+    }
+
+
+def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
+    """The ``batch/v1`` Job that runs one TrainingRun's trainer pod.
+
+    GPU placement: ``nvidia.com/gpu`` limits, the ``nvidia.com/gpu.present=true`` node selector and
+    a toleration for the ``nvidia.com/gpu:NoSchedule`` taint (as the NVIDIA GPU operator sets up
+    real GPU nodes), all omitted when the spec asks for 0 GPUs.
+    """
+    spec = m.TrainingRunSpec.model_validate(run["spec"])
+    meta = run["metadata"]
+    training = spec.training
+    gpus = training.resources.gpu
+    labels = {
+        m.RUN_LABEL: meta["name"],
+        m.AGENT_LABEL: spec.agent_ref.name,
+        "app.kubernetes.io/name": "rlops-trainer",
+        "app.kubernetes.io/managed-by": "rlops",
+    }
+    limits: dict[str, Any] = {"cpu": training.resources.cpu, "memory": training.resources.memory}
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    if gpus:
+        limits[GPU_RESOURCE] = gpus
+        node_selector[GPU_PRESENT_LABEL] = "true"
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    node_selector.update(training.node_selector)
+    tolerations.extend(training.tolerations)
+    uri = artifact_uri(settings, run)
+    env = [
+        {"name": "RLOPS_RUN_CONFIG", "value": json.dumps(run_config(run), sort_keys=True)},
+        {"name": "RLOPS_ARTIFACT_URI", "value": uri},
+        {"name": "RLOPS_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    env.extend({"name": k, "value": v} for k, v in sorted(settings.extra_env.items()))
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": training.image,
+        "command": list(settings.trainer_command),
+        "env": env,
+        "resources": {"requests": {"cpu": training.resources.cpu, "memory": training.resources.memory}, "limits": limits},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.trainer_uid,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "nodeSelector": node_selector,
+        "tolerations": tolerations,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "fsGroup": settings.trainer_uid},
+    }
+    if settings.artifact_pvc and uri.startswith("file://"):
+        mount = urlparse(settings.artifact_root).path
+        pod_spec["volumes"] = [{"name": "artifacts", "persistentVolumeClaim": {"claimName": settings.artifact_pvc}}]
+        container["volumeMounts"] = [{"name": "artifacts", "mountPath": mount}]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "ownerReferences": [owner_reference(run)],
+        },
+        "spec": {
+            "backoffLimit": training.backoff_limit,
+            "activeDeadlineSeconds": training.active_deadline_seconds,
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- Job + pods -> TrainingRun status
+
+
+def parse_termination_message(text: str | None) -> dict[str, Any] | None:
+    """The trainer's JSON summary from a termination message, or None if it is not one.
+
+    With ``FallbackToLogsOnError`` the message may instead be the log's tail; that is not JSON.
+    """
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _trainer_state(pod: dict[str, Any]) -> dict[str, Any]:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == TRAINER_CONTAINER:
+            return cs.get("state") or {}
+    return {}
+
+
+def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+
+
+def observe_run(
+    run: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], at: datetime
+) -> tuple[m.TrainingRunStatus, list[Event]]:
+    """Derive a TrainingRun's status from its Job and pods, and the Events its change warrants.
+
+    Args:
+        run: the TrainingRun object; its current ``status`` is the previous observation.
+        job: its Job, or None if not created yet.
+        pods: the Job's pods (any order).
+        at: the observation time (stamped on changed conditions).
+    Returns:
+        ``(status, events)``. A terminal status (Succeeded/Failed) is returned unchanged: runs
+        are immutable once finished.
+    """
+    prev = m.TrainingRunStatus.model_validate(run.get("status") or {})
+    if prev.phase in ("Succeeded", "Failed"):
+        return prev, []
+    status = prev.model_copy(deep=True)
+    status.observed_generation = run["metadata"].get("generation")
+    events: list[Event] = []
+    if job is None:
+        status.phase = "Pending"
+        return status, events
+    status.job_name = job["metadata"]["name"]
+    job_status = job.get("status") or {}
+    if job_status.get("startTime"):
+        status.start_time = job_status["startTime"]
+    newest = _newest(pods)
+    complete = _job_condition(job, "Complete")
+    failed = _job_condition(job, "Failed")
+    if complete:
+        summary = next(
+            (s for p in newest if (s := parse_termination_message(_trainer_state(p).get("terminated", {}).get("message")))),
+            None,
+        )
+        status.completion_time = job_status.get("completionTime") or complete.get("lastTransitionTime")
+        if summary and summary.get("fingerprint") and summary.get("artifactURI"):
+            status.phase = "Succeeded"
+            status.metrics = summary.get("metrics") or {}
+            status.artifact_uri = summary["artifactURI"]
+            status.fingerprint = summary["fingerprint"]
+        else:
+            status.phase = "Failed"
+            status.failure_reason = "InvalidTerminationMessage"
+            status.failure_message = "the trainer exited 0 but left no JSON summary with artifactURI and fingerprint"
+    elif failed:
+        status.phase = "Failed"
+        status.completion_time = failed.get("lastTransitionTime")
+        terminated = next((t for p in newest if (t := _trainer_state(p).get("terminated"))), {})
+        summary = parse_termination_message(terminated.get("message"))
+        if summary and summary.get("reason"):
+            status.failure_reason = summary["reason"]
+            status.failure_message = str(summary.get("message", ""))[:1024]
+        else:
+            status.failure_reason = failed.get("reason") or "JobFailed"
+            detail = terminated.get("message") or failed.get("message") or ""
+            code = terminated.get("exitCode")
+            prefix = f"trainer exited with code {code}: " if code is not None else ""
+            status.failure_message = (prefix + detail.strip())[-1024:]
+    elif any((p.get("status") or {}).get("phase") == "Running" for p in pods):
+        status.phase = "Running"
+    else:
+        status.phase = "Pending"
+
+    if status.phase == "Running":
+        set_condition(status.conditions, "Running", "True", "PodRunning", "the trainer pod is running", at)
+    elif status.phase == "Succeeded":
+        set_condition(status.conditions, "Running", "False", "Completed", "", at)
+        msg = f"mean return {status.metrics.get('meanReturn')}, fingerprint {status.fingerprint}"
+        set_condition(status.conditions, "Complete", "True", "TrainingSucceeded", msg, at)
+    elif status.phase == "Failed":
+        set_condition(status.conditions, "Running", "False", "Failed", "", at)
+        set_condition(status.conditions, "Failed", "True", status.failure_reason or "Failed", status.failure_message or "", at)
+
+    if status.phase != prev.phase:
+        if status.phase == "Running":
+            node = next(((p.get("spec") or {}).get("nodeName") for p in newest), None)
+            events.append(Event("Normal", "TrainingStarted", f"trainer pod running on node {node}"))
+        elif status.phase == "Succeeded":
+            events.append(Event("Normal", "TrainingSucceeded", f"mean evaluation return {status.metrics.get('meanReturn')}; artifact {status.artifact_uri}; fingerprint {status.fingerprint}"))
+        elif status.phase == "Failed":
+            events.append(Event("Warning", "TrainingFailed", f"{status.failure_reason}: {status.failure_message}"))
+    return status, events
+
+
+# ----------------------------------------------------------------------------- TrainingRuns -> RLAgent status
+
+
+def _generation_of(run: dict[str, Any]) -> int:
+    return int(run["spec"]["trigger"]["agentGeneration"])
+
+
+def observe_agent(
+    agent: dict[str, Any], runs: list[dict[str, Any]], at: datetime
+) -> tuple[m.RLAgentStatus, list[Event]]:
+    """Derive an RLAgent's status from its TrainingRuns.
+
+    The latest run is the one made for the highest agent generation. Phases: ``Pending`` (no run
+    yet), ``Training``, ``Trained`` (latest run Succeeded), ``Failed`` (latest run Failed).
+    ``observedGeneration`` is the agent generation that the latest run snapshots.
+    """
+    prev = m.RLAgentStatus.model_validate(agent.get("status") or {})
+    status = prev.model_copy(deep=True)
+    events: list[Event] = []
+    if not runs:
+        status.phase = "Pending"
+        return status, events
+    latest = max(runs, key=_generation_of)
+    run_status = m.TrainingRunStatus.model_validate(latest.get("status") or {})
+    status.latest_run = latest["metadata"]["name"]
+    status.observed_generation = _generation_of(latest)
+    phase = run_status.phase or "Pending"
+    gen = status.observed_generation
+    if phase in ("Pending", "Running"):
+        status.phase = "Training"
+        set_condition(status.conditions, "Training", "True", "RunInProgress", f"TrainingRun {status.latest_run} is {phase}", at, gen)
+    else:
+        set_condition(status.conditions, "Training", "False", "RunFinished", f"TrainingRun {status.latest_run} {phase}", at, gen)
+    if phase == "Succeeded":
+        status.phase = "Trained"
+        status.latest_mean_return = run_status.metrics.get("meanReturn")
+        status.latest_fingerprint = run_status.fingerprint
+        set_condition(status.conditions, "Trained", "True", "TrainingSucceeded",
+                      f"TrainingRun {status.latest_run}: mean return {status.latest_mean_return}", at, gen)
+    elif phase == "Failed":
+        status.phase = "Failed"
+        set_condition(status.conditions, "Trained", "False", run_status.failure_reason or "TrainingFailed",
+                      f"TrainingRun {status.latest_run} failed: {run_status.failure_message or ''}"[:1024], at, gen)
+    if status.phase != prev.phase and status.phase in ("Trained", "Failed"):
+        kind = "Normal" if status.phase == "Trained" else "Warning"
+        events.append(Event(kind, f"Agent{status.phase}", f"latest TrainingRun {status.latest_run} {phase}"))
+    return status, events

@@ -1,0 +1,49 @@
+"""The committed CRDs are exactly what the models generate, and they are structural."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rl_operator import crdgen
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("kind", list(crdgen.KINDS))
+def test_committed_crd_matches_models(kind):
+    committed = (ROOT / "crds" / crdgen.filename(kind)).read_text()
+    assert committed == crdgen.render(kind), f"crds/{crdgen.filename(kind)} is stale: run `make crds`"
+
+
+def _walk(node, path="$"):
+    yield path, node
+    for key in ("properties", "additionalProperties", "items"):
+        child = node.get(key)
+        if isinstance(child, dict) and key == "properties":
+            for name, sub in child.items():
+                yield from _walk(sub, f"{path}.{name}")
+        elif isinstance(child, dict):
+            yield from _walk(child, f"{path}[{key}]")
+
+
+@pytest.mark.parametrize("kind", list(crdgen.KINDS))
+def test_schema_is_structural(kind):
+    schema = yaml.safe_load(crdgen.render(kind))["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert not {"$ref", "$defs", "anyOf", "title"} & set(node), f"{path} is not structural: {sorted(node)}"
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+
+
+def test_agent_crd_names_and_columns():
+    crd = crdgen.crd("RLAgent")
+    assert crd["spec"]["names"]["shortNames"] == ["rla"]
+    assert crd["spec"]["names"]["categories"] == ["rlops"]
+    columns = {c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert {"Phase", "Latest Run", "Mean Return", "Age"} <= columns
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["required"] == ["environment"]
+    assert spec["properties"]["algorithm"]["properties"]["name"]["enum"] == ["PPO", "DQN"]
+    assert spec["properties"]["training"]["properties"]["resources"]["properties"]["gpu"]["minimum"] == 0
+    # optional sub-objects default to {} so that the API server fills in their own defaults
+    assert spec["properties"]["training"]["default"] == {}

@@ -1,0 +1,158 @@
+"""Pure training decisions: RLAgent -> TrainingRun -> Job, and Job/pods -> statuses."""
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from rl_operator import models as m
+from rl_operator import training
+from rl_operator.settings import OperatorSettings
+
+AT = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+FP = "sha256:" + "ab" * 32
+
+
+def agent(generation=1, **spec):
+    body = {"environment": {"id": "CartPole-v1"}, **spec}
+    return {
+        "apiVersion": m.API_VERSION, "kind": "RLAgent",
+        "metadata": {"name": "cartpole", "namespace": "ml", "uid": "u-agent", "generation": generation},
+        "spec": m.RLAgentSpec.model_validate(body).wire(),
+    }
+
+
+def run_for(agent_obj, uid="0123456789abcdef"):
+    run = training.desired_training_run(agent_obj)
+    run["metadata"]["uid"] = uid
+    run["metadata"]["generation"] = 1
+    return run
+
+
+def test_run_name_is_deterministic_per_generation():
+    assert training.desired_training_run(agent(1))["metadata"]["name"] == "cartpole-1"
+    second = training.desired_training_run(agent(2))
+    assert second["metadata"]["name"] == "cartpole-2"
+    assert second["spec"]["trigger"] == {"reason": "SpecChanged", "agentGeneration": 2}
+    owner = second["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "RLAgent" and owner["uid"] == "u-agent" and owner["controller"] is True
+
+
+def test_job_places_on_gpu_nodes_and_hardens_the_pod():
+    run = run_for(agent(training={"resources": {"gpu": 2}, "backoffLimit": 1, "activeDeadlineSeconds": 600,
+                                  "nodeSelector": {"pool": "a100"}}))
+    job = training.desired_job(run, OperatorSettings(artifact_root="file:///data/art"))
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert job["metadata"]["name"] == "cartpole-1"
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "TrainingRun"
+    assert spec["backoffLimit"] == 1 and spec["activeDeadlineSeconds"] == 600
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true", "pool": "a100"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RLOPS_ARTIFACT_URI"] == "file:///data/art/ml/cartpole/cartpole-1-01234567"
+    config = json.loads(env["RLOPS_RUN_CONFIG"])
+    assert config["environment"]["id"] == "CartPole-v1"
+    assert config["run"] == "cartpole-1" and config["namespace"] == "ml"
+    assert set(config["training"]) <= {"totalTimesteps", "seed", "targetReturn", "evalInterval"}
+
+
+def test_zero_gpu_job_has_no_gpu_placement():
+    job = training.desired_job(run_for(agent(training={"resources": {"gpu": 0}})), OperatorSettings())
+    pod = job["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+    assert pod["nodeSelector"] == {} and pod["tolerations"] == []
+
+
+def job_with(condition=None, **status):
+    st = dict(status)
+    if condition:
+        st["conditions"] = [{"type": condition[0], "status": "True", "reason": condition[1],
+                             "lastTransitionTime": "2026-11-22T12:05:00Z"}]
+    return {"metadata": {"name": "cartpole-1"}, "status": st}
+
+
+def pod(phase, terminated=None, name="cartpole-1-x"):
+    state = {"terminated": terminated} if terminated else ({"running": {}} if phase == "Running" else {})
+    return {"metadata": {"name": name, "creationTimestamp": "2026-11-22T12:00:00Z"},
+            "spec": {"nodeName": "gpu-node"},
+            "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": state}]}}
+
+
+def test_observe_run_pending_running_succeeded():
+    run = run_for(agent())
+    status, events = training.observe_run(run, None, [], AT)
+    assert status.phase == "Pending" and events == []
+
+    status, events = training.observe_run(run, job_with(startTime="2026-11-22T12:00:00Z", active=1), [pod("Running")], AT)
+    assert status.phase == "Running"
+    assert [e.reason for e in events] == ["TrainingStarted"]
+    run["status"] = status.wire()
+
+    summary = {"phase": "Succeeded", "metrics": {"meanReturn": 500.0}, "artifactURI": "file:///a", "fingerprint": FP}
+    done = pod("Succeeded", {"exitCode": 0, "reason": "Completed", "message": json.dumps(summary)})
+    status, events = training.observe_run(run, job_with(("Complete", ""), completionTime="2026-11-22T12:04:00Z"), [done], AT)
+    assert status.phase == "Succeeded"
+    assert status.fingerprint == FP and status.metrics["meanReturn"] == 500.0
+    assert [e.reason for e in events] == ["TrainingSucceeded"]
+    complete = next(c for c in status.conditions if c.type == "Complete")
+    assert complete.status == "True"
+    # terminal: nothing changes any more, whatever the Job does next
+    run["status"] = status.wire()
+    again, events = training.observe_run(run, None, [], AT)
+    assert again.phase == "Succeeded" and events == []
+
+
+def test_observe_run_failure_reason_from_termination_message():
+    run = run_for(agent())
+    msg = json.dumps({"phase": "Failed", "reason": "InvalidConfig", "message": "algorithm.hyperparameters.lr: unknown"})
+    failed = pod("Failed", {"exitCode": 2, "reason": "Error", "message": msg})
+    status, events = training.observe_run(run, job_with(("Failed", "BackoffLimitExceeded")), [failed], AT)
+    assert status.phase == "Failed"
+    assert status.failure_reason == "InvalidConfig"
+    assert "algorithm.hyperparameters.lr" in status.failure_message
+    assert events[0].type == "Warning" and events[0].reason == "TrainingFailed"
+
+
+def test_observe_run_failure_falls_back_to_log_tail_and_job_reason():
+    run = run_for(agent())
+    failed = pod("Failed", {"exitCode": 137, "reason": "Error", "message": "Traceback...\nKilled"})
+    status, _ = training.observe_run(run, job_with(("Failed", "DeadlineExceeded")), [failed], AT)
+    assert status.failure_reason == "DeadlineExceeded"
+    assert status.failure_message.startswith("trainer exited with code 137") and "Killed" in status.failure_message
+
+
+def test_success_without_summary_is_a_failure():
+    run = run_for(agent())
+    done = pod("Succeeded", {"exitCode": 0, "reason": "Completed", "message": ""})
+    status, _ = training.observe_run(run, job_with(("Complete", "")), [done], AT)
+    assert status.phase == "Failed" and status.failure_reason == "InvalidTerminationMessage"
+
+
+def test_observe_agent_tracks_latest_generation():
+    a = agent(2)
+    old = run_for(agent(1))
+    old["status"] = {"phase": "Succeeded", "metrics": {"meanReturn": 100.0}, "fingerprint": FP}
+    new = run_for(a)
+    new["status"] = {"phase": "Running"}
+    status, _ = training.observe_agent(a, [old, new], AT)
+    assert status.latest_run == "cartpole-2" and status.phase == "Training" and status.observed_generation == 2
+
+    new["status"] = {"phase": "Failed", "failureReason": "NonFiniteLoss", "failureMessage": "loss nan at update 3"}
+    status, events = training.observe_agent(a, [old, new], AT)
+    assert status.phase == "Failed"
+    trained = next(c for c in status.conditions if c.type == "Trained")
+    assert trained.status == "False" and trained.reason == "NonFiniteLoss"
+    assert events and events[0].type == "Warning"
+
+
+@pytest.mark.parametrize("bad", [{"environment": {}}, {"environment": {"id": "X"}, "algorithm": {"name": "A2C"}},
+                                 {"environment": {"id": "X"}, "training": {"resources": {"gpu": -1}}}])
+def test_models_refuse_bad_specs(bad):
+    with pytest.raises(ValueError):
+        m.RLAgentSpec.model_validate(bad)
