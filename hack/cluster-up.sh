@@ -2,6 +2,8 @@
 # Start the local control plane: etcd, kube-apiserver (RBAC on), kube-controller-manager,
 # kube-scheduler and kwok-controller as local processes (kwokctl --runtime binary), from the
 # binaries hack/build-binaries.sh built from source. Then add two kwok GPU nodes.
+# kwok-controller manages only nodes annotated kwok.x-k8s.io/node=fake (kwokctl's default is
+# all nodes, which would fake the pods of the dev node agent's node too).
 # Idempotent: a running cluster is left as it is.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -25,6 +27,8 @@ else
       --kube-scheduler-binary "$bindir/kube-scheduler" \
       --kwok-controller-binary "$bindir/kwok" \
       --kube-authorization=true \
+      --extra-args kwok-controller=manage-all-nodes=false \
+      --extra-args kwok-controller=manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
       --wait 2m
   fi
 fi

@@ -34,7 +34,7 @@ kubectl get rla,trun -o wide
 echo
 if [ "$phase" != Succeeded ]; then
   kubectl describe trainingrun "$run" | tail -20
-  say "TrainingRun $run did not succeed (phase: ${phase:-none}); operator log: $cache/logs/operator.log"
+  say "TrainingRun $run did not succeed (phase: ${phase:-none}); operator log: $clusterdir/logs/operator.log"
   exit 1
 fi
 mean=$(kubectl get trainingrun "$run" -o jsonpath='{.status.metrics.meanReturn}')
@@ -50,6 +50,6 @@ The cluster is still running. To use it:
     export PATH=$bindir:\$PATH
     kubectl get rla,trun -o wide
     kubectl get events --field-selector involvedObject.name=$run
-Logs: operator $cache/logs/operator.log, node agent $cache/logs/node-agent.log
+Logs: operator $clusterdir/logs/operator.log, node agent $clusterdir/logs/node-agent.log
 Stop everything: make cluster-down
 MSG

@@ -3,9 +3,11 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${RLOPS_CACHE:-$HOME/.cache/rlops}
 cluster_name=${RLOPS_CLUSTER_NAME:-rlops}
 export KWOK_WORKDIR="$cache/kwok"
-export KUBECONFIG="${RLOPS_KUBECONFIG:-$cache/cluster/kubeconfig}"
+# Each named cluster keeps its kubeconfig, pids, logs and state apart (the tests use their own).
+clusterdir="$cache/clusters/$cluster_name"
+export KUBECONFIG="$clusterdir/kubeconfig"
 bindir="$cache/bin/current"
-rundir="$cache/run"
+rundir="$clusterdir/run"
 venv="$root/.venv"
 kubectl() { "$bindir/kubectl" "$@"; }
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

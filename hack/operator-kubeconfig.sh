@@ -4,7 +4,7 @@
 # would. Prints its path.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-out="$cache/cluster/operator.kubeconfig"
+out="$clusterdir/operator.kubeconfig"
 token=$(kubectl -n rlops-system create token rlops-operator --duration=48h)
 kubectl config view --raw --minify --flatten > "$out.tmp"
 admin=$(KUBECONFIG="$out.tmp" kubectl config view -o jsonpath='{.users[0].name}')

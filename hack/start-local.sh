@@ -14,16 +14,17 @@ kubectl apply -k "$root/manifests/overlays/local" >/dev/null
 kubectl wait --for condition=Established --timeout=60s crd/rlagents.rlops.dev crd/trainingruns.rlops.dev crd/rollouts.rlops.dev >/dev/null
 
 node=${RLOPS_AGENT_NODE:-rlops-local-gpu}
-start_bg node-agent "$cache/logs/node-agent.log" "$venv/bin/python" "$root/hack/node_agent.py" \
-  --kubeconfig "$KUBECONFIG" --node-name "$node" --gpus 1 --state-dir "$cache/state/node-agent" --path-prepend "$venv/bin"
-kubectl wait --for condition=Ready --timeout=90s "node/$node" >/dev/null
+start_bg node-agent "$clusterdir/logs/node-agent.log" "$venv/bin/python" "$root/hack/node_agent.py" \
+  --kubeconfig "$KUBECONFIG" --node-name "$node" --gpus 1 --state-dir "$clusterdir/state/node-agent" --path-prepend "$venv/bin"
+for _ in $(seq 60); do kubectl get node "$node" >/dev/null 2>&1 && break; sleep 1; done
+kubectl wait --for condition=Ready --timeout=90s "node/$node" >/dev/null || { tail -30 "$clusterdir/logs/node-agent.log"; exit 1; }
 say "node $node Ready (dev node agent: pods bound to it run as local processes)"
 
 if [ -z "${RLOPS_NO_OPERATOR:-}" ]; then
   opcfg=$(bash "$root/hack/operator-kubeconfig.sh")
-  start_bg operator "$cache/logs/operator.log" env KUBECONFIG="$opcfg" \
-    RLOPS_ARTIFACT_ROOT="file://$cache/artifacts" "$venv/bin/python" -m rl_operator --liveness http://127.0.0.1:8089/healthz
+  start_bg operator "$clusterdir/logs/operator.log" env KUBECONFIG="$opcfg" \
+    RLOPS_ARTIFACT_ROOT="file://$clusterdir/artifacts" "$venv/bin/python" -m rl_operator --liveness http://127.0.0.1:8089/healthz
   for _ in $(seq 60); do curl -sf http://127.0.0.1:8089/healthz >/dev/null && break; sleep 1; done
-  curl -sf http://127.0.0.1:8089/healthz >/dev/null || { tail -30 "$cache/logs/operator.log"; exit 1; }
-  say "operator running as system:serviceaccount:rlops-system:rlops-operator (log $cache/logs/operator.log)"
+  curl -sf http://127.0.0.1:8089/healthz >/dev/null || { tail -30 "$clusterdir/logs/operator.log"; exit 1; }
+  say "operator running as system:serviceaccount:rlops-system:rlops-operator (log $clusterdir/logs/operator.log)"
 fi

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import kopf
 
@@ -16,8 +15,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="liveness probe endpoint (kopf); empty to disable")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf's own log set-up: object lines carry a [namespace/name] prefix.
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN, log_prefix=True)
     import rl_operator.handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(

@@ -1,0 +1,551 @@
+"""Proximal Policy Optimization with a clipped objective, in one readable module.
+
+Follows CleanRL's single-file ``ppo.py`` design (Huang et al. 2022) for discrete actions:
+
+* PPO: Schulman et al. 2017, "Proximal Policy Optimization Algorithms",
+  arXiv:1707.06347 -- clipped surrogate objective, value loss, entropy bonus, several
+  epochs of minibatch Adam updates per rollout.
+* GAE(lambda): Schulman et al. 2015, "High-Dimensional Continuous Control Using
+  Generalized Advantage Estimation", arXiv:1506.02438.
+* Implementation details as in "The 37 Implementation Details of PPO" (Huang et al.
+  2022, ICLR blog track): orthogonal init, Adam eps 1e-5, linear LR annealing, advantage
+  normalization per minibatch, clipped value loss, global gradient-norm clipping.
+
+One deviation from CleanRL, for correctness: when an episode is *truncated* (time limit)
+rather than terminated, the reward of that step is bootstrapped with ``gamma * V(s_final)``
+of the true final observation (Pardo et al. 2018, arXiv:1712.00378), instead of being
+treated as a terminal state.
+
+Shapes use ``T = num_steps`` (rollout length), ``N = num_envs``, ``B = T * N``,
+``D = prod(observation_space.shape)`` and ``A = action_space.n``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions.categorical import Categorical
+
+from .errors import NonFiniteLoss
+
+__all__ = [
+    "PPOConfig",
+    "Agent",
+    "compute_gae",
+    "PPOTrainer",
+    "IterationStats",
+    "policy_spec",
+    "agent_from_spec",
+    "load_agent",
+    "greedy_policy",
+]
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO hyperparameters (defaults: CleanRL ``ppo.py``).
+
+    Attributes:
+        learning_rate: Adam step size at iteration 1 (annealed linearly to 0 if
+            ``anneal_lr``).
+        num_steps: env steps per env per rollout (``T``).
+        gamma: discount factor per env step.
+        gae_lambda: GAE lambda.
+        clip_coef: PPO ratio clip epsilon (also the value-clip range if ``clip_vloss``).
+        ent_coef: entropy bonus coefficient.
+        vf_coef: value-loss coefficient.
+        max_grad_norm: global L2 gradient-norm clip.
+        update_epochs: passes over the rollout batch per iteration.
+        num_minibatches: minibatches per epoch (minibatch size ``B // num_minibatches``).
+        anneal_lr: linearly anneal the learning rate to 0 over the run.
+        norm_adv: normalize advantages per minibatch (zero mean, unit std).
+        clip_vloss: use the clipped value loss.
+        target_kl: stop the epochs of an iteration early once the approximate KL
+            exceeds this (``None`` = never).
+        hidden_sizes: widths of the hidden ``tanh`` layers of the actor and the critic.
+    """
+
+    learning_rate: float = 2.5e-4
+    num_steps: int = 128
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    anneal_lr: bool = True
+    norm_adv: bool = True
+    clip_vloss: bool = True
+    target_kl: float | None = None
+    hidden_sizes: tuple[int, ...] = (64, 64)
+
+
+def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weight init with gain ``std`` and constant bias (in place)."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, out_std: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    last = in_dim
+    for width in hidden:
+        layers += [layer_init(nn.Linear(last, width)), nn.Tanh()]
+        last = width
+    layers.append(layer_init(nn.Linear(last, out_dim), std=out_std))
+    return nn.Sequential(*layers)
+
+
+class Agent(nn.Module):
+    """Separate actor and critic MLPs (``tanh`` hidden layers) for discrete actions.
+
+    Args:
+        obs_dim: ``D``, the flattened observation size.
+        num_actions: ``A``, the number of discrete actions.
+        hidden_sizes: hidden layer widths, shared by actor and critic shapes.
+    """
+
+    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: tuple[int, ...] = (64, 64)):
+        super().__init__()
+        self.obs_dim = int(obs_dim)
+        self.num_actions = int(num_actions)
+        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        self.critic = _mlp(self.obs_dim, self.hidden_sizes, 1, out_std=1.0)
+        self.actor = _mlp(self.obs_dim, self.hidden_sizes, self.num_actions, out_std=0.01)
+
+    def get_value(self, x: torch.Tensor) -> torch.Tensor:
+        """State values ``V(s)``.
+
+        Args:
+            x: observations, shape ``(B, D)``, float32.
+
+        Returns:
+            Values, shape ``(B,)``.
+        """
+        return self.critic(x).squeeze(-1)
+
+    def get_action_and_value(
+        self, x: torch.Tensor, action: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample (or score) actions and evaluate the critic.
+
+        Args:
+            x: observations, shape ``(B, D)``.
+            action: actions to score, shape ``(B,)`` int64; sampled from the policy when
+                ``None``.
+
+        Returns:
+            ``(action, log_prob, entropy, value)``, each of shape ``(B,)``.
+        """
+        logits = self.actor(x)
+        dist = Categorical(logits=logits, validate_args=False)
+        if action is None:
+            action = dist.sample()
+        return action, dist.log_prob(action), dist.entropy(), self.get_value(x)
+
+    @torch.no_grad()
+    def act_greedy(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic actions ``argmax_a pi(a|s)``, shape ``(B,)`` for ``x`` of ``(B, D)``."""
+        return self.actor(x).argmax(dim=-1)
+
+
+def policy_spec(agent: Agent) -> dict[str, Any]:
+    """JSON description of the network needed to rebuild ``agent`` before loading weights."""
+    return {
+        "class": "rl_engine.ppo:Agent",
+        "obsDim": agent.obs_dim,
+        "numActions": agent.num_actions,
+        "hiddenSizes": list(agent.hidden_sizes),
+        "activation": "tanh",
+    }
+
+
+def agent_from_spec(spec: dict[str, Any]) -> Agent:
+    """Inverse of :func:`policy_spec` (fresh weights; load ``model.pt`` afterwards)."""
+    return Agent(spec["obsDim"], spec["numActions"], tuple(spec["hiddenSizes"]))
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    next_value: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2015, arXiv:1506.02438, eq. 16).
+
+    ``delta_t = r_t + gamma * V(s_{t+1}) * (1 - done_t) - V(s_t)`` and
+    ``A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}``, computed backwards; the
+    value after the last step is ``next_value``.
+
+    Args:
+        rewards: ``r_t``, shape ``(T, N)``.
+        values: ``V(s_t)``, shape ``(T, N)``.
+        dones: 1.0 where the episode ended *at* step ``t`` (after acting in ``s_t``), so
+            ``s_{t+1}`` belongs to a new episode; shape ``(T, N)``. For a truncated (not
+            terminated) episode, fold the bootstrap ``gamma * V(s_final)`` into ``r_t``.
+        next_value: ``V(s_T)``, the value of the observation after the rollout, ``(N,)``.
+        gamma: discount factor.
+        gae_lambda: GAE lambda.
+
+    Returns:
+        ``(advantages, returns)``, each ``(T, N)``; ``returns = advantages + values`` (the
+        TD(lambda) value targets).
+    """
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(next_value)
+    for t in reversed(range(num_steps)):
+        nonterminal = 1.0 - dones[t]
+        following = next_value if t == num_steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * following * nonterminal - values[t]
+        last_gae = delta + gamma * gae_lambda * nonterminal * last_gae
+        advantages[t] = last_gae
+    return advantages, advantages + values
+
+
+@dataclass
+class IterationStats:
+    """Metrics of one PPO iteration (one rollout + its update). Times are seconds."""
+
+    iteration: int
+    global_step: int
+    learning_rate: float
+    policy_loss: float
+    value_loss: float
+    entropy: float
+    old_approx_kl: float
+    approx_kl: float
+    clip_fraction: float
+    explained_variance: float
+    episodes_finished: int
+    mean_episodic_return: float | None
+    mean_episodic_length: float | None
+    rollout_seconds: float
+    update_seconds: float
+    steps_per_second: float
+
+    def to_json(self) -> dict[str, Any]:
+        """camelCase dict for ``training_history.json``."""
+        return {_camel(k): v for k, v in asdict(self).items()}
+
+
+def _camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(w.capitalize() for w in rest)
+
+
+class PPOTrainer:
+    """Runs PPO iterations on a Gymnasium vector env.
+
+    Args:
+        envs: a ``gymnasium.vector.VectorEnv`` with ``autoreset_mode=SAME_STEP``, ``Box``
+            observations and ``Discrete`` actions.
+        cfg: hyperparameters.
+        num_iterations: iterations in the whole run (for LR annealing).
+        seed: seeds the env resets, the action space and the minibatch shuffling (seed
+            torch yourself before constructing the trainer, for the network init).
+        device: torch device for the network and rollout buffers.
+        recent_episodes: window for ``mean_episodic_return``.
+    """
+
+    def __init__(
+        self,
+        envs: gym.vector.VectorEnv,
+        cfg: PPOConfig,
+        num_iterations: int,
+        seed: int,
+        device: torch.device,
+        recent_episodes: int = 20,
+    ) -> None:
+        self.envs = envs
+        self.cfg = cfg
+        self.num_iterations = max(1, num_iterations)
+        self.device = device
+        self.num_envs = envs.num_envs
+        self.obs_shape = envs.single_observation_space.shape
+        self.obs_dim = int(np.prod(self.obs_shape))
+        self.num_actions = int(envs.single_action_space.n)
+        self.batch_size = self.num_envs * cfg.num_steps
+        self.minibatch_size = max(1, self.batch_size // cfg.num_minibatches)
+        self.minibatches_per_epoch = math.ceil(self.batch_size / self.minibatch_size)
+
+        self.agent = Agent(self.obs_dim, self.num_actions, cfg.hidden_sizes).to(device)
+        self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        self.rng = np.random.default_rng(seed)
+
+        T, N = cfg.num_steps, self.num_envs
+        self.obs = torch.zeros((T, N, self.obs_dim), device=device)
+        self.actions = torch.zeros((T, N), dtype=torch.long, device=device)
+        self.logprobs = torch.zeros((T, N), device=device)
+        self.rewards = torch.zeros((T, N), device=device)
+        self.dones = torch.zeros((T, N), device=device)
+        self.values = torch.zeros((T, N), device=device)
+
+        envs.action_space.seed(seed)
+        first_obs, _ = envs.reset(seed=seed)
+        self.next_obs = self._to_tensor(first_obs)
+        self.global_step = 0
+        self.iteration = 0
+        self._ep_return = np.zeros(N, dtype=np.float64)
+        self._ep_length = np.zeros(N, dtype=np.int64)
+        self.recent_returns: deque[float] = deque(maxlen=recent_episodes)
+        self.recent_lengths: deque[int] = deque(maxlen=recent_episodes)
+        self.episodes_finished = 0
+        self._last_finite: dict[str, Any] | None = None
+        self._rollout_nonfinite_reward = False
+
+    def _to_tensor(self, obs: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(obs, dtype=np.float32), device=self.device).reshape(
+            -1, self.obs_dim
+        )
+
+    def collect_rollout(self) -> int:
+        """Fill the ``(T, N)`` buffers with one rollout; returns episodes finished in it."""
+        cfg = self.cfg
+        finished = 0
+        self._rollout_nonfinite_reward = False
+        for step in range(cfg.num_steps):
+            self.global_step += self.num_envs
+            self.obs[step] = self.next_obs
+            with torch.no_grad():
+                action, logprob, _, value = self.agent.get_action_and_value(self.next_obs)
+            self.actions[step] = action
+            self.logprobs[step] = logprob
+            self.values[step] = value
+
+            obs, reward, terminated, truncated, info = self.envs.step(action.cpu().numpy())
+            reward = np.asarray(reward, dtype=np.float64)
+            done = np.logical_or(terminated, truncated)
+            if not np.all(np.isfinite(reward)):
+                self._rollout_nonfinite_reward = True
+            self._ep_return += reward
+            self._ep_length += 1
+            if done.any():
+                bootstrap = np.logical_and(truncated, np.logical_not(terminated))
+                if bootstrap.any():
+                    idx = np.nonzero(bootstrap)[0]
+                    final = np.stack([info["final_obs"][i] for i in idx])
+                    with torch.no_grad():
+                        v_final = self.agent.get_value(self._to_tensor(final)).cpu().numpy()
+                    reward = reward.copy()
+                    reward[idx] += cfg.gamma * v_final
+                for i in np.nonzero(done)[0]:
+                    self.recent_returns.append(float(self._ep_return[i]))
+                    self.recent_lengths.append(int(self._ep_length[i]))
+                    self._ep_return[i] = 0.0
+                    self._ep_length[i] = 0
+                    finished += 1
+            self.rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=self.device)
+            self.dones[step] = torch.as_tensor(done, dtype=torch.float32, device=self.device)
+            self.next_obs = self._to_tensor(obs)
+        self.episodes_finished += finished
+        return finished
+
+    def _fail(self, epoch: int, minibatch: int, losses: dict[str, float], what: str) -> None:
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in losses.items())
+        if self._last_finite is None:
+            last = "none (no finite loss was computed before)"
+        else:
+            lf = self._last_finite
+            vals = ", ".join(f"{k}={v:.6g}" for k, v in lf["losses"].items())
+            last = f"{vals} (update {lf['iteration']}, epoch {lf['epoch']}, minibatch {lf['minibatch']})"
+        hint = " The rollout contained non-finite rewards." if self._rollout_nonfinite_reward else ""
+        raise NonFiniteLoss(
+            f"non-finite {what} at update {self.iteration}/{self.num_iterations} (epoch "
+            f"{epoch}/{self.cfg.update_epochs}, minibatch {minibatch}/{self.minibatches_per_epoch}, "
+            f"global step {self.global_step}): {shown}. Last finite losses: {last}.{hint}"
+        )
+
+    def update(self) -> dict[str, float]:
+        """GAE + ``update_epochs`` epochs of clipped-PPO minibatch updates.
+
+        Returns:
+            Loss metrics of the last minibatch (``policy_loss``, ``value_loss``,
+            ``entropy``, ``old_approx_kl``, ``approx_kl``), ``clip_fraction`` averaged
+            over all minibatches, ``explained_variance`` of the value targets and the
+            ``learning_rate`` used.
+
+        Raises:
+            NonFiniteLoss: a loss, the gradient norm or a parameter became NaN/inf.
+        """
+        cfg = self.cfg
+        agent = self.agent
+        if cfg.anneal_lr:
+            frac = 1.0 - (self.iteration - 1.0) / self.num_iterations
+            self.optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
+        lr = float(self.optimizer.param_groups[0]["lr"])
+
+        with torch.no_grad():
+            next_value = agent.get_value(self.next_obs)
+        advantages, returns = compute_gae(
+            self.rewards, self.values, self.dones, next_value, cfg.gamma, cfg.gae_lambda
+        )
+
+        b_obs = self.obs.reshape(-1, self.obs_dim)
+        b_logprobs = self.logprobs.reshape(-1)
+        b_actions = self.actions.reshape(-1)
+        b_advantages = advantages.reshape(-1)
+        b_returns = returns.reshape(-1)
+        b_values = self.values.reshape(-1)
+
+        clipfracs: list[float] = []
+        stats: dict[str, float] = {}
+        b_inds = np.arange(self.batch_size)
+        for epoch in range(1, cfg.update_epochs + 1):
+            self.rng.shuffle(b_inds)
+            for mb_index, start in enumerate(range(0, self.batch_size, self.minibatch_size), 1):
+                mb = torch.as_tensor(b_inds[start : start + self.minibatch_size], device=self.device)
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+                logratio = newlogprob - b_logprobs[mb]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > cfg.clip_coef).float().mean().item())
+
+                mb_adv = b_advantages[mb]
+                if cfg.norm_adv and mb_adv.numel() > 1:
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+
+                # Clipped surrogate objective (arXiv:1707.06347, eq. 7), as a loss.
+                pg_loss1 = -mb_adv * ratio
+                pg_loss2 = -mb_adv * torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                if cfg.clip_vloss:
+                    v_unclipped = (newvalue - b_returns[mb]) ** 2
+                    v_clipped = b_values[mb] + torch.clamp(
+                        newvalue - b_values[mb], -cfg.clip_coef, cfg.clip_coef
+                    )
+                    v_loss = 0.5 * torch.max(v_unclipped, (v_clipped - b_returns[mb]) ** 2).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - cfg.ent_coef * entropy_loss + cfg.vf_coef * v_loss
+
+                losses = {
+                    "loss": loss.item(),
+                    "policyLoss": pg_loss.item(),
+                    "valueLoss": v_loss.item(),
+                    "entropy": entropy_loss.item(),
+                }
+                if not all(math.isfinite(v) for v in losses.values()):
+                    self._fail(epoch, mb_index, losses, "loss")
+
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm))
+                if not math.isfinite(grad_norm):
+                    self._fail(epoch, mb_index, {**losses, "gradNorm": grad_norm}, "gradient norm")
+                self.optimizer.step()
+                if not all(bool(torch.isfinite(p).all()) for p in agent.parameters()):
+                    self._fail(epoch, mb_index, losses, "network parameters after the optimizer step")
+                self._last_finite = {
+                    "iteration": self.iteration,
+                    "epoch": epoch,
+                    "minibatch": f"{mb_index}/{self.minibatches_per_epoch}",
+                    "losses": losses,
+                }
+                stats = {
+                    "policy_loss": losses["policyLoss"],
+                    "value_loss": losses["valueLoss"],
+                    "entropy": losses["entropy"],
+                    "old_approx_kl": old_approx_kl.item(),
+                    "approx_kl": approx_kl.item(),
+                }
+            if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
+                break
+
+        y_pred = b_values.cpu().numpy()
+        y_true = b_returns.cpu().numpy()
+        var_y = float(np.var(y_true))
+        explained_var = float("nan") if var_y == 0 else 1.0 - float(np.var(y_true - y_pred)) / var_y
+        stats["clip_fraction"] = float(np.mean(clipfracs))
+        stats["explained_variance"] = explained_var
+        stats["learning_rate"] = lr
+        return stats
+
+    def train_iteration(self) -> IterationStats:
+        """One rollout of ``B`` env steps followed by one update.
+
+        Raises:
+            NonFiniteLoss: see :meth:`update`.
+        """
+        self.iteration += 1
+        t0 = time.perf_counter()
+        finished = self.collect_rollout()
+        t1 = time.perf_counter()
+        s = self.update()
+        t2 = time.perf_counter()
+        recent_r = float(np.mean(self.recent_returns)) if self.recent_returns else None
+        recent_l = float(np.mean(self.recent_lengths)) if self.recent_lengths else None
+        return IterationStats(
+            iteration=self.iteration,
+            global_step=self.global_step,
+            learning_rate=s["learning_rate"],
+            policy_loss=s["policy_loss"],
+            value_loss=s["value_loss"],
+            entropy=s["entropy"],
+            old_approx_kl=s["old_approx_kl"],
+            approx_kl=s["approx_kl"],
+            clip_fraction=s["clip_fraction"],
+            explained_variance=s["explained_variance"],
+            episodes_finished=finished,
+            mean_episodic_return=recent_r,
+            mean_episodic_length=recent_l,
+            rollout_seconds=t1 - t0,
+            update_seconds=t2 - t1,
+            steps_per_second=self.batch_size / max(t2 - t0, 1e-9),
+        )
+
+
+def greedy_policy(agent: Agent, device: torch.device) -> Callable[..., np.ndarray]:
+    """Wrap ``agent`` as a numpy argmax policy ``(obs (B, *obs_shape), envs=None) -> (B,)``
+    (the signature :func:`rl_engine.evaluation.run_episodes` expects)."""
+
+    def act(obs: np.ndarray, envs: Any = None) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=device).reshape(len(obs), -1)
+        return agent.act_greedy(x).cpu().numpy()
+
+    return act
+
+
+def load_agent(uri: str, device: str | torch.device = "cpu") -> Agent:
+    """Rebuild the trained policy from an artifact (``policy.json`` + ``model.pt``).
+
+    Args:
+        uri: artifact root URI (fsspec), as written by ``python -m rl_engine.train``.
+        device: where to put the network.
+
+    Returns:
+        The :class:`Agent` in eval mode; ``agent.act_greedy(obs)`` gives the evaluated
+        deterministic policy.
+
+    Raises:
+        rl_engine.artifacts.ArtifactError: ``policy.json`` or ``model.pt`` is missing.
+    """
+    import io
+
+    from .artifacts import ArtifactStore
+
+    store = ArtifactStore(uri)
+    spec = store.read_json("policy.json")
+    agent = agent_from_spec(spec)
+    state = torch.load(io.BytesIO(store.read_bytes(spec.get("stateDict", "model.pt"))),
+                       map_location=device, weights_only=True)
+    agent.load_state_dict(state)
+    return agent.to(device).eval()

@@ -1,0 +1,124 @@
+"""Artifact fingerprint and termination-message encoding (torch-free, fast)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from rl_engine.artifacts import (
+    FINGERPRINT_FILE,
+    ArtifactError,
+    ArtifactStore,
+    compute_fingerprint,
+    file_digests,
+)
+from rl_engine.termination import encode_termination_message, write_termination_message
+
+SUMMARY = {"episodes": 3, "meanReturn": 12.5, "stdReturn": 0.5, "randomMeanReturn": 2.0}
+
+
+def _make_artifact(root) -> str:
+    (root / "sub").mkdir(parents=True)
+    (root / "model.pt").write_bytes(b"\x00\x01weights")
+    (root / "metadata.json").write_text('{"run": "r"}\n')
+    (root / "sub" / "extra.txt").write_text("x")
+    (root / "evaluation.json").write_text(json.dumps({"summary": SUMMARY, "other": [1, 2]}))
+    return root.as_uri()
+
+
+def _by_hand(root, summary) -> str:
+    """Independent implementation of the documented fingerprint definition."""
+    files = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*")
+        if p.is_file() and p.name != FINGERPRINT_FILE
+    )
+    h = hashlib.sha256(b"rlops-artifact-fingerprint/v1\n")
+    for rel in files:
+        digest = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+        h.update(f"{rel}\0{digest}\n".encode())
+    canon = json.dumps(summary, sort_keys=True, separators=(",", ":")).encode()
+    h.update(b"evaluation-summary\0" + canon + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def test_fingerprint_matches_documented_definition(tmp_path):
+    uri = _make_artifact(tmp_path)
+    fp = compute_fingerprint(uri)
+    assert fp.startswith("sha256:") and len(fp) == 7 + 64
+    assert fp == _by_hand(tmp_path, SUMMARY)
+    # Plain paths and file:// URIs agree.
+    assert compute_fingerprint(str(tmp_path)) == fp
+    assert set(file_digests(uri)) == {"model.pt", "metadata.json", "sub/extra.txt", "evaluation.json"}
+
+
+def test_fingerprint_changes_with_any_file_and_ignores_fingerprint_json(tmp_path):
+    uri = _make_artifact(tmp_path)
+    before = compute_fingerprint(uri)
+    (tmp_path / FINGERPRINT_FILE).write_text('{"fingerprint": "whatever"}')
+    assert compute_fingerprint(uri) == before
+
+    (tmp_path / "model.pt").write_bytes(b"\x00\x01weightz")
+    changed = compute_fingerprint(uri)
+    assert changed != before
+
+    (tmp_path / "sub" / "new.bin").write_bytes(b"")
+    assert compute_fingerprint(uri) != changed
+
+
+def test_fingerprint_depends_on_file_names(tmp_path):
+    uri = _make_artifact(tmp_path)
+    before = compute_fingerprint(uri)
+    (tmp_path / "metadata.json").rename(tmp_path / "metadata2.json")
+    assert compute_fingerprint(uri) != before
+
+
+def test_fingerprint_over_memory_filesystem():
+    uri = f"memory://rlops-test-{uuid.uuid4().hex}/run-1"
+    store = ArtifactStore(uri)
+    store.write_bytes("model.pt", b"abc")
+    store.write_json("evaluation.json", {"summary": SUMMARY})
+    first = compute_fingerprint(uri)
+    store.write_json("evaluation.json", {"summary": {**SUMMARY, "meanReturn": 12.6}})
+    assert compute_fingerprint(uri) != first
+    assert store.list_files() == ["evaluation.json", "model.pt"]
+
+
+def test_missing_evaluation_is_an_artifact_error(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"abc")
+    with pytest.raises(ArtifactError, match="evaluation.json not found"):
+        compute_fingerprint(tmp_path.as_uri())
+    with pytest.raises(ArtifactError, match="no artifact files"):
+        compute_fingerprint((tmp_path / "empty").as_uri())
+
+
+def test_torch_free_modules_do_not_import_torch():
+    code = (
+        "import sys, rl_engine, rl_engine.artifacts, rl_engine.config, rl_engine.errors, "
+        "rl_engine.termination\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_termination_message_is_truncated_below_4096_bytes(tmp_path):
+    payload = {"phase": "Failed", "reason": "TrainerError", "message": "é\"\\" * 5000}
+    data = encode_termination_message(payload)
+    assert len(data) < 4096
+    decoded = json.loads(data)
+    assert decoded["phase"] == "Failed" and decoded["reason"] == "TrainerError"
+    assert decoded["message"].endswith("...") and decoded["message"].startswith("é\"\\")
+
+    small = {"phase": "Succeeded", "metrics": {"meanReturn": float("nan")}, "fingerprint": "x"}
+    assert json.loads(encode_termination_message(small)) == {
+        "phase": "Succeeded", "metrics": {"meanReturn": None}, "fingerprint": "x"
+    }
+    path = tmp_path / "termination-log"
+    assert write_termination_message(payload, str(path))
+    assert path.stat().st_size < 4096
+    assert not write_termination_message(payload, str(tmp_path / "no" / "such" / "dir"))
