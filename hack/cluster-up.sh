@@ -15,7 +15,7 @@ if kubectl get --raw /readyz >/dev/null 2>&1; then
 else
   if kwokctl get clusters 2>/dev/null | grep -qx "$cluster_name"; then
     say "restarting stopped cluster '$cluster_name'"
-    kwokctl start cluster --wait 2m
+    kwokctl start cluster --wait 2m >"$clusterdir/kwokctl.log" 2>&1 || { tail -20 "$clusterdir/kwokctl.log"; exit 1; }
   else
     say "creating cluster '$cluster_name' (kwokctl --runtime binary; RBAC on)"
     mkdir -p "$(dirname "$KUBECONFIG")"
@@ -29,7 +29,7 @@ else
       --kube-authorization=true \
       --extra-args kwok-controller=manage-all-nodes=false \
       --extra-args kwok-controller=manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
-      --wait 2m
+      --wait 2m >"$clusterdir/kwokctl.log" 2>&1 || { tail -20 "$clusterdir/kwokctl.log"; exit 1; }
   fi
 fi
 for _ in $(seq 60); do kubectl get ns default >/dev/null 2>&1 && break; sleep 1; done

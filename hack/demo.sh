@@ -22,7 +22,7 @@ while [ $SECONDS -lt $deadline ]; do
   phase=$(kubectl get trainingrun "$run" -o jsonpath='{.status.phase}' 2>/dev/null || true)
   log=$(kubectl get pods -l "rlops.dev/training-run=$run" -o jsonpath='{.items[0].metadata.annotations.rlops\.dev/node-agent-log\.trainer}' 2>/dev/null || true)
   progress=""
-  [ -n "$log" ] && [ -f "$log" ] && progress=$(grep -v '^\s*$' "$log" | tail -1 | cut -c1-150)
+  [ -n "$log" ] && [ -f "$log" ] && progress=$( (grep -v '^\s*$' "$log" || true) | tail -1 | cut -c1-150)
   line="[$((SECONDS - t0))s] TrainingRun $run: ${phase:-<none>}${progress:+ | $progress}"
   [ "$line" != "$last" ] && echo "$line"
   last=$line

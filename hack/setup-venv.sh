@@ -12,6 +12,11 @@ py=${PYTHON:-python3.11}
 command -v "$py" >/dev/null || py=python3
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 echo "installing Python dependencies into .venv (first run downloads PyTorch; a few minutes)" >&2
-"$venv/bin/pip" install --progress-bar off -q --upgrade pip >&2
-"$venv/bin/pip" install --progress-bar off -q -e "$root/operator" -e "$root/rl_engine" -r "$root/requirements-dev.txt" >&2
+log="$venv/pip-install.log"
+if ! { "$venv/bin/pip" install --progress-bar off -q --upgrade pip &&
+       "$venv/bin/pip" install --progress-bar off -q -e "$root/operator" -e "$root/rl_engine" -r "$root/requirements-dev.txt"; } >"$log" 2>&1; then
+  tail -40 "$log" >&2
+  echo "pip install failed; full log: $log" >&2
+  exit 1
+fi
 echo "$want" > "$stamp"

@@ -302,7 +302,10 @@ def observe_run(
             code = terminated.get("exitCode")
             prefix = f"trainer exited with code {code}: " if code is not None else ""
             status.failure_message = (prefix + detail.strip())[-1024:]
-    elif any((p.get("status") or {}).get("phase") == "Running" for p in pods):
+    elif any((p.get("status") or {}).get("phase") == "Running" for p in pods) or (
+        # the pod has exited but the Job controller has not concluded yet: still running, not Pending
+        prev.phase == "Running" and any((p.get("status") or {}).get("phase") in ("Succeeded", "Failed") for p in pods)
+    ):
         status.phase = "Running"
     else:
         status.phase = "Pending"

@@ -112,7 +112,7 @@ class TrainingConfig(_Model):
     """
 
     total_timesteps: int = Field(ge=1)
-    seed: int = Field(1, ge=0, lt=2**31)
+    seed: int = Field(1, ge=0, le=2**63 - 1)
     target_return: float | None = None
     eval_interval: int = Field(10240, ge=1)
 

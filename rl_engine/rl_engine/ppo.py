@@ -361,11 +361,15 @@ class PPOTrainer:
         else:
             lf = self._last_finite
             vals = ", ".join(f"{k}={v:.6g}" for k, v in lf["losses"].items())
-            last = f"{vals} (update {lf['iteration']}, epoch {lf['epoch']}, minibatch {lf['minibatch']})"
-        hint = " The rollout contained non-finite rewards." if self._rollout_nonfinite_reward else ""
+            where = f"update {lf['iteration']}, epoch {lf['epoch']}, minibatch {lf['minibatch']}"
+            last = f"{vals} ({where})"
+        hint = ""
+        if self._rollout_nonfinite_reward:
+            hint = " The rollout contained non-finite rewards."
         raise NonFiniteLoss(
             f"non-finite {what} at update {self.iteration}/{self.num_iterations} (epoch "
-            f"{epoch}/{self.cfg.update_epochs}, minibatch {minibatch}/{self.minibatches_per_epoch}, "
+            f"{epoch}/{self.cfg.update_epochs}, minibatch "
+            f"{minibatch}/{self.minibatches_per_epoch}, "
             f"global step {self.global_step}): {shown}. Last finite losses: {last}.{hint}"
         )
 
@@ -407,8 +411,11 @@ class PPOTrainer:
         for epoch in range(1, cfg.update_epochs + 1):
             self.rng.shuffle(b_inds)
             for mb_index, start in enumerate(range(0, self.batch_size, self.minibatch_size), 1):
-                mb = torch.as_tensor(b_inds[start : start + self.minibatch_size], device=self.device)
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+                mb_np = b_inds[start : start + self.minibatch_size]
+                mb = torch.as_tensor(mb_np, device=self.device)
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(
+                    b_obs[mb], b_actions[mb]
+                )
                 logratio = newlogprob - b_logprobs[mb]
                 ratio = logratio.exp()
                 with torch.no_grad():
@@ -452,8 +459,6 @@ class PPOTrainer:
                 if not math.isfinite(grad_norm):
                     self._fail(epoch, mb_index, {**losses, "gradNorm": grad_norm}, "gradient norm")
                 self.optimizer.step()
-                if not all(bool(torch.isfinite(p).all()) for p in agent.parameters()):
-                    self._fail(epoch, mb_index, losses, "network parameters after the optimizer step")
                 self._last_finite = {
                     "iteration": self.iteration,
                     "epoch": epoch,
@@ -469,6 +474,11 @@ class PPOTrainer:
                 }
             if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
                 break
+
+        # A finite loss and gradient can still overflow the weights in Adam's step; the
+        # next minibatch's loss catches that, and this check covers the last one.
+        if not all(bool(torch.isfinite(p).all()) for p in agent.parameters()):
+            self._fail(epoch, mb_index, stats, "network parameters after the last optimizer step")
 
         y_pred = b_values.cpu().numpy()
         y_true = b_returns.cpu().numpy()

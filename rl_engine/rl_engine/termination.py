@@ -43,16 +43,6 @@ def _sanitize(value: Any) -> Any:
     return value
 
 
-def _truncate_utf8(text: str, max_bytes: int) -> str:
-    if max_bytes <= len(_ELLIPSIS):
-        return _ELLIPSIS[: max(max_bytes, 0)]
-    raw = text.encode("utf-8")
-    if len(raw) <= max_bytes:
-        return text
-    cut = raw[: max_bytes - len(_ELLIPSIS)].decode("utf-8", errors="ignore")
-    return cut + _ELLIPSIS
-
-
 def encode_termination_message(payload: dict[str, Any], limit: int = MAX_BYTES) -> bytes:
     """Compact UTF-8 JSON of ``payload``, always shorter than ``limit`` bytes.
 
@@ -74,23 +64,25 @@ def encode_termination_message(payload: dict[str, Any], limit: int = MAX_BYTES) 
     keys = [k for k, v in data.items() if isinstance(v, str)]
     keys.sort(key=lambda k: (k != "message", -len(data[k])))
     for key in keys:
-        over = len(encoded) - (limit - 1)
-        if over <= 0:
+        if len(encoded) < limit:
             break
-        current = data[key].encode("utf-8")
-        # JSON escaping can make the encoded string longer than its raw bytes; iterate.
-        target = max(len(current) - over, 0)
-        while True:
-            data[key] = _truncate_utf8(data[key], target)
-            encoded = _dumps(data)
-            if len(encoded) < limit or target == 0:
-                break
-            target = max(target - (len(encoded) - (limit - 1)), 0)
+        text = data[key]
+        # Longest prefix (in characters) whose payload still fits; JSON escaping makes the
+        # encoded size non-linear in the prefix length, so search instead of computing it.
+        lo, hi = 0, len(text)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(_dumps({**data, key: text[:mid] + _ELLIPSIS})) < limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        data[key] = text[:lo] + _ELLIPSIS
+        encoded = _dumps(data)
     if len(encoded) < limit:
         return encoded
-    minimal = {k: data[k] for k in ("phase", "reason") if k in data}
+    minimal = {k: str(data[k])[:128] for k in ("phase", "reason") if k in data}
     minimal["message"] = "termination message truncated"
-    return _dumps(minimal)[: limit - 1]
+    return _dumps(minimal)
 
 
 def write_termination_message(payload: dict[str, Any], path: str | None = None) -> bool:

@@ -165,7 +165,7 @@ def run_training(
         torch.set_num_threads(max(1, threads))
     seed = cfg.training.seed
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = True
 
@@ -246,10 +246,11 @@ def run_training(
                     # A 20-episode pass is noisy: a policy that still fails from ~20% of
                     # start states passes it now and then. Confirm on fresh seeds and
                     # stop only if the final evaluation is predicted to pass as well.
+                    confirm_seeds = _eval_seeds(
+                        seed, _CONFIRM_STREAM + k, max(_MIN_CONFIRM_EPISODES, eval_episodes)
+                    )
                     conf = run_episodes(
-                        factory, policy,
-                        _eval_seeds(seed, _CONFIRM_STREAM + k, max(_MIN_CONFIRM_EPISODES, eval_episodes)),
-                        max_episode_steps=max_ep_steps,
+                        factory, policy, confirm_seeds, max_episode_steps=max_ep_steps
                     )
                     periodic_eval_seconds += conf.seconds
                     cs = conf.summary()
@@ -323,7 +324,9 @@ def run_training(
         "config_snapshot.yaml",
         yaml.safe_dump(cfg.snapshot(), sort_keys=False, default_flow_style=False).encode("utf-8"),
     )
-    store.write_json("training_history.json", {"iterations": iterations, "evaluations": evaluations})
+    store.write_json(
+        "training_history.json", {"iterations": iterations, "evaluations": evaluations}
+    )
     store.write_json("evaluation.json", {
         "summary": summary,
         "deterministic": _evaluation_record(final),
@@ -415,7 +418,9 @@ class _ArgParser(argparse.ArgumentParser):
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _ArgParser(prog="python -m rl_engine.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="run config file (JSON or YAML); default: $RLOPS_RUN_CONFIG")
-    p.add_argument("--artifact-uri", help="fsspec URI of the artifact dir; default: $RLOPS_ARTIFACT_URI")
+    p.add_argument(
+        "--artifact-uri", help="fsspec URI of the artifact dir; default: $RLOPS_ARTIFACT_URI"
+    )
     return p.parse_args(argv)
 
 
@@ -433,7 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run_training(cfg, uri, stage=stage)
     except TrainerFailure as failure:
         payload = {"phase": "Failed", "reason": failure.reason, "message": failure.message}
-        print(f"rlops trainer failed: {failure.reason}: {failure.message}", file=sys.stderr, flush=True)
+        print(
+            f"rlops trainer failed: {failure.reason}: {failure.message}",
+            file=sys.stderr, flush=True,
+        )
         if not write_termination_message(payload):
             print("warning: could not write the termination message", file=sys.stderr, flush=True)
         return failure.exit_code

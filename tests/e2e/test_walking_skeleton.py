@@ -79,7 +79,7 @@ spec:
   algorithm:
     name: PPO
     hyperparameters: {learningRat: 0.001}
-  training: {totalTimesteps: 10000, resources: {gpu: 1}}
+  training: {totalTimesteps: 20480, resources: {gpu: 1}}
 """
 
 

@@ -53,7 +53,9 @@ def test_fingerprint_matches_documented_definition(tmp_path):
     assert fp == _by_hand(tmp_path, SUMMARY)
     # Plain paths and file:// URIs agree.
     assert compute_fingerprint(str(tmp_path)) == fp
-    assert set(file_digests(uri)) == {"model.pt", "metadata.json", "sub/extra.txt", "evaluation.json"}
+    assert set(file_digests(uri)) == {
+        "model.pt", "metadata.json", "sub/extra.txt", "evaluation.json"
+    }
 
 
 def test_fingerprint_changes_with_any_file_and_ignores_fingerprint_json(tmp_path):

@@ -180,8 +180,9 @@ def test_nan_rewards_exit_3_with_non_finite_loss(tmp_path):
     config = {**SHORT_RUN, "environment": {"id": "rlops_test_envs:NaNRewardCartPole", "numEnvs": 2},
               "training": {"totalTimesteps": 2048}}
     term = tmp_path / "termination-log"
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
     proc = _run_cli(config, (tmp_path / "art").as_uri(), term,
-                    extra_env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+                    extra_env={"PYTHONPATH": pythonpath})
     assert proc.returncode == 3, proc.stderr[-2000:]
     msg = json.loads(term.read_bytes())
     assert msg["phase"] == "Failed" and msg["reason"] == "NonFiniteLoss"

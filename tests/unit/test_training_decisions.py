@@ -156,3 +156,13 @@ def test_observe_agent_tracks_latest_generation():
 def test_models_refuse_bad_specs(bad):
     with pytest.raises(ValueError):
         m.RLAgentSpec.model_validate(bad)
+
+
+def test_exited_pod_before_job_concludes_stays_running():
+    """Between the pod's exit and the Job's Complete condition the run must not flip back to Pending."""
+    run = run_for(agent())
+    status, _ = training.observe_run(run, job_with(active=1), [pod("Running")], AT)
+    run["status"] = status.wire()
+    exited = pod("Succeeded", {"exitCode": 0, "reason": "Completed", "message": "{}"})
+    status, events = training.observe_run(run, job_with(active=0), [exited], AT)
+    assert status.phase == "Running" and events == []
