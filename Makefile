@@ -2,22 +2,25 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: demo test test-unit test-integration test-e2e venv binaries cluster-up cluster-down install crds clean
+.PHONY: services demo test test-unit test-integration test-e2e venv binaries cluster-up cluster-down install crds clean
 
 demo: ## the local demo: control plane + node agent + operator, then train manifests/samples/cartpole.yaml
 	bash hack/demo.sh
 
-test: venv binaries ## unit, integration (real API server) and e2e (real training) tiers
+test: venv binaries services ## unit, integration (real API server) and e2e (real training, Ray, Prometheus, Alertmanager)
 	$(PY) -m pytest tests -ra
 
 test-unit: venv
 	$(PY) -m pytest tests/unit -ra
 
-test-integration: venv binaries
+test-integration: venv binaries services
 	$(PY) -m pytest tests/integration -ra
 
-test-e2e: venv binaries
+test-e2e: venv binaries services
 	$(PY) -m pytest tests/e2e -ra
+
+services: ## Debian's prometheus and prometheus-alertmanager (installed once; the tests start them)
+	@if [ "$$(id -u)" = 0 ]; then bash hack/install-services.sh; else sudo bash hack/install-services.sh; fi
 
 venv: ## project virtualenv at .venv (both packages, editable)
 	bash hack/setup-venv.sh

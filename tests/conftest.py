@@ -98,6 +98,9 @@ class OperatorProcess:
         self.log_path = workdir / "operator.log"
         self.proc: subprocess.Popen | None = None
         self.port = _free_port()
+        self.webhook_port = _free_port()
+        self.receiver_port = _free_port()
+        self.extra_env: dict[str, str] = {}
 
     def start(self) -> None:
         kubeconfig = subprocess.run(
@@ -105,7 +108,9 @@ class OperatorProcess:
             check=True, capture_output=True, text=True,
         ).stdout.strip()
         env = {**os.environ, "KUBECONFIG": kubeconfig, "RLOPS_ARTIFACT_ROOT": self.artifact_root,
-               "RLOPS_RESYNC_SECONDS": "5"}
+               "RLOPS_RESYNC_SECONDS": "5", "RLOPS_WEBHOOK_PORT": str(self.webhook_port),
+               "RLOPS_CERT_DIR": str(self.workdir / "certs"),
+               "RLOPS_ALERT_RECEIVER": f"127.0.0.1:{self.receiver_port}", **self.extra_env}
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rl_operator", "--liveness", f"http://127.0.0.1:{self.port}/healthz"],

@@ -46,6 +46,7 @@ def structural(schema: dict[str, Any], defs: dict[str, Any], *, in_spec: bool) -
         node = {**structural(branches[0], defs, in_spec=in_spec), **node}
     for key in _DROP:
         node.pop(key, None)
+    keep_absent = bool(node.pop(m.NO_DEFAULT, False))
     if node.get("default", 0) is None or not in_spec:
         node.pop("default", None)
     if node.get("x-kubernetes-preserve-unknown-fields"):
@@ -58,8 +59,10 @@ def structural(schema: dict[str, Any], defs: dict[str, Any], *, in_spec: bool) -
         props = {}
         for name, sub in node["properties"].items():
             child = structural(sub, defs, in_spec=in_spec)
-            if in_spec and name not in required and child.get("type") == "object" and "default" not in child:
+            if in_spec and name not in required and child.get("type") == "object" and "default" not in child \
+                    and not child.pop("x-keep-absent", False):
                 child["default"] = {}
+            child.pop("x-keep-absent", None)
             props[name] = child
         node["properties"] = props
     if isinstance(node.get("additionalProperties"), dict):
@@ -68,6 +71,8 @@ def structural(schema: dict[str, Any], defs: dict[str, Any], *, in_spec: bool) -
         node["items"] = structural(node["items"], defs, in_spec=in_spec)
     if node.get("format") == "date-time":
         node["type"] = "string"
+    if keep_absent:
+        node["x-keep-absent"] = True  # read (and removed) by the parent's properties loop
     return node
 
 
@@ -94,6 +99,7 @@ KINDS: dict[str, dict[str, Any]] = {
             _column("Phase", ".status.phase"),
             _column("Latest Run", ".status.latestRun"),
             _column("Mean Return", ".status.latestMeanReturn", "number"),
+            _column("Active", ".status.activeModel.version"),
             _column("Env", ".spec.environment.id", priority=1),
             _column("Algorithm", ".spec.algorithm.name", priority=1),
             _column("Fingerprint", ".status.latestFingerprint", priority=1),
@@ -128,7 +134,12 @@ KINDS: dict[str, dict[str, Any]] = {
             _column("Agent", ".spec.agentRef.name"),
             _column("Phase", ".status.phase"),
             _column("Weight", ".status.canaryWeight", "integer"),
+            _column("Stable", ".status.stableVersion"),
+            _column("Approved By", ".status.approval.approvedBy"),
+            _column("Mean Return", ".spec.evaluation.meanReturn", "number", priority=1),
             _column("Fingerprint", ".spec.fingerprint", priority=1),
+            _column("Analysis", ".status.analysis.phase", priority=1),
+            _column("Message", ".status.message", priority=1),
             _AGE,
         ],
         "root_rules": [],

@@ -13,6 +13,7 @@ point and restarted converges to the same objects: no duplicate runs, no duplica
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections import defaultdict
@@ -20,7 +21,7 @@ from typing import Any
 
 import kopf
 
-from rl_operator import kube, training
+from rl_operator import alerts, analysis, approvals, certs, kube, rayserve, rollout, training
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
@@ -41,7 +42,52 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # Events are posted explicitly, not from log lines
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    if SETTINGS.webhook_addr:
+        host = SETTINGS.webhook_host or SETTINGS.webhook_addr
+        files = certs.ensure_webhook_certs(SETTINGS.cert_dir, [host, SETTINGS.webhook_addr])
+        settings.admission.server = kopf.WebhookServer(
+            addr=SETTINGS.webhook_addr, port=SETTINGS.webhook_port, host=host,
+            certfile=str(files.cert), pkeyfile=str(files.key), cafile=str(files.ca),
+        )
+        # kopf keeps the Mutating/ValidatingWebhookConfiguration "rlops.dev" pointed at this server
+        settings.admission.managed = m.GROUP
     log.info("rlops operator settings: %s", SETTINGS)
+
+
+_alert_token: dict[str, str | None] = {"value": None}
+
+
+def _refresh_alert_token() -> None:
+    """Re-read the receiver's bearer token from its Secret (blocking; run in a thread)."""
+    ns, name = SETTINGS.alert_token_secret.split("/", 1)
+    try:
+        _alert_token["value"] = alerts.load_token_from_secret(ns, name)
+    except Exception as exc:  # keep the last good token; the receiver answers 503 without one
+        log.warning("cannot read the alert token Secret %s: %s", SETTINGS.alert_token_secret, exc)
+
+
+async def _keep_alert_token_fresh(period: float = 30.0) -> None:
+    while True:  # a rotated Secret takes effect within `period` seconds
+        await asyncio.sleep(period)
+        await asyncio.to_thread(_refresh_alert_token)
+
+
+@kopf.on.startup()
+async def start_alert_receiver(memo: kopf.Memo, **_: Any) -> None:
+    if not SETTINGS.alert_receiver:
+        return
+    host, port = SETTINGS.alert_receiver.rsplit(":", 1)
+    await asyncio.to_thread(_refresh_alert_token)
+    memo.token_refresher = asyncio.create_task(_keep_alert_token_fresh())
+    memo.receiver = await alerts.start_receiver(host, int(port), lambda: _alert_token["value"], on_alert)
+
+
+@kopf.on.cleanup()
+async def stop_alert_receiver(memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "token_refresher", None) is not None:
+        memo.token_refresher.cancel()
+    if getattr(memo, "receiver", None) is not None:
+        await memo.receiver.cleanup()
 
 
 # ----------------------------------------------------------------------------- RLAgent
@@ -52,13 +98,25 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.update(m.GROUP, m.VERSION, m.RLAgent.PLURAL, field="spec")
 def reconcile_agent(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     agent = dict(body)
-    desired = training.desired_training_run(agent)
-    run, created = kube.create_custom_or_get(desired, m.TrainingRun.PLURAL)
-    if created:
-        trigger = desired["spec"]["trigger"]
-        _post(agent, [training.Event("Normal", "TrainingRunCreated",
-                                     f"TrainingRun {run['metadata']['name']} ({trigger['reason']}, generation {trigger['agentGeneration']})")])
+    runs = _owned(agent, kube.list_custom(namespace, m.TrainingRun.PLURAL, f"{m.AGENT_LABEL}={name}"))
+    desired = training.desired_training_run(agent, runs)
+    if desired is not None:
+        run, created = kube.create_custom_or_get(desired, m.TrainingRun.PLURAL)
+        if created:
+            trigger = desired["spec"]["trigger"]
+            _post(agent, [training.Event("Normal", "TrainingRunCreated",
+                                         f"TrainingRun {run['metadata']['name']} ({trigger['reason']}, "
+                                         f"generation {trigger['agentGeneration']})")])
+    generation = agent["metadata"].get("generation")
+    if (agent.get("status") or {}).get("observedGeneration") != generation:
+        # the generation is handled: a new run, or a change that needs none (canary plan, approval, ...)
+        kube.patch_status(namespace, m.RLAgent.PLURAL, name, {"observedGeneration": generation})
     sync_agent(namespace, name)
+
+
+def _owned(owner: dict[str, Any], objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    uid = owner["metadata"]["uid"]
+    return [o for o in objs if any(ref.get("uid") == uid for ref in o["metadata"].get("ownerReferences", []))]
 
 
 def sync_agent(namespace: str, name: str) -> None:
@@ -67,9 +125,8 @@ def sync_agent(namespace: str, name: str) -> None:
         agent = kube.get_custom(namespace, m.RLAgent.PLURAL, name)
         if agent is None:
             return
-        runs = kube.list_custom(namespace, m.TrainingRun.PLURAL, f"{m.AGENT_LABEL}={name}")
-        owned = [r for r in runs if any(o.get("uid") == agent["metadata"]["uid"] for o in r["metadata"].get("ownerReferences", []))]
-        status, events = training.observe_agent(agent, owned, training.now())
+        runs = _owned(agent, kube.list_custom(namespace, m.TrainingRun.PLURAL, f"{m.AGENT_LABEL}={name}"))
+        status, events = training.observe_agent(agent, runs, training.now())
         if status.wire() != m.RLAgentStatus.model_validate(agent.get("status") or {}).wire():
             kube.patch_status(namespace, m.RLAgent.PLURAL, name, status.wire())
         _post(agent, events)
@@ -89,6 +146,8 @@ def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
             gpus = run["spec"]["training"].get("resources", {}).get("gpu", 0)
             _post(run, [training.Event("Normal", "JobCreated", f"Job {job['metadata']['name']} created ({gpus} GPU)")])
     sync_run(namespace, name)
+    if phase == "Succeeded":
+        ensure_rollout(run)
 
 
 @kopf.timer(m.GROUP, m.VERSION, m.TrainingRun.PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds,
@@ -117,7 +176,196 @@ def sync_run(namespace: str, name: str) -> None:
         status, events = training.observe_run(run, job, pods, training.now())
         changed = status.wire() != m.TrainingRunStatus.model_validate(run.get("status") or {}).wire()
         if changed:
-            kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())
+            run = kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())
         _post(run, events)
     if changed:
         sync_agent(namespace, run["spec"]["agentRef"]["name"])
+    if status.phase == "Succeeded":
+        ensure_rollout(run)
+
+
+def ensure_rollout(run: dict[str, Any]) -> None:
+    """A Succeeded run whose evaluation passes the agent's bar gets its Rollout (create-or-get)."""
+    ns = run["metadata"]["namespace"]
+    agent = kube.get_custom(ns, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
+    if agent is None or kube.get_custom(ns, m.Rollout.PLURAL, run["metadata"]["name"]) is not None:
+        return
+    spec = m.RLAgentSpec.model_validate(agent["spec"])
+    if spec.mode == "observe":
+        return
+    ok, why = rollout.eligible(run, spec)
+    if not ok:
+        _post(run, [training.Event("Normal", "RolloutSkipped", why)])
+        return
+    obj, created = kube.create_custom_or_get(rollout.desired_rollout(run), m.Rollout.PLURAL)
+    if created:
+        _post(agent, [training.Event("Normal", "RolloutCreated",
+                                     f"Rollout {obj['metadata']['name']} for {obj['spec']['fingerprint']} ({why})")])
+
+
+# ----------------------------------------------------------------------------- Rollout
+
+
+def _rollout_active(status: dict[str, Any] | None, **_: Any) -> bool:
+    return (status or {}).get("phase") not in rollout.TERMINAL
+
+
+@kopf.on.resume(m.GROUP, m.VERSION, m.Rollout.PLURAL)
+@kopf.on.create(m.GROUP, m.VERSION, m.Rollout.PLURAL)
+@kopf.on.update(m.GROUP, m.VERSION, m.Rollout.PLURAL, field="metadata.annotations")
+def on_rollout(namespace: str, name: str, **_: Any) -> None:
+    reconcile_rollout(namespace, name)
+
+
+@kopf.timer(m.GROUP, m.VERSION, m.Rollout.PLURAL, interval=SETTINGS.rollout_interval_seconds, when=_rollout_active)
+def tick_rollout(namespace: str, name: str, **_: Any) -> None:
+    reconcile_rollout(namespace, name)
+
+
+def _serving(namespace: str, agent: str) -> tuple[set[str] | None, dict[str, int] | None, str | None, dict[str, Any]]:
+    """(versions, weights, status, version entries) of the agent's Serve application."""
+    details = rayserve.get_applications(SETTINGS.ray_dashboard_url)
+    summary = rayserve.application_summary(details, rayserve.app_name(namespace, agent))
+    config = (summary or {}).get("config") or {}
+    if not summary or not config:
+        return None, None, None, {}
+    entries = (config.get("args") or {}).get("versions") or {}
+    return set(rayserve.application_versions(config)), rayserve.application_weights(config), summary["status"], entries
+
+
+def _analysis_due(st: m.RolloutStatus, spec: m.RLAgentSpec, now: Any) -> bool:
+    if st.phase not in ("Progressing", "Paused") or not st.stable_version or not 0 < (st.canary_weight or 0) < 100:
+        return False
+    last = st.analysis.measured_at if st.analysis else None
+    return last is None or (now - last).total_seconds() >= spec.canary.analysis.interval_seconds
+
+
+def reconcile_rollout(namespace: str, name: str) -> None:
+    """Observe the world for one Rollout, run the pure pipeline, and carry out its actions."""
+    with _locks[("rollouts", namespace, name)]:
+        ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
+        if ro is None or (ro.get("status") or {}).get("phase") in rollout.TERMINAL:
+            return
+        agent_name = ro["spec"]["agentRef"]["name"]
+        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, agent_name)
+        if agent is None:
+            return
+        agent_spec = m.RLAgentSpec.model_validate(agent["spec"])
+        agent_status = m.RLAgentStatus.model_validate(agent.get("status") or {})
+        others = kube.list_custom(namespace, m.Rollout.PLURAL, f"{m.AGENT_LABEL}={agent_name}")
+        blocking = next((o["metadata"]["name"] for o in others if o["metadata"]["name"] != name
+                         and (o.get("status") or {}).get("phase") in rollout.ACTIVE), None)
+        now = training.now()
+        status = m.RolloutStatus.model_validate(ro.get("status") or {})
+        obs = rollout.Observed(now=now, annotations=dict(ro["metadata"].get("annotations") or {}),
+                               agent_spec=agent_spec, active_model=agent_status.active_model,
+                               blocking_rollout=blocking)
+        approved = status.approval is not None or obs.annotations.get(rollout.APPROVED_BY) or \
+            agent_spec.approval.mode == "auto"
+        entries: dict[str, Any] = {}
+        if approved and agent_spec.serving.enabled and not blocking:
+            try:
+                obs.serving_versions, obs.serving_weights, obs.app_status, entries = _serving(namespace, agent_name)
+            except rayserve.RayServeError as exc:
+                _write_rollout(ro, status.model_copy(update={"message": f"Ray Serve unavailable: {exc}"}), [])
+                return
+            if _analysis_due(status, agent_spec, now):
+                window = int(min(agent_spec.canary.analysis.window_seconds,
+                                 max(10.0, (now - (status.step_started_at or now)).total_seconds())))
+                try:
+                    meas = analysis.measure(SETTINGS.prometheus_url, namespace, agent_name, ro["spec"]["version"],
+                                            status.stable_version, window)
+                    obs.analysis = rollout.judge(meas, agent_spec.canary.analysis, status.stable_version is not None)
+                except analysis.AnalysisError as exc:
+                    obs.analysis = ("Error", str(exc)[:500], {})
+        new_status, acts = rollout.reconcile(ro, obs)
+        _act(namespace, agent_name, agent_spec, acts, entries)
+        if acts.remove_annotations:
+            kube.patch_custom(namespace, m.Rollout.PLURAL, name,
+                              {"metadata": {"annotations": {k: None for k in acts.remove_annotations}}})
+        if acts.promote_active_model is not None:
+            _set_active_model(namespace, agent_name, acts.promote_active_model, name)
+        _write_rollout(ro, new_status, acts.events)
+
+
+def _act(namespace: str, agent: str, spec: m.RLAgentSpec, acts: rollout.Actions, entries: dict[str, Any]) -> None:
+    """Carry out serving actions: weights first (the router's user_config only), then deploys."""
+    app = rayserve.app_name(namespace, agent)
+    if acts.set_weights is not None:
+        rayserve.set_weights(SETTINGS.ray_dashboard_url, app, acts.set_weights)
+    if acts.deploy is not None:
+        versions = {v: (e if e is not None else entries[v]) for v, e in acts.deploy["versions"].items()}
+        config = rayserve.app_config(namespace, agent, versions, acts.deploy["weights"],
+                                     max_batch_size=spec.serving.max_batch_size)
+        rayserve.apply_application(SETTINGS.ray_dashboard_url, config)
+
+
+def _set_active_model(namespace: str, agent: str, model: m.ActiveModel, rollout_name: str) -> None:
+    with _locks[("rlagents", namespace, agent)]:
+        kube.patch_status(namespace, m.RLAgent.PLURAL, agent,
+                          {"activeModel": model.wire(), "latestRollout": rollout_name})
+
+
+def _write_rollout(ro: dict[str, Any], status: m.RolloutStatus, events: list[training.Event]) -> None:
+    if status.wire() != m.RolloutStatus.model_validate(ro.get("status") or {}).wire():
+        kube.patch_status(ro["metadata"]["namespace"], m.Rollout.PLURAL, ro["metadata"]["name"], status.wire())
+    _post(ro, events)
+
+
+def abort_agent_rollout(namespace: str, agent: str, reason: str) -> str | None:
+    """Abort the agent's in-progress Rollout (canary weight 0 at once). Returns its name, or None."""
+    for ro in kube.list_custom(namespace, m.Rollout.PLURAL, f"{m.AGENT_LABEL}={agent}"):
+        if (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
+            continue
+        name = ro["metadata"]["name"]
+        with _locks[("rollouts", namespace, name)]:
+            ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
+            if ro is None or (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
+                continue
+            status, acts = rollout.abort(ro, reason, training.now())
+            agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
+            spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else None
+            entries = _serving(namespace, agent)[3]
+            _act(namespace, agent, spec or m.RLAgentSpec(environment=m.EnvironmentSpec(id="-")), acts, entries)
+            _write_rollout(ro, status, acts.events)
+        return name
+    return None
+
+
+async def on_alert(target: alerts.AlertTarget) -> None:
+    """Alertmanager receiver callback: a firing alert naming an RLAgent aborts its canary."""
+    reason = f"alert {target.alertname} firing" + (f": {target.summary}" if target.summary else "")
+    name = await asyncio.to_thread(abort_agent_rollout, target.namespace, target.agent, reason)
+    if name:
+        log.warning("rolled back %s/%s on %s", target.namespace, name, reason)
+    else:
+        log.info("alert %s for %s/%s: no rollout in progress", target.alertname, target.namespace, target.agent)
+
+
+# ----------------------------------------------------------------------------- admission
+
+
+@kopf.on.mutate(m.GROUP, m.VERSION, m.Rollout.PLURAL, id="approval", operations=["CREATE", "UPDATE"],
+                persistent=True)
+def admit_approval(body: kopf.Body, old: kopf.Body | None, userinfo: dict[str, Any], patch: kopf.Patch,
+                   namespace: str, name: str, **_: Any) -> None:
+    """Approvals name the artifact's fingerprint and come from users with the ``approve`` verb.
+
+    Persistent (stays registered while the operator is down) and failing closed: no approval
+    can bypass this check.
+    """
+    old_ann = dict((old or {}).get("metadata", {}).get("annotations") or {}) if old else None
+    new_ann = dict(body.get("metadata", {}).get("annotations") or {})
+    verdict = approvals.review(old_ann, new_ann, body["spec"]["fingerprint"], userinfo.get("username", ""),
+                               training.now())
+    if verdict.error:
+        raise kopf.AdmissionError(verdict.error, code=400)
+    if verdict.permission:
+        allowed, why = kube.subject_access_review(approvals.sar_body(userinfo, namespace, name, verdict.permission))
+        if not allowed:
+            raise kopf.AdmissionError(
+                f"user {userinfo.get('username')!r} may not {verdict.permission} rollouts.rlops.dev in namespace "
+                f"{namespace!r} (RBAC verb '{verdict.permission}', e.g. ClusterRole rlops-approver){': ' + why if why else ''}",
+                code=403)
+    for key, value in verdict.annotations.items():
+        patch.metadata.annotations[key] = value

@@ -105,3 +105,14 @@ def create_job_or_get(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 def list_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
     pods = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=label_selector)
     return [_plain(p) for p in pods.items]
+
+
+def patch_custom(namespace: str, plural: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Merge-patch a rlops.dev object (metadata only: the operator never writes a user's spec)."""
+    return _custom().patch_namespaced_custom_object(m.GROUP, m.VERSION, namespace, plural, name, body)
+
+
+def subject_access_review(body: dict[str, Any]) -> tuple[bool, str]:
+    """Ask the API server whether a user may do something. Returns ``(allowed, reason)``."""
+    result = client.AuthorizationV1Api().create_subject_access_review(body)
+    return bool(result.status.allowed), result.status.reason or ""

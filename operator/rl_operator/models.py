@@ -28,6 +28,9 @@ RUN_LABEL = f"{GROUP}/training-run"
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/rlops/trainer:0.1.0"
 
+#: Schema marker: an optional sub-object that must not default to ``{}`` in the CRD (one-of members).
+NO_DEFAULT = "x-rlops-no-default"
+
 #: Stored as free-form JSON in the CRD schema (``x-kubernetes-preserve-unknown-fields``).
 FREE_FORM = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 
@@ -146,6 +149,102 @@ class EvaluationSpec(_Model):
     )
 
 
+class AutoApproval(_Model):
+    """Thresholds for approving a trained policy without a human (seed 000: auto-approval policies).
+
+    Every threshold that is set must hold; unset thresholds are not checked. With a stable
+    version serving, the relative checks compare against its evaluation.
+    """
+
+    min_mean_return: float | None = Field(None, description="Minimum mean evaluation return.")
+    min_improvement_over_stable: float | None = Field(
+        None, description="Minimum (canary - stable) mean evaluation return, in return units; may be negative."
+    )
+    min_relative_improvement_over_stable: float | None = Field(
+        None, description="Minimum (canary - stable) / |stable| mean evaluation return, as a fraction (0.05 = 5%)."
+    )
+
+
+class ApprovalPolicy(_Model):
+    """How a trained policy is approved for rollout."""
+
+    mode: Literal["manual", "auto"] = Field(
+        "manual",
+        description="manual: kubectl annotate rollout/<name> rlops.dev/approve=<fingerprint>; auto: the thresholds below.",
+    )
+    auto: AutoApproval = Field(default_factory=AutoApproval)
+
+
+class PauseStep(_Model):
+    duration_seconds: int | None = Field(
+        None, ge=0, le=7 * 24 * 3600,
+        description="Pause length in seconds; unset waits for the rlops.dev/promote annotation.",
+    )
+
+
+class CanaryStep(_Model):
+    """One canary step; exactly one of its fields is set (like Argo Rollouts' CanaryStep)."""
+
+    model_config = ConfigDict(
+        **_WIRE,
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("has(self.setWeight) != has(self.pause)", "exactly one of setWeight or pause must be set")
+            ]
+        },
+    )
+
+    set_weight: int | None = Field(None, ge=0, le=100, description="Canary traffic weight (percent).")
+    pause: PauseStep | None = Field(
+        None, description="Pause before the next step.", json_schema_extra={NO_DEFAULT: True}
+    )
+
+
+def _default_steps() -> list[CanaryStep]:
+    # seed 004's canary schedule (10% -> 25% -> 50% -> 100%), with minutes instead of hours
+    steps: list[CanaryStep] = []
+    for weight in (10, 25, 50):
+        steps += [CanaryStep(set_weight=weight), CanaryStep(pause=PauseStep(duration_seconds=60))]
+    return steps + [CanaryStep(set_weight=100)]
+
+
+class AnalysisSpec(_Model):
+    """Checks run against Prometheus while the canary takes traffic (defaults: seed 004's rollback conditions)."""
+
+    interval_seconds: int = Field(5, ge=1, le=3600, description="Seconds between analysis queries.")
+    window_seconds: int = Field(60, ge=5, le=3600, description="Longest look-back of each query (seconds).")
+    min_sample_count: int = Field(
+        100, ge=1, description="Canary requests needed in the window before a verdict; fewer is Inconclusive."
+    )
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="The canary fails above this error rate (fraction).")
+    max_reward_drop: float = Field(
+        0.05, ge=0, description="The canary fails when its mean reward is below the stable's minus this."
+    )
+    max_negative_feedback_ratio: float = Field(
+        2.0, ge=1, description="The canary fails when its negative-feedback rate exceeds this times the stable's."
+    )
+
+
+class CanarySpec(_Model):
+    """The canary plan: traffic steps and the analysis that gates them."""
+
+    steps: list[CanaryStep] = Field(
+        default_factory=_default_steps,
+        max_length=32,
+        description="Traffic steps; the last should be setWeight 100 (promotion).",
+        json_schema_extra={"default": [step.wire() for step in _default_steps()]},
+    )
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+
+
+class ServingSpec(_Model):
+    """How the agent is served on Ray Serve (one application per agent)."""
+
+    enabled: bool = Field(True, description="Serve approved policies (false: train and evaluate only).")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="@serve.batch max_batch_size of policy deployments.")
+
+
 # ----------------------------------------------------------------------------- shared status
 
 
@@ -174,9 +273,23 @@ class RLAgentSpec(_Model):
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
     training: TrainingTemplate = Field(default_factory=TrainingTemplate)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    approval: ApprovalPolicy = Field(default_factory=ApprovalPolicy)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    canary: CanarySpec = Field(default_factory=CanarySpec)
     mode: Literal["active", "observe"] = Field(
         "active", description="active: train and roll out; observe: record decisions only."
     )
+
+
+class ActiveModel(_Status):
+    """The version serving 100% of the agent's traffic (the stable version)."""
+
+    version: str
+    fingerprint: str
+    artifact_uri: str = Field(alias="artifactURI")
+    rollout: str | None = None
+    mean_return: float | None = None
+    promoted_at: datetime | None = None
 
 
 class RLAgentStatus(_Status):
@@ -185,6 +298,8 @@ class RLAgentStatus(_Status):
     latest_run: str | None = None
     latest_mean_return: float | None = None
     latest_fingerprint: str | None = None
+    latest_rollout: str | None = None
+    active_model: ActiveModel | None = None
     conditions: list[Condition] = Field(default_factory=list)
 
 
@@ -245,47 +360,68 @@ class TrainingRun(_Status):
     status: TrainingRunStatus = Field(default_factory=TrainingRunStatus)
 
 
-# ----------------------------------------------------------------------------- Rollout (sketch)
+# ----------------------------------------------------------------------------- Rollout
 
 
-class CanaryStep(_Model):
-    """One canary step; exactly one of its fields is set (like Argo Rollouts' CanaryStep)."""
+class EvaluationSummary(_Model):
+    """The trained policy's evaluation, as the trainer reported it."""
+
+    mean_return: float | None = None
+    std_return: float | None = None
+    episodes: int | None = None
+
+
+class RolloutSpec(_Model):
+    """The promotion of one artifact: written once by the operator from a Succeeded TrainingRun."""
 
     model_config = ConfigDict(
         **_WIRE,
         extra="forbid",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _cel(
-                    "has(self.setWeight) != has(self.pause)",
-                    "exactly one of setWeight or pause must be set",
-                )
-            ]
-        },
+        json_schema_extra={"x-kubernetes-validations": [_cel("self == oldSelf", "spec is immutable")]},
     )
-
-    set_weight: int | None = Field(None, ge=0, le=100, description="Canary traffic weight (percent).")
-    pause: dict[str, Any] | None = Field(
-        None, description="Pause; {duration: seconds} or {} to wait for promotion.", json_schema_extra=FREE_FORM
-    )
-
-
-class RolloutSpec(_Model):
-    """The promotion of one artifact (sketch; the canary controller is a later issue)."""
 
     agent_ref: ObjectRef
     training_run_ref: ObjectRef
+    version: str = Field(min_length=1, max_length=63, description="Serving version name (policy-<version>).")
     artifact_uri: str = Field(alias="artifactURI", min_length=1)
     fingerprint: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
-    steps: list[CanaryStep] = Field(default_factory=list, max_length=32)
+    evaluation: EvaluationSummary = Field(default_factory=EvaluationSummary)
+
+
+class Approval(_Status):
+    """Who approved which artifact, when, and under which policy (seed 000's approval registry)."""
+
+    approved_by: str
+    approved_at: datetime
+    fingerprint: str
+    policy: Literal["manual", "auto"]
+    notes: str | None = None
+
+
+class AnalysisRun(_Status):
+    """The latest analysis verdict for the current step."""
+
+    phase: Literal["Successful", "Failed", "Inconclusive", "Error"]
+    message: str = ""
+    step_index: int | None = None
+    measured_at: datetime | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict, json_schema_extra=FREE_FORM)
 
 
 class RolloutStatus(_Status):
     phase: str | None = None
+    message: str | None = None
     observed_generation: int | None = None
+    stable_version: str | None = None
+    canary_version: str | None = None
     current_step_index: int | None = None
+    step_started_at: datetime | None = None
     canary_weight: int | None = None
-    approval: dict[str, Any] | None = Field(None, json_schema_extra=FREE_FORM)
+    approval: Approval | None = None
+    analysis: AnalysisRun | None = None
+    abort_reason: str | None = None
+    aborted_at: datetime | None = None
+    completed_at: datetime | None = None
     conditions: list[Condition] = Field(default_factory=list)
 
 

@@ -27,6 +27,38 @@ class OperatorSettings:
     """Period (seconds) of the safety-net resync of unfinished TrainingRuns, on top of watch events.
     Env: ``RLOPS_RESYNC_SECONDS``."""
 
+    ray_dashboard_url: str = "http://127.0.0.1:8265"
+    """Ray dashboard (Serve's declarative REST API). Env: ``RLOPS_RAY_DASHBOARD_URL``."""
+
+    prometheus_url: str = "http://127.0.0.1:9090"
+    """Prometheus for canary analysis. Env: ``RLOPS_PROMETHEUS_URL``."""
+
+    rollout_interval_seconds: float = 2.0
+    """Period (seconds) of the Rollout reconcile while a rollout is in progress.
+    Env: ``RLOPS_ROLLOUT_INTERVAL_SECONDS``."""
+
+    webhook_addr: str | None = "127.0.0.1"
+    """Address of the admission webhook server (HTTPS); empty disables the webhooks (no approval
+    by annotation is then possible). Env: ``RLOPS_WEBHOOK_ADDR``."""
+
+    webhook_port: int = 9443
+    """Port of the admission webhook server. Env: ``RLOPS_WEBHOOK_PORT``."""
+
+    webhook_host: str | None = None
+    """Host name the API server uses to reach the webhook (default: ``webhook_addr``); the
+    serving certificate is made for it. Env: ``RLOPS_WEBHOOK_HOST``."""
+
+    cert_dir: str = "/tmp/rlops-webhook-certs"
+    """Where the webhook's CA and serving certificate are made and kept. Env: ``RLOPS_CERT_DIR``."""
+
+    alert_receiver: str | None = "127.0.0.1:8090"
+    """``host:port`` of the Alertmanager webhook receiver; empty disables it.
+    Env: ``RLOPS_ALERT_RECEIVER``."""
+
+    alert_token_secret: str = "rlops-system/rlops-alertmanager"
+    """``namespace/name`` of the Secret whose ``token`` key Alertmanager sends as bearer token.
+    Env: ``RLOPS_ALERT_TOKEN_SECRET``."""
+
     extra_env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for training pods, from ``RLOPS_TRAINER_ENV_<NAME>=value``
     (e.g. a Python path or a CUDA setting the cluster needs)."""
@@ -41,5 +73,14 @@ class OperatorSettings:
             artifact_pvc=env.get("RLOPS_ARTIFACT_PVC") or None,
             trainer_command=tuple(command.split()) if command else cls.trainer_command,
             resync_seconds=float(env.get("RLOPS_RESYNC_SECONDS", cls.resync_seconds)),
+            ray_dashboard_url=env.get("RLOPS_RAY_DASHBOARD_URL", cls.ray_dashboard_url),
+            prometheus_url=env.get("RLOPS_PROMETHEUS_URL", cls.prometheus_url),
+            rollout_interval_seconds=float(env.get("RLOPS_ROLLOUT_INTERVAL_SECONDS", cls.rollout_interval_seconds)),
+            webhook_addr=env.get("RLOPS_WEBHOOK_ADDR", cls.webhook_addr) or None,
+            webhook_port=int(env.get("RLOPS_WEBHOOK_PORT", cls.webhook_port)),
+            webhook_host=env.get("RLOPS_WEBHOOK_HOST") or None,
+            cert_dir=env.get("RLOPS_CERT_DIR", cls.cert_dir),
+            alert_receiver=env.get("RLOPS_ALERT_RECEIVER", cls.alert_receiver) or None,
+            alert_token_secret=env.get("RLOPS_ALERT_TOKEN_SECRET", cls.alert_token_secret),
             extra_env={k[len(prefix):]: v for k, v in env.items() if k.startswith(prefix)},
         )

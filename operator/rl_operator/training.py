@@ -64,21 +64,38 @@ def run_name(agent_name: str, generation: int) -> str:
     return f"{agent_name}-{generation}"
 
 
-def desired_training_run(agent: dict[str, Any]) -> dict[str, Any]:
-    """The TrainingRun that the agent's current generation calls for.
+TRAINING_FIELDS = ("environment", "algorithm", "training", "evaluation")
+
+
+def training_snapshot(spec: dict[str, Any]) -> dict[str, Any]:
+    """The part of an agent (or run) spec that defines a training run; the rest (approval,
+    serving, canary plan, mode) can change without retraining."""
+    return {k: spec.get(k) for k in TRAINING_FIELDS}
+
+
+def desired_training_run(agent: dict[str, Any], runs: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The TrainingRun that the agent's current generation calls for, or None.
+
+    A new run is needed when the agent has none, or when the training-relevant part of its spec
+    (environment, algorithm, training, evaluation) differs from its latest run's snapshot.
 
     Args:
         agent: the RLAgent object (as returned by the API server, so defaults are applied).
+        runs: the agent's existing TrainingRuns (any order).
     Returns:
         A TrainingRun manifest: a snapshot of the agent's environment, algorithm, training and
-        evaluation spec, the trigger, labels and a controller ownerReference.
+        evaluation spec, the trigger, labels and a controller ownerReference; or None.
     Raises:
         pydantic.ValidationError: the agent's spec does not parse (the CRD should have refused it).
     """
     spec = m.RLAgentSpec.model_validate(agent["spec"])
     meta = agent["metadata"]
     generation = int(meta.get("generation") or 1)
-    trigger = m.TrainingTrigger(reason="Created" if generation == 1 else "SpecChanged", agent_generation=generation)
+    latest = max(runs or [], key=lambda r: int(r["spec"]["trigger"]["agentGeneration"]), default=None)
+    snapshot = training_snapshot(spec.wire())
+    if latest is not None and training_snapshot(latest["spec"]) == snapshot:
+        return None
+    trigger = m.TrainingTrigger(reason="Created" if latest is None else "SpecChanged", agent_generation=generation)
     run_spec = m.TrainingRunSpec(
         agent_ref=m.ObjectRef(name=meta["name"]),
         trigger=trigger,
@@ -356,7 +373,7 @@ def observe_agent(
     latest = max(runs, key=_generation_of)
     run_status = m.TrainingRunStatus.model_validate(latest.get("status") or {})
     status.latest_run = latest["metadata"]["name"]
-    status.observed_generation = _generation_of(latest)
+    status.observed_generation = max(prev.observed_generation or 0, _generation_of(latest))
     phase = run_status.phase or "Pending"
     gen = status.observed_generation
     if phase in ("Pending", "Running"):

@@ -30,12 +30,22 @@ def run_for(agent_obj, uid="0123456789abcdef"):
 
 
 def test_run_name_is_deterministic_per_generation():
-    assert training.desired_training_run(agent(1))["metadata"]["name"] == "cartpole-1"
-    second = training.desired_training_run(agent(2))
+    first = training.desired_training_run(agent(1))
+    assert first["metadata"]["name"] == "cartpole-1"
+    second = training.desired_training_run(agent(2, training={"seed": 7}), [first])
     assert second["metadata"]["name"] == "cartpole-2"
     assert second["spec"]["trigger"] == {"reason": "SpecChanged", "agentGeneration": 2}
     owner = second["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "RLAgent" and owner["uid"] == "u-agent" and owner["controller"] is True
+
+
+def test_changes_outside_training_do_not_retrain():
+    first = training.desired_training_run(agent(1))
+    assert training.desired_training_run(agent(1), [first]) is None  # a restarted operator: nothing new
+    canary_only = agent(2, canary={"steps": [{"setWeight": 50}, {"setWeight": 100}]}, approval={"mode": "auto"})
+    assert training.desired_training_run(canary_only, [first]) is None
+    retrain = training.desired_training_run(agent(3, algorithm={"hyperparameters": {"learningRate": 0.001}}), [first])
+    assert retrain["metadata"]["name"] == "cartpole-3"
 
 
 def test_job_places_on_gpu_nodes_and_hardens_the_pod():

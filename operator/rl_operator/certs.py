@@ -1,0 +1,89 @@
+"""TLS for the admission webhook: a private CA and a serving certificate, made with ``cryptography``.
+
+The API server calls the webhook over HTTPS and verifies it against the CA bundle in the
+webhook configuration (which kopf writes from ``cafile``). Files are reused while they are valid
+for the requested names and for at least another day.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@dataclass(frozen=True)
+class WebhookCerts:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _san(names: list[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            out.append(x509.DNSName(n))
+    return out
+
+
+def _still_good(cert_path: Path, names: list[str]) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    if cert.not_valid_after_utc - dt.timedelta(days=1) < dt.datetime.now(dt.timezone.utc):
+        return False
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(_san(names)) <= set(san)
+
+
+def ensure_webhook_certs(directory: str | Path, names: list[str], days: int = 365) -> WebhookCerts:
+    """Create (or reuse) ``ca.crt``, ``tls.crt``, ``tls.key`` in ``directory`` for these DNS names / IPs.
+
+    Raises:
+        OSError: the directory cannot be written.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    files = WebhookCerts(ca=d / "ca.crt", cert=d / "tls.crt", key=d / "tls.key")
+    if files.ca.exists() and files.key.exists() and _still_good(files.cert, names):
+        return files
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rlops webhook CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(_san(names)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    files.key.chmod(0o600)
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return files

@@ -1,0 +1,449 @@
+"""Rollout decisions: approval, canary steps, analysis gates, promotion and abort. Pure, no I/O.
+
+``reconcile`` is the whole order of operations for one Rollout, as one linear pipeline in the
+manner of Argo Rollouts' ``rollout/canary.go``: each stage may return early with the status to
+write and the actions to take. ``handlers`` gathers the observed world (annotations, the agent,
+Ray Serve's current weights, the latest analysis) and performs the actions.
+
+Annotations a human uses (on the Rollout):
+
+- ``rlops.dev/approve=<fingerprint>``: approve this exact artifact. The admission webhook refuses
+  a wrong or stale fingerprint and a user without the ``approve`` verb, and records who approved
+  in ``rlops.dev/approved-by`` / ``rlops.dev/approved-at``.
+- ``rlops.dev/reject=<reason>``: reject.
+- ``rlops.dev/promote`` (any value): leave the current pause or analysis wait; ``=full``: go to 100%.
+- ``rlops.dev/abort=<reason>``: canary weight 0 at once; phase RolledBack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from rl_operator import models as m
+from rl_operator.conditions import set_condition
+from rl_operator.training import Event, owner_reference
+
+APPROVE = f"{m.GROUP}/approve"
+APPROVED_BY = f"{m.GROUP}/approved-by"
+APPROVED_AT = f"{m.GROUP}/approved-at"
+APPROVE_NOTES = f"{m.GROUP}/approve-notes"
+REJECT = f"{m.GROUP}/reject"
+PROMOTE = f"{m.GROUP}/promote"
+ABORT = f"{m.GROUP}/abort"
+
+TERMINAL = ("Promoted", "RolledBack", "Rejected")
+ACTIVE = ("Progressing", "Paused", "Promoting")
+
+
+# ----------------------------------------------------------------------------- creation
+
+
+def eligible(run: dict[str, Any], agent_spec: m.RLAgentSpec) -> tuple[bool, str]:
+    """Whether a TrainingRun's policy may be rolled out: Succeeded, and its evaluation meets
+    ``spec.evaluation.minMeanReturn`` (when set). Returns ``(eligible, reason message)``."""
+    status = m.TrainingRunStatus.model_validate(run.get("status") or {})
+    if status.phase != "Succeeded" or not status.fingerprint or not status.artifact_uri:
+        return False, f"TrainingRun {run['metadata']['name']} has not succeeded"
+    bar = agent_spec.evaluation.min_mean_return
+    mean = status.metrics.get("meanReturn")
+    if bar is not None and (mean is None or mean < bar):
+        return False, f"mean evaluation return {mean} is below the minimum {bar}"
+    return True, f"mean evaluation return {mean}" + (f" >= minimum {bar}" if bar is not None else "")
+
+
+def desired_rollout(run: dict[str, Any]) -> dict[str, Any]:
+    """The Rollout for a Succeeded TrainingRun: same name, its artifact, fingerprint and evaluation."""
+    status = m.TrainingRunStatus.model_validate(run["status"])
+    meta = run["metadata"]
+    agent = run["spec"]["agentRef"]["name"]
+    spec = m.RolloutSpec(
+        agent_ref=m.ObjectRef(name=agent),
+        training_run_ref=m.ObjectRef(name=meta["name"]),
+        version=meta["name"],
+        artifact_uri=status.artifact_uri,
+        fingerprint=status.fingerprint,
+        evaluation=m.EvaluationSummary(
+            mean_return=status.metrics.get("meanReturn"),
+            std_return=status.metrics.get("stdReturn"),
+            episodes=status.metrics.get("episodes"),
+        ),
+    )
+    return {
+        "apiVersion": m.API_VERSION,
+        "kind": m.Rollout.KIND,
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "labels": {m.AGENT_LABEL: agent, "app.kubernetes.io/managed-by": "rlops"},
+            "ownerReferences": [owner_reference(run)],
+        },
+        "spec": spec.wire(),
+    }
+
+
+# ----------------------------------------------------------------------------- approval
+
+
+def check_manual_approval(annotations: dict[str, str], fingerprint: str) -> str | None:
+    """Why a manual approval annotation is not acceptable for this artifact, or None if it is."""
+    value = annotations.get(APPROVE)
+    if value is None:
+        return None
+    if value != fingerprint:
+        return (f"{APPROVE}={value!r} does not name this rollout's artifact: its fingerprint is {fingerprint} "
+                "(a stale or wrong fingerprint: the artifact you reviewed is not the one that would ship)")
+    return None
+
+
+def manual_approval(annotations: dict[str, str], fingerprint: str) -> m.Approval | None:
+    """The approval recorded by the admission webhook's annotations, if it names this fingerprint."""
+    if annotations.get(APPROVE) != fingerprint or not annotations.get(APPROVED_BY):
+        return None
+    return m.Approval(
+        approved_by=annotations[APPROVED_BY],
+        approved_at=annotations.get(APPROVED_AT) or datetime.now().astimezone(),
+        fingerprint=fingerprint,
+        policy="manual",
+        notes=annotations.get(APPROVE_NOTES),
+    )
+
+
+def auto_approval(
+    spec: m.RolloutSpec, policy: m.ApprovalPolicy, stable: m.ActiveModel | None, at: datetime
+) -> tuple[m.Approval | None, str]:
+    """Apply the agent's auto-approval thresholds (seed 000). Returns ``(approval or None, why)``."""
+    if policy.mode != "auto":
+        return None, "approval policy is manual"
+    mean = spec.evaluation.mean_return
+    auto = policy.auto
+    failures: list[str] = []
+    if mean is None:
+        failures.append("no mean evaluation return")
+    else:
+        if auto.min_mean_return is not None and mean < auto.min_mean_return:
+            failures.append(f"mean return {mean} < minMeanReturn {auto.min_mean_return}")
+        base = stable.mean_return if stable else None
+        if base is not None:
+            if auto.min_improvement_over_stable is not None and mean - base < auto.min_improvement_over_stable:
+                failures.append(f"improvement over stable {mean - base:+g} < {auto.min_improvement_over_stable}")
+            if auto.min_relative_improvement_over_stable is not None:
+                rel = (mean - base) / abs(base) if base else float("inf") if mean > base else 0.0
+                if rel < auto.min_relative_improvement_over_stable:
+                    failures.append(f"relative improvement {rel:+.3f} < {auto.min_relative_improvement_over_stable}")
+    if failures:
+        return None, "auto-approval refused: " + "; ".join(failures)
+    notes = f"mean return {mean}" + (f", stable {stable.mean_return}" if stable else ", no stable version")
+    return m.Approval(approved_by="rlops:auto-approval", approved_at=at, fingerprint=spec.fingerprint,
+                      policy="auto", notes=notes), notes
+
+
+# ----------------------------------------------------------------------------- analysis verdict
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What Prometheus saw over the analysis window (counts are increases over the window)."""
+
+    canary_requests: float
+    canary_errors: float
+    canary_feedback: float = 0.0
+    canary_reward_sum: float = 0.0
+    canary_negative: float = 0.0
+    stable_feedback: float = 0.0
+    stable_reward_sum: float = 0.0
+    stable_negative: float = 0.0
+    window_seconds: int = 0
+
+
+def judge(meas: Measurement, spec: m.AnalysisSpec, has_stable: bool) -> tuple[str, str, dict[str, Any]]:
+    """The analysis verdict for one measurement: ``(phase, message, metrics)``.
+
+    Checks (seed 004, "Rollback Conditions"): canary error rate above ``maxErrorRate`` fails; the
+    canary's mean reward below the stable's minus ``maxRewardDrop`` fails; the canary's
+    negative-feedback rate above ``maxNegativeFeedbackRatio`` times the stable's (floored at 1%
+    so that a stable with no negatives does not fail every canary on one) fails. Fewer than
+    ``minSampleCount`` canary requests is Inconclusive. Reward and feedback checks need feedback
+    on both versions (at least a tenth of ``minSampleCount`` each) and are skipped otherwise.
+    """
+    metrics: dict[str, Any] = {"canaryRequests": round(meas.canary_requests, 1), "windowSeconds": meas.window_seconds}
+    if meas.canary_requests < spec.min_sample_count:
+        return "Inconclusive", f"{meas.canary_requests:.0f} canary requests < minSampleCount {spec.min_sample_count}", metrics
+    error_rate = meas.canary_errors / meas.canary_requests
+    metrics["canaryErrorRate"] = round(error_rate, 4)
+    if error_rate > spec.max_error_rate:
+        return "Failed", f"canary error rate {error_rate:.1%} > {spec.max_error_rate:.1%}", metrics
+    min_feedback = max(1.0, spec.min_sample_count / 10)
+    notes = [f"error rate {error_rate:.1%}"]
+    if has_stable and meas.canary_feedback >= min_feedback and meas.stable_feedback >= min_feedback:
+        canary_reward = meas.canary_reward_sum / meas.canary_feedback
+        stable_reward = meas.stable_reward_sum / meas.stable_feedback
+        canary_neg = meas.canary_negative / meas.canary_feedback
+        stable_neg = meas.stable_negative / meas.stable_feedback
+        metrics.update(canaryMeanReward=round(canary_reward, 4), stableMeanReward=round(stable_reward, 4),
+                       canaryNegativeRate=round(canary_neg, 4), stableNegativeRate=round(stable_neg, 4))
+        if canary_reward < stable_reward - spec.max_reward_drop:
+            return "Failed", (f"canary mean reward {canary_reward:.3f} < stable {stable_reward:.3f} - "
+                              f"{spec.max_reward_drop}"), metrics
+        limit = max(spec.max_negative_feedback_ratio * stable_neg, 0.01)
+        if canary_neg > limit:
+            return "Failed", (f"canary negative-feedback rate {canary_neg:.1%} > "
+                              f"{spec.max_negative_feedback_ratio}x stable {stable_neg:.1%}"), metrics
+        notes.append(f"mean reward {canary_reward:.3f} vs stable {stable_reward:.3f}")
+    else:
+        notes.append("reward/feedback checks skipped: not enough feedback")
+    return "Successful", "; ".join(notes), metrics
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class Observed:
+    """What the handler observed before calling ``reconcile``."""
+
+    now: datetime
+    annotations: dict[str, str]
+    agent_spec: m.RLAgentSpec
+    active_model: m.ActiveModel | None
+    #: Ray Serve: versions deployed in the agent's application and the router's weights (None: no app).
+    serving_versions: set[str] | None = None
+    serving_weights: dict[str, int] | None = None
+    #: Ray Serve application status (RUNNING, DEPLOYING, ...), None if absent.
+    app_status: str | None = None
+    #: Another Rollout of the same agent that is Progressing or Paused (blocks this one).
+    blocking_rollout: str | None = None
+    #: The latest analysis verdict (phase, message, metrics), if the handler ran one.
+    analysis: tuple[str, str, dict[str, Any]] | None = None
+
+
+@dataclass
+class Actions:
+    """What the handler must do, in this order: set weights, deploy, then the rest.
+
+    ``deploy`` is ``{"versions": {version: {artifactURI, fingerprint} or None}, "weights": {...}}``;
+    a None entry keeps that version's deployment as it is currently deployed.
+    """
+
+    deploy: dict[str, Any] | None = None
+    set_weights: dict[str, int] | None = None
+    remove_annotations: list[str] = field(default_factory=list)
+    promote_active_model: m.ActiveModel | None = None
+    events: list[Event] = field(default_factory=list)
+    run_analysis: bool = False
+
+
+def weights_for(stable: str | None, canary: str, canary_weight: int) -> dict[str, int]:
+    """Router weights (percent) for a canary weight; without a stable version the canary takes all."""
+    if stable is None:
+        return {canary: 100}
+    return {stable: 100 - canary_weight, canary: canary_weight}
+
+
+def same_split(a: dict[str, int] | None, b: dict[str, int] | None) -> bool:
+    """Whether two weight maps route the same traffic (versions at 0% count as absent)."""
+    return a is not None and b is not None and {k: v for k, v in a.items() if v} == {k: v for k, v in b.items() if v}
+
+
+def _abort(st: m.RolloutStatus, spec: m.RolloutSpec, reason: str, at: datetime, acts: Actions) -> tuple[m.RolloutStatus, Actions]:
+    st.phase = "RolledBack"
+    st.abort_reason = reason
+    st.aborted_at = at
+    st.completed_at = at
+    st.message = f"rolled back: {reason}"
+    if st.stable_version is not None and st.canary_version is not None:
+        # weight 0 first (the router's user_config: immediate, no restart), then drop the canary
+        acts.set_weights = weights_for(st.stable_version, spec.version, 0)
+        acts.deploy = {"versions": {st.stable_version: None}, "weights": {st.stable_version: 100}}
+    st.canary_weight = 0
+    set_condition(st.conditions, "Progressing", "False", "RolledBack", reason, at)
+    set_condition(st.conditions, "Completed", "True", "RolledBack", reason, at)
+    acts.events.append(Event("Warning", "RolledBack", f"canary {spec.version} weight 0: {reason}"))
+    return st, acts
+
+
+def abort(rollout: dict[str, Any], reason: str, at: datetime) -> tuple[m.RolloutStatus, Actions]:
+    """Abort a Rollout (annotation, failed analysis or a firing alert): canary weight 0 at once."""
+    st = m.RolloutStatus.model_validate(rollout.get("status") or {})
+    spec = m.RolloutSpec.model_validate(rollout["spec"])
+    if st.phase in TERMINAL:
+        return st, Actions()
+    return _abort(st, spec, reason, at, Actions())
+
+
+def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, Actions]:
+    """One reconcile of a Rollout: the whole canary order of operations.
+
+    Stages, each of which may return early: terminal → abort → approval → queueing behind
+    another rollout → deploy canary beside stable → the current step (setWeight / pause, with
+    the analysis gate) → promotion.
+
+    Args:
+        rollout: the Rollout object (its ``status`` is the progress so far: a restart resumes it).
+        obs: the observed world.
+    Returns:
+        ``(status, actions)``.
+    """
+    spec = m.RolloutSpec.model_validate(rollout["spec"])
+    st = m.RolloutStatus.model_validate(rollout.get("status") or {})
+    st.observed_generation = rollout["metadata"].get("generation")
+    acts = Actions()
+    ann = obs.annotations
+    at = obs.now
+    if st.phase in TERMINAL:
+        return st, acts
+
+    # 1. abort, whatever the phase
+    if ABORT in ann:
+        return _abort(st, spec, f"aborted by annotation: {ann[ABORT] or 'no reason given'}", at, acts)
+
+    # 2. approval
+    if st.approval is None:
+        if REJECT in ann:
+            st.phase, st.completed_at = "Rejected", at
+            st.message = f"rejected: {ann[REJECT]}"
+            set_condition(st.conditions, "Approved", "False", "Rejected", ann[REJECT], at)
+            acts.events.append(Event("Warning", "Rejected", st.message))
+            return st, acts
+        approval = manual_approval(ann, spec.fingerprint)
+        why = check_manual_approval(ann, spec.fingerprint) or "waiting for kubectl annotate rollout/" \
+            f"{rollout['metadata']['name']} {APPROVE}={spec.fingerprint}"
+        if approval is None:
+            approval, auto_why = auto_approval(spec, obs.agent_spec.approval, obs.active_model, at)
+            if obs.agent_spec.approval.mode == "auto":
+                why = auto_why
+        if approval is None:
+            st.phase, st.message = "AwaitingApproval", why
+            set_condition(st.conditions, "Approved", "False", "AwaitingApproval", why, at)
+            return st, acts
+        st.approval = approval
+        set_condition(st.conditions, "Approved", "True", f"{approval.policy.capitalize()}Approval",
+                      f"approved by {approval.approved_by} for {approval.fingerprint}", at)
+        acts.events.append(Event("Normal", "Approved", f"{approval.policy} approval by {approval.approved_by} "
+                                                       f"for {approval.fingerprint}"))
+
+    if not obs.agent_spec.serving.enabled:
+        st.phase, st.message = "Approved", "serving is disabled for this agent (spec.serving.enabled=false)"
+        return st, acts
+
+    # 3. one rollout at a time per agent
+    if st.phase not in ACTIVE and obs.blocking_rollout:
+        st.phase, st.message = "Queued", f"waiting for rollout {obs.blocking_rollout} to finish"
+        return st, acts
+
+    # 4. start: the canary deployed beside the stable version, at weight 0
+    if st.phase not in ACTIVE:
+        st.canary_version = spec.version
+        st.stable_version = obs.active_model.version if obs.active_model and obs.active_model.version != spec.version else None
+        st.current_step_index, st.step_started_at, st.canary_weight = 0, at, 0
+        st.phase = "Progressing"
+        set_condition(st.conditions, "Progressing", "True", "Started",
+                      f"canary {spec.version} beside stable {st.stable_version or '(none)'}", at)
+        acts.events.append(Event("Normal", "RolloutStarted", f"canary {spec.version}, stable {st.stable_version or '(none)'}"))
+    versions = {spec.version: {"artifactURI": spec.artifact_uri, "fingerprint": spec.fingerprint}}
+    if st.stable_version and obs.active_model:
+        versions[st.stable_version] = {"artifactURI": obs.active_model.artifact_uri,
+                                       "fingerprint": obs.active_model.fingerprint}
+    weights = weights_for(st.stable_version, spec.version, st.canary_weight or 0)
+    if st.phase == "Promoting":
+        return _promote(rollout, spec, st, obs, acts)
+    if obs.serving_versions is None or not set(versions) <= obs.serving_versions:
+        acts.deploy = {"versions": versions, "weights": weights}
+        st.message = "deploying the canary's policy deployment"
+        return st, acts
+    if obs.app_status != "RUNNING":
+        st.message = f"waiting for the serving application: {obs.app_status}"
+        return st, acts
+    if not same_split(obs.serving_weights, weights):  # converge (after a restart: a no-op)
+        acts.set_weights = weights
+
+    # 5. the current step
+    steps = obs.agent_spec.canary.steps if st.stable_version else [m.CanaryStep(set_weight=100)]
+    promote = ann.get(PROMOTE)
+    if promote is not None:
+        acts.remove_annotations.append(PROMOTE)
+    if promote == "full":
+        st.current_step_index = len(steps) - 1
+        steps = [*steps[:-1], m.CanaryStep(set_weight=100)]
+        acts.events.append(Event("Normal", "PromotedFull", "rlops.dev/promote=full: skipping to 100%"))
+    while st.current_step_index < len(steps):
+        step = steps[st.current_step_index]
+        if step.set_weight is not None and st.canary_weight != step.set_weight:
+            st.canary_weight = step.set_weight
+            st.step_started_at = at
+            st.analysis = None
+            acts.set_weights = weights_for(st.stable_version, spec.version, step.set_weight)
+            acts.events.append(Event("Normal", "StepAdvanced", f"step {st.current_step_index + 1}/{len(steps)}: "
+                                                               f"canary weight {step.set_weight}%"))
+            st.phase, st.message = "Progressing", f"canary weight {step.set_weight}%"
+            if step.set_weight == 100:
+                break  # promotion below
+            acts.run_analysis = True
+            return st, acts
+        if step.set_weight == 100:
+            break
+        # analysis gate: applies while the canary takes traffic below 100%
+        verdict = obs.analysis
+        if verdict is not None:
+            phase, message, metrics = verdict
+            st.analysis = m.AnalysisRun(phase=phase, message=message, step_index=st.current_step_index,
+                                        measured_at=at, metrics=metrics)
+            if phase == "Failed":
+                return _abort(st, spec, f"analysis failed at {st.canary_weight}%: {message}", at, acts)
+        acts.run_analysis = True
+        if promote is not None:
+            promote = None  # consumed by this step
+        elif step.pause is not None:
+            duration = step.pause.duration_seconds
+            elapsed = (at - (st.step_started_at or at)).total_seconds()
+            if duration is None or elapsed < duration:
+                st.phase = "Paused"
+                st.message = (f"paused at {st.canary_weight}% " +
+                              ("until rlops.dev/promote" if duration is None else f"for {duration - elapsed:.0f}s more"))
+                return st, acts
+        elif st.analysis is None or st.analysis.phase != "Successful" or st.analysis.step_index != st.current_step_index:
+            st.phase = "Progressing"
+            st.message = f"canary weight {st.canary_weight}%: analysis " + (
+                f"{st.analysis.phase}: {st.analysis.message}" if st.analysis else "pending")
+            return st, acts
+        st.current_step_index += 1
+        st.step_started_at = at
+        st.phase = "Progressing"
+
+    # 6. promotion: the canary becomes stable and the old version leaves
+    st.phase = "Promoting"
+    st.canary_weight = 100
+    st.current_step_index = len(steps) - 1
+    return _promote(rollout, spec, st, obs, acts)
+
+
+def _promote(
+    rollout: dict[str, Any], spec: m.RolloutSpec, st: m.RolloutStatus, obs: Observed, acts: Actions
+) -> tuple[m.RolloutStatus, Actions]:
+    """Promotion, one safe stage per reconcile: all traffic to the canary (router user_config
+    only); then the application without the old version; then, once RUNNING, Promoted."""
+    at = obs.now
+    full = weights_for(st.stable_version, spec.version, 100)
+    if not same_split(obs.serving_weights, full) and obs.serving_versions != {spec.version}:
+        acts.set_weights = full
+        st.message = "promoting: all traffic to the canary"
+        return st, acts
+    if obs.serving_versions != {spec.version}:
+        acts.deploy = {"versions": {spec.version: {"artifactURI": spec.artifact_uri, "fingerprint": spec.fingerprint}},
+                       "weights": {spec.version: 100}}
+        st.message = f"promoting: removing the previous version {st.stable_version}"
+        return st, acts
+    if obs.app_status != "RUNNING":
+        st.message = f"promoting: waiting for the serving application: {obs.app_status}"
+        return st, acts
+    st.phase, st.completed_at = "Promoted", at
+    st.message = f"{spec.version} is stable at 100%"
+    set_condition(st.conditions, "Progressing", "False", "Promoted", st.message, at)
+    set_condition(st.conditions, "Completed", "True", "Promoted", st.message, at)
+    acts.promote_active_model = m.ActiveModel(
+        version=spec.version, fingerprint=spec.fingerprint, artifact_uri=spec.artifact_uri,
+        rollout=rollout["metadata"]["name"], mean_return=spec.evaluation.mean_return, promoted_at=at,
+    )
+    acts.events.append(Event("Normal", "Promoted", st.message))
+    return st, acts

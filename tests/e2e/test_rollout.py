@@ -1,0 +1,239 @@
+"""E2E: approval-gated canary rollouts on real Ray Serve, analysed by a real Prometheus, rolled
+back by a real Alertmanager alert.
+
+Everything is real: the API server and admission webhook, training Jobs run by the node agent,
+Ray Serve (router + policy deployments), Prometheus scraping Ray's metrics agent and evaluating
+``manifests/prometheus/rules.yaml``, and Alertmanager calling the operator's receiver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import REPO, _free_ports, wait_for
+from rl_engine.serving.testing import poison_artifact
+from rl_operator import rayserve
+
+AGENT = "pole"
+AGENT_YAML = """apiVersion: rlops.dev/v1alpha1
+kind: RLAgent
+metadata: {{name: pole}}
+spec:
+  environment: {{id: CartPole-v1, numEnvs: 8}}
+  training: {{totalTimesteps: 300000, targetReturn: 475, seed: {seed}, resources: {{gpu: 1}}}}
+  evaluation: {{episodes: 20, minMeanReturn: 400}}
+  canary:
+    steps:
+    - setWeight: 10
+    - pause: {{}}
+    - setWeight: 25
+    - pause: {{}}
+    - setWeight: 50
+    - pause: {{}}
+    - setWeight: 100
+    analysis: {{intervalSeconds: 2, windowSeconds: 30, minSampleCount: {min_samples}}}
+"""
+RESULTS = Path(os.environ.get("RLOPS_BENCH_RESULTS", REPO / "tests" / "e2e" / ".results"))
+
+
+@pytest.fixture(scope="module")
+def stack(cluster, operator, ray_head, tmp_path_factory, request):
+    """Prometheus + Alertmanager wired to this Ray head and the operator's receiver; the operator
+    restarted with the Ray and Prometheus URLs and the receiver token from its Secret."""
+    state = tmp_path_factory.mktemp("services")
+    prom, am = _free_ports(2)
+    token = secrets.token_hex(16)
+    (state / "token").write_text(token)
+    cluster.kubectl("-n", "rlops-system", "delete", "secret", "rlops-alertmanager", "--ignore-not-found")
+    cluster.kubectl("-n", "rlops-system", "create", "secret", "generic", "rlops-alertmanager",
+                    f"--from-literal=token={token}")
+    env = {**os.environ, "RLOPS_STATE_DIR": str(state), "RLOPS_PROMETHEUS_PORT": str(prom),
+           "RLOPS_ALERTMANAGER_PORT": str(am), "RLOPS_SCRAPE_TARGETS": ray_head.metrics.split("//")[1].split("/")[0],
+           "RLOPS_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{operator.receiver_port}/api/v1/alerts",
+           "RLOPS_ALERT_TOKEN_FILE": str(state / "token")}
+    subprocess.run(["bash", str(REPO / "hack" / "prom-up.sh")], env=env, check=True, timeout=180)
+    request.addfinalizer(lambda: subprocess.run(["bash", str(REPO / "hack" / "prom-down.sh")], env=env, timeout=120))
+    operator.extra_env.update({"RLOPS_RAY_DASHBOARD_URL": ray_head.dashboard,
+                               "RLOPS_PROMETHEUS_URL": f"http://127.0.0.1:{prom}"})
+    operator.kill()
+    operator.start()
+    return {"prometheus": f"http://127.0.0.1:{prom}", "alertmanager": f"http://127.0.0.1:{am}", "ray": ray_head}
+
+
+class Load:
+    """Steady client load on the agent's route: ``threads`` clients, each request recorded as
+    ``(start monotonic seconds, answering version or None, ok)``."""
+
+    def __init__(self, url: str, threads: int = 4):
+        self.url, self.threads = url, threads
+        self.records: list[tuple[float, str | None, bool]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                obs = rng.uniform(-0.05, 0.05, size=4).tolist()
+                t = time.monotonic()
+                try:
+                    resp = client.post(self.url, json={"observation": obs})
+                    rec = (t, resp.json().get("version") if resp.status_code == 200 else None, resp.status_code == 200)
+                except (httpx.HTTPError, ValueError):
+                    rec = (t, None, False)
+                with self._lock:
+                    self.records.append(rec)
+
+    def __enter__(self) -> "Load":
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(timeout=60)
+
+    def between(self, t0: float, t1: float) -> list[tuple[float, str | None, bool]]:
+        with self._lock:
+            return [r for r in self.records if t0 <= r[0] < t1]
+
+    def count_since(self, t0: float) -> int:
+        with self._lock:
+            return sum(1 for r in self.records if r[0] >= t0)
+
+
+def rollout_status(cluster, namespace, name):
+    return (cluster.get("rollout", name, "-n", namespace) or {}).get("status") or {}
+
+
+def wait_phase(cluster, namespace, kind, name, phases, timeout):
+    return wait_for(lambda: ((cluster.get(kind, name, "-n", namespace) or {}).get("status") or {}).get("phase")
+                    in phases and cluster.get(kind, name, "-n", namespace)["status"], timeout,
+                    f"{kind}/{name} in {phases}", interval=1)
+
+
+def approve(cluster, namespace, name):
+    fp = cluster.get("rollout", name, "-n", namespace)["spec"]["fingerprint"]
+    cluster.kubectl("annotate", "rollout", name, "-n", namespace, f"rlops.dev/approve={fp}")
+
+
+def serving(ray, namespace):
+    summary = rayserve.application_summary(rayserve.get_applications(ray.dashboard), rayserve.app_name(namespace, AGENT))
+    config = (summary or {}).get("config") or {}
+    return set(rayserve.application_versions(config)), rayserve.application_weights(config)
+
+
+def train_and_wait_rollout(cluster, namespace, run):
+    wait_phase(cluster, namespace, "trainingrun", run, ("Succeeded",), 900)
+    return wait_phase(cluster, namespace, "rollout", run, ("AwaitingApproval",), 60)
+
+
+def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace):
+    ray = stack["ray"]
+    url = f"{ray.serve}/{namespace}/{AGENT}"
+
+    # --- the first policy has no stable version to compare with: approved, it goes to 100% at once
+    assert cluster.apply(AGENT_YAML.format(seed=1, min_samples=50), namespace).returncode == 0
+    train_and_wait_rollout(cluster, namespace, "pole-1")
+    approve(cluster, namespace, "pole-1")
+    wait_phase(cluster, namespace, "rollout", "pole-1", ("Promoted",), 300)
+    agent = cluster.get("rlagent", AGENT, "-n", namespace)
+    assert agent["status"]["activeModel"]["version"] == "pole-1"
+
+    # --- a retrained policy (new seed: a new generation, a new TrainingRun) is canaried against it
+    assert cluster.apply(AGENT_YAML.format(seed=2, min_samples=50), namespace).returncode == 0
+    pending = train_and_wait_rollout(cluster, namespace, "pole-2")
+    assert "rlops.dev/approve=" in pending["message"]
+
+    segments: dict[int, list] = {}
+    with Load(url) as load:
+        wait_for(lambda: load.count_since(0) > 50, 60, "client load to start")
+        approve(cluster, namespace, "pole-2")
+        for weight in (10, 25, 50):
+            wait_for(lambda: (s := rollout_status(cluster, namespace, "pole-2")).get("canaryWeight") == weight
+                     and s.get("phase") == "Paused", 300, f"paused at {weight}%", interval=0.5)
+            t0 = time.monotonic() + 1.0  # the router's reconfigure lands within a moment of the PUT
+            wait_for(lambda: load.count_since(t0) >= 1100, 300, f"1100 requests at {weight}%", interval=0.5)
+            t1 = time.monotonic()
+            cluster.kubectl("annotate", "rollout", "pole-2", "-n", namespace, "rlops.dev/promote=true")
+            segments[weight] = load.between(t0, t1)
+        wait_phase(cluster, namespace, "rollout", "pole-2", ("Promoted",), 300)
+        t_promoted = time.monotonic()
+        time.sleep(3)
+        after = load.between(t_promoted + 1.0, time.monotonic())
+
+    failed = [r for r in load.records if not r[2]]
+    assert not failed, f"{len(failed)} of {len(load.records)} client requests failed during the canary"
+    for weight, records in segments.items():
+        share = 100.0 * sum(1 for r in records if r[1] == "pole-2") / len(records)
+        print(f"weight {weight}%: {len(records)} requests, canary share {share:.1f}%")
+        assert len(records) >= 1000 and abs(share - weight) <= 3, (weight, share, len(records))
+    assert after and all(r[1] == "pole-2" for r in after)
+    assert serving(ray, namespace) == ({"pole-2"}, {"pole-2": 100})
+    agent = cluster.get("rlagent", AGENT, "-n", namespace)
+    assert agent["status"]["activeModel"]["version"] == "pole-2"
+    status = rollout_status(cluster, namespace, "pole-2")
+    assert status["approval"]["approvedBy"] and status["approval"]["fingerprint"] == \
+        cluster.get("rollout", "pole-2", "-n", namespace)["spec"]["fingerprint"]
+    reasons = Counter(e["reason"] for e in cluster.get("events", "-n", namespace)["items"]
+                      if e["involvedObject"]["name"] == "pole-2")
+    assert reasons["StepAdvanced"] >= 4 and reasons["Promoted"] == 1
+
+    # --- a faulty canary (NaN-poisoned weights) is rolled back by the Prometheus alert, through
+    # Alertmanager and the operator's receiver. Analysis is made unable to decide (huge sample
+    # minimum), so that the alert path alone acts. A canary-plan change does not retrain.
+    assert cluster.apply(AGENT_YAML.format(seed=2, min_samples=100000000), namespace).returncode == 0
+    stable_uri = cluster.get("rollout", "pole-2", "-n", namespace)["spec"]["artifactURI"]
+    bad_uri = stable_uri.rstrip("/") + "-poisoned"
+    bad_fp = poison_artifact(stable_uri, bad_uri)
+    bad = {"apiVersion": "rlops.dev/v1alpha1", "kind": "Rollout",
+           "metadata": {"name": "pole-bad", "labels": {"rlops.dev/agent": AGENT}},
+           "spec": {"agentRef": {"name": AGENT}, "trainingRunRef": {"name": "pole-2"}, "version": "pole-bad",
+                    "artifactURI": bad_uri, "fingerprint": bad_fp, "evaluation": {"meanReturn": 500.0}}}
+    with Load(url) as load:
+        assert cluster.apply(json.dumps(bad), namespace).returncode == 0
+        approve(cluster, namespace, "pole-bad")
+        wait_for(lambda: rollout_status(cluster, namespace, "pole-bad").get("canaryWeight") == 10, 300,
+                 "faulty canary at 10%", interval=0.5)
+        t_alert = t_zero = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and t_zero is None:
+            if t_alert is None:
+                alerts = httpx.get(f"{stack['alertmanager']}/api/v2/alerts", timeout=5).json()
+                if any(a["labels"].get("alertname") == "RLOpsCanaryErrorRateHigh"
+                       and a["labels"].get("rlagent") == AGENT for a in alerts):
+                    t_alert = time.monotonic()
+            versions, weights = serving(ray, namespace)
+            if "pole-bad" not in versions or not (weights or {}).get("pole-bad"):
+                t_zero = time.monotonic()  # weight 0 (or the canary's deployment already removed)
+            time.sleep(0.1)
+        assert t_zero is not None, f"canary weight never reached 0: {rollout_status(cluster, namespace, 'pole-bad')}"
+        time.sleep(5)
+        t_end = time.monotonic()
+    status = wait_phase(cluster, namespace, "rollout", "pole-bad", ("RolledBack",), 30)
+    assert "RLOpsCanaryErrorRateHigh" in status["abortReason"]
+    errors_before = [r for r in load.records if not r[2] and r[0] < t_zero]
+    errors_after = [r for r in load.between(t_zero + 1.0, t_end) if not r[2]]
+    assert errors_before, "the poisoned canary never failed a request: the fault was not injected"
+    assert not errors_after, f"{len(errors_after)} client requests failed after the canary weight reached 0"
+    assert cluster.get("rlagent", AGENT, "-n", namespace)["status"]["activeModel"]["version"] == "pole-2"
+    assert len(cluster.get("trainingruns", "-n", namespace)["items"]) == 2  # no retraining for plan changes
+    latency = t_zero - t_alert if t_alert else float("nan")
+    print(f"alert in Alertmanager -> canary weight 0: {latency:.2f} s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "alert_to_weight0.json").write_text(json.dumps({
+        "alertmanager_to_weight0_seconds": round(latency, 3),
+        "errors_before_weight0": len(errors_before), "requests": len(load.records)}))
