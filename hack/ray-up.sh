@@ -64,10 +64,13 @@ fi
 
 mkdir -p "$raydir" "$tmpdir"
 say "starting Ray head '$name' (log $log)"
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's single-node mode: without it Ray replaces
+# `--node-ip-address 127.0.0.1` with the host's network address; with it every Ray process
+# (GCS, raylet, workers, Serve) addresses the others on loopback.
 # `--block` keeps `ray start` in the foreground as the parent of the head's processes; setsid
 # makes it the leader of a new process group, so ray-down.sh stops exactly this instance
 # (never `ray stop`, which kills every Ray process of the user).
-setsid env RAY_USAGE_STATS_ENABLED=0 "$ray" start --head --block \
+setsid env RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "$ray" start --head --block \
   --node-ip-address 127.0.0.1 --port "$gcs_port" \
   --num-cpus "$num_cpus" --num-gpus 0 \
   --object-store-memory $((object_store_mb * 1024 * 1024)) \
@@ -90,7 +93,7 @@ curl -sf -m 5 "$dashboard/api/version" >/dev/null || { tail -40 "$log" >&2; echo
 # Start Serve with its HTTP proxy on 127.0.0.1:$serve_port. The HTTP options are fixed when
 # Serve starts; the REST adapter keeps them on every PUT.
 say "starting Ray Serve (HTTP 127.0.0.1:$serve_port)"
-"$venv/bin/serve" start --address "127.0.0.1:$gcs_port" --http-host 127.0.0.1 --http-port "$serve_port" \
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "$venv/bin/serve" start --address "127.0.0.1:$gcs_port" --http-host 127.0.0.1 --http-port "$serve_port" \
   --proxy-location HeadOnly >>"$log" 2>&1 || { tail -40 "$log" >&2; echo "serve start failed" >&2; exit 1; }
 for _ in $(seq 60); do serve_up && break; sleep 1; done
 serve_up || { tail -40 "$log" >&2; echo "Serve REST API did not answer" >&2; exit 1; }

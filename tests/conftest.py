@@ -3,72 +3,20 @@
 The integration and e2e tiers run against a cluster of their own (``rlops-test``, not the
 demo's ``rlops``), brought up by the same script as the demo (``hack/start-local.sh``) and
 deleted at the end of the session (``RLOPS_KEEP_TEST_CLUSTER=1`` keeps it). Nothing here mocks
-the Kubernetes API: tests talk to the API server with kubectl, as users do.
+the Kubernetes API: tests talk to the API server with kubectl, as users do. Helpers live in
+``tests/support.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("RLOPS_CACHE", Path.home() / ".cache" / "rlops"))
-TEST_CLUSTER = os.environ.get("RLOPS_TEST_CLUSTER", "rlops-test")
-
-
-def wait_for(probe: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
-    """Call ``probe`` until it returns something truthy; return that. Fails the test on timeout."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-@dataclass
-class Cluster:
-    name: str
-    dir: Path
-    env: dict[str, str] = field(repr=False)
-
-    @property
-    def kubeconfig(self) -> Path:
-        return self.dir / "kubeconfig"
-
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
-        """Run the project's kubectl against this cluster; stdout/stderr are captured as text."""
-        cmd = [str(CACHE / "bin" / "current" / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
-        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
-        return proc
-
-    def get(self, *args: str) -> dict[str, Any] | None:
-        """``kubectl get ... -o json``, or None when the object does not exist."""
-        proc = self.kubectl("get", *args, "-o", "json", check=False)
-        if proc.returncode != 0:
-            if "NotFound" in proc.stderr:
-                return None
-            raise AssertionError(proc.stderr)
-        return json.loads(proc.stdout)
-
-    def apply(self, manifest: str, namespace: str) -> subprocess.CompletedProcess:
-        return self.kubectl("apply", "-n", namespace, "-f", "-", input=manifest, check=False)
+from support import CACHE, REPO, TEST_CLUSTER, Cluster, OperatorProcess, wait_for  # noqa: F401 (re-exported)
 
 
 @pytest.fixture(scope="session")
@@ -80,60 +28,6 @@ def cluster() -> Cluster:
     yield c
     if not os.environ.get("RLOPS_KEEP_TEST_CLUSTER"):
         subprocess.run(["bash", str(REPO / "hack" / "cluster-down.sh")], env=env, check=False, timeout=120)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class OperatorProcess:
-    """``python -m rl_operator`` as a local process, authenticated as the rlops-operator ServiceAccount."""
-
-    def __init__(self, cluster: Cluster, workdir: Path):
-        self.cluster = cluster
-        self.workdir = workdir
-        self.artifact_root = f"file://{workdir / 'artifacts'}"
-        self.log_path = workdir / "operator.log"
-        self.proc: subprocess.Popen | None = None
-        self.port = _free_port()
-        self.webhook_port = _free_port()
-        self.receiver_port = _free_port()
-        self.extra_env: dict[str, str] = {}
-
-    def start(self) -> None:
-        kubeconfig = subprocess.run(
-            ["bash", str(REPO / "hack" / "operator-kubeconfig.sh")], env=self.cluster.env,
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()
-        env = {**os.environ, "KUBECONFIG": kubeconfig, "RLOPS_ARTIFACT_ROOT": self.artifact_root,
-               "RLOPS_RESYNC_SECONDS": "5", "RLOPS_WEBHOOK_PORT": str(self.webhook_port),
-               "RLOPS_CERT_DIR": str(self.workdir / "certs"),
-               "RLOPS_ALERT_RECEIVER": f"127.0.0.1:{self.receiver_port}", **self.extra_env}
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rl_operator", "--liveness", f"http://127.0.0.1:{self.port}/healthz"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        wait_for(self._healthy, 60, "operator liveness endpoint")
-
-    def _healthy(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            pytest.fail(f"operator exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2):
-                return True
-        except OSError:
-            return False
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=30)
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
 
 
 @pytest.fixture(scope="session")

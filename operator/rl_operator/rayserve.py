@@ -15,7 +15,7 @@ serialized by a lock; Ray offers no compare-and-swap, so a concurrent writer els
 operator replica, a human's ``serve deploy``) can still race: run one operator replica (leader
 election) and deploy other applications through the same API.
 
-One RLAgent = one application, built by :func:`app_config`: name ``<namespace>-<agent>``, route
+One RLAgent = one application, built by :func:`app_config`: name ``<namespace>.<agent>``, route
 prefix ``/<namespace>/<agent>``, import path ``rl_engine.serving.app:build_app``, the versions
 as ``args``, the traffic split as the ``router`` deployment's ``user_config``. A weight change
 (:func:`set_weights`) touches only that ``user_config``: Serve applies it with the router's
@@ -29,6 +29,7 @@ Layout and HTTP API of the application: ``docs/serving.md``.
 from __future__ import annotations
 
 import copy
+import re
 import threading
 import time
 from typing import Any, Mapping
@@ -53,6 +54,7 @@ __all__ = [
     "application_versions",
     "application_weights",
     "application_summary",
+    "failure_message",
     "get_applications",
     "put_applications",
     "apply_application",
@@ -92,8 +94,9 @@ class DeployFailed(RayServeError):
 
 
 def app_name(namespace: str, agent: str) -> str:
-    """The Serve application name of an RLAgent: ``<namespace>-<agent>``."""
-    return f"{namespace}-{agent}"
+    """The Serve application name of an RLAgent: ``<namespace>.<agent>`` (namespaces hold no dots,
+    so no two agents share a name; a dash would make ``a-b``+``c`` and ``a``+``b-c`` collide)."""
+    return f"{namespace}.{agent}"
 
 
 def normalize_weights(weights: Mapping[str, Any], versions: list[str] | tuple[str, ...] | Any) -> dict[str, int]:
@@ -305,6 +308,30 @@ def application_summary(details: Mapping[str, Any], name: str) -> dict[str, Any]
             "deployments": deployments}
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_and_last_line(text: Any) -> str:
+    """A Serve message without its traceback: the first line, and the last one (the
+    exception) when there are more."""
+    lines = [line.strip() for line in _ANSI.sub("", str(text or "")).splitlines() if line.strip()]
+    if len(lines) <= 2:
+        return " ".join(lines)
+    return f"{lines[0]} ... {lines[-1]}"
+
+
+def failure_message(summary: Mapping[str, Any], limit: int = 3000) -> str:
+    """The application's message plus those of its deployments that are not HEALTHY (where
+    Serve puts the reason, e.g. the replica constructor's exception), each without its
+    traceback (first and last line), shortened to ``limit`` characters."""
+    parts = [_first_and_last_line(summary.get("message"))]
+    for name, dep in (summary.get("deployments") or {}).items():
+        if dep.get("status") != "HEALTHY" and dep.get("message"):
+            parts.append(f"{name}: {_first_and_last_line(dep['message'])}")
+    text = " | ".join(p for p in parts if p) or "(no message)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _is_subset(expected: Any, actual: Any) -> bool:
     """Every key of ``expected`` is in ``actual`` with an equal value (recursively; lists of
     named objects are matched by ``name``)."""
@@ -489,7 +516,7 @@ def wait_running(
                 status = summary["status"]
                 last = f"{status}: {summary['message']}".strip()
                 if status == "DEPLOY_FAILED":
-                    raise DeployFailed(f"application {app_name!r} DEPLOY_FAILED: {summary['message']}")
+                    raise DeployFailed(f"application {app_name!r} DEPLOY_FAILED: {failure_message(summary)}")
                 deps = summary["deployments"]
                 if status == "RUNNING" and deps and all(
                     d["status"] == "HEALTHY" and d["status_trigger"] != "CONFIG_UPDATE_STARTED"

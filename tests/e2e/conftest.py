@@ -2,68 +2,26 @@
 
 The session's head is its own instance (``RLOPS_RAY_NAME=rlops-test``) on free ports, so it
 never disturbs the demo's (``rlops``); ``hack/ray-down.sh`` stops it at the end of the session
-(``RLOPS_KEEP_TEST_RAY=1`` keeps it). Nothing here mocks Ray.
-
-Note on ``from conftest import ...``: pytest imports every conftest.py without a package as the
-module ``conftest``, the last one loaded winning, so test modules anywhere that do
-``from conftest import REPO, wait_for`` may get this file. It therefore re-exports the public
-helpers of ``tests/conftest.py`` (loaded under another module name; its fixtures are not
-re-registered here).
+(``RLOPS_KEEP_TEST_RAY=1`` keeps it). Nothing here mocks Ray. Shared helpers live in
+``tests/support.py`` (never import from a conftest: pytest loads every conftest.py as the
+module ``conftest``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import pytest
 
-
-def _load_top_conftest():
-    name = "_rlops_tests_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_top = _load_top_conftest()
-REPO = _top.REPO
-CACHE = _top.CACHE
-TEST_CLUSTER = _top.TEST_CLUSTER
-wait_for = _top.wait_for
-Cluster = _top.Cluster
-OperatorProcess = _top.OperatorProcess
+from support import REPO, free_ports
 
 TEST_RAY = os.environ.get("RLOPS_TEST_RAY_NAME", "rlops-test")
 _LABELS = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            socks.append(s)
-            if port not in ports:
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -122,7 +80,7 @@ class RayHead:
 @pytest.fixture(scope="session")
 def ray_head() -> RayHead:
     """``hack/ray-up.sh`` on free ports (instance ``rlops-test``), ``hack/ray-down.sh`` at the end."""
-    dashboard, serve, metrics, gcs, client, agent, agent_grpc, runtime_env = _free_ports(8)
+    dashboard, serve, metrics, gcs, client, agent, agent_grpc, runtime_env = free_ports(8)
     env = {
         **os.environ,
         "RLOPS_RAY_NAME": TEST_RAY,

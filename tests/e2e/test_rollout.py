@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import REPO, _free_ports, wait_for
+from support import REPO, free_ports, wait_for
 from rl_engine.serving.testing import poison_artifact
 from rl_operator import rayserve
 
@@ -52,7 +52,7 @@ def stack(cluster, operator, ray_head, tmp_path_factory, request):
     """Prometheus + Alertmanager wired to this Ray head and the operator's receiver; the operator
     restarted with the Ray and Prometheus URLs and the receiver token from its Secret."""
     state = tmp_path_factory.mktemp("services")
-    prom, am = _free_ports(2)
+    prom, am = free_ports(2)
     token = secrets.token_hex(16)
     (state / "token").write_text(token)
     cluster.kubectl("-n", "rlops-system", "delete", "secret", "rlops-alertmanager", "--ignore-not-found")
@@ -68,7 +68,8 @@ def stack(cluster, operator, ray_head, tmp_path_factory, request):
                                "RLOPS_PROMETHEUS_URL": f"http://127.0.0.1:{prom}"})
     operator.kill()
     operator.start()
-    return {"prometheus": f"http://127.0.0.1:{prom}", "alertmanager": f"http://127.0.0.1:{am}", "ray": ray_head}
+    return {"prometheus": f"http://127.0.0.1:{prom}", "alertmanager": f"http://127.0.0.1:{am}", "ray": ray_head,
+            "token": token, "operator": operator}
 
 
 class Load:
@@ -166,6 +167,17 @@ def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace):
             wait_for(lambda: (s := rollout_status(cluster, namespace, "pole-2")).get("canaryWeight") == weight
                      and s.get("phase") == "Paused", 300, f"paused at {weight}%", interval=0.5)
             t0 = time.monotonic() + 1.0  # the router's reconfigure lands within a moment of the PUT
+            if weight == 25:
+                # SIGKILL the operator mid-rollout: the restarted one resumes at the same step and
+                # leaves the traffic as it is (the load keeps running and is measured across it)
+                before, status_before = serving(ray, namespace), rollout_status(cluster, namespace, "pole-2")
+                stack["operator"].kill()
+                stack["operator"].start()
+                time.sleep(8)  # several reconciles of the restarted operator
+                after_restart = rollout_status(cluster, namespace, "pole-2")
+                assert serving(ray, namespace) == before
+                for key in ("phase", "canaryWeight", "currentStepIndex", "stepStartedAt"):
+                    assert after_restart.get(key) == status_before.get(key), key
             wait_for(lambda: load.count_since(t0) >= 1100, 300, f"1100 requests at {weight}%", interval=0.5)
             t1 = time.monotonic()
             cluster.kubectl("annotate", "rollout", "pole-2", "-n", namespace, "rlops.dev/promote=true")
@@ -231,6 +243,15 @@ def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace):
     assert not errors_after, f"{len(errors_after)} client requests failed after the canary weight reached 0"
     assert cluster.get("rlagent", AGENT, "-n", namespace)["status"]["activeModel"]["version"] == "pole-2"
     assert len(cluster.get("trainingruns", "-n", namespace)["items"]) == 2  # no retraining for plan changes
+    # The receiver refuses what is not an Alertmanager payload, and survives it.
+    receiver = f"http://127.0.0.1:{stack['operator'].receiver_port}/api/v1/alerts"
+    auth = {"Authorization": f"Bearer {stack['token']}"}
+    assert httpx.post(receiver, content=b"{not json", headers=auth, timeout=10).status_code == 400
+    assert httpx.post(receiver, json={"version": "4", "alerts": "nope"}, headers=auth, timeout=10).status_code == 400
+    assert httpx.post(receiver, json={"version": "4", "alerts": []}, headers={"Authorization": "Bearer wrong"},
+                      timeout=10).status_code == 401
+    assert stack["operator"].proc.poll() is None
+
     latency = t_zero - t_alert if t_alert else float("nan")
     print(f"alert in Alertmanager -> canary weight 0: {latency:.2f} s")
     RESULTS.mkdir(parents=True, exist_ok=True)

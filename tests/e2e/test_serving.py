@@ -54,7 +54,7 @@ M = {  # exported Prometheus series (see docs/serving.md)
 }
 
 
-def _train(workdir: Path, run: str, seed: int) -> dict[str, str]:
+def _start_training(workdir: Path, run: str, seed: int) -> subprocess.Popen:
     config = {
         "agent": AGENT, "namespace": NAMESPACE, "run": run,
         "environment": {"id": "CartPole-v1", "numEnvs": 4},
@@ -64,26 +64,32 @@ def _train(workdir: Path, run: str, seed: int) -> dict[str, str]:
     }
     path = workdir / f"{run}.json"
     path.write_text(json.dumps(config))
-    uri = f"file://{workdir / run}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "rl_engine.train", "--config", str(path), "--artifact-uri", uri],
+    return subprocess.Popen(
+        [sys.executable, "-m", "rl_engine.train", "--config", str(path), "--artifact-uri", f"file://{workdir / run}"],
         env={**os.environ, "RLOPS_TERMINATION_MESSAGE_PATH": str(workdir / f"{run}.term")},
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"artifactURI": uri, "fingerprint": json.loads((workdir / f"{run}.term").read_text())["fingerprint"]}
+
+
+def _finish_training(workdir: Path, run: str, proc: subprocess.Popen) -> dict[str, str]:
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((workdir / f"{run}.term").read_text())
+    return {"artifactURI": summary["artifactURI"], "fingerprint": summary["fingerprint"]}
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, dict[str, str]]:
-    """Two really trained CartPole policies and a NaN-poisoned copy of the first."""
+    """Two really trained CartPole policies (trained side by side) and a NaN-poisoned copy of the first."""
     workdir = tmp_path_factory.mktemp("artifacts")
-    stable = _train(workdir, STABLE, 1)
-    canary = _train(workdir, CANARY, 2)
+    procs = {run: _start_training(workdir, run, seed) for run, seed in ((STABLE, 1), (CANARY, 2))}
+    trained = {run: _finish_training(workdir, run, proc) for run, proc in procs.items()}
+    stable = trained[STABLE]
     bad_uri = f"file://{workdir / BAD}"
     bad = {"artifactURI": bad_uri, "fingerprint": poison_artifact(stable["artifactURI"], bad_uri)}
     assert bad["fingerprint"] == compute_fingerprint(bad_uri) != stable["fingerprint"]
-    return {STABLE: stable, CANARY: canary, BAD: bad}
+    assert compute_fingerprint(stable["artifactURI"]) == stable["fingerprint"]
+    return {**trained, BAD: bad}
 
 
 class Client:
@@ -143,11 +149,13 @@ class Bystander:
         self.pid = httpx.get(f"{head.serve}/bystander", timeout=30).json()["pid"]
 
     def assert_intact(self) -> None:
-        """Still deployed, RUNNING, with the config it was given, the same replica, answering."""
+        """Still deployed with the config it was given, RUNNING (every PUT briefly shows every
+        application as DEPLOYING while Serve re-applies its unchanged config), the same
+        replica, answering."""
         summary = rayserve.application_summary(rayserve.get_applications(self.head.dashboard), "bystander")
         assert summary is not None, "the bystander application was dropped"
         assert summary["config"] == BYSTANDER, summary["config"]
-        assert summary["status"] == "RUNNING", summary
+        rayserve.wait_running(self.head.dashboard, "bystander", 60, interval=0.5)
         assert _replicas(self.head, "bystander") == self.replicas
         assert httpx.get(f"{self.head.serve}/bystander", timeout=30).json() == {
             "echo": "not the operator's", "pid": self.pid}

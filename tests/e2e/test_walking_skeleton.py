@@ -7,7 +7,7 @@ stands in for the kubelet and runs the pod's command as a local process), real P
 from pathlib import Path
 from urllib.parse import urlparse
 
-from conftest import REPO, wait_for
+from support import REPO, wait_for
 
 from rl_engine.artifacts import compute_fingerprint
 

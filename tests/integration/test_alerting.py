@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import re
@@ -24,15 +25,17 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import support
 import yaml
 from aiohttp import web
 from rl_operator import alerts
 from rl_operator.alerts import AlertTarget
+
+wait_for = functools.partial(support.wait_for, interval=0.2)  # this file polls faster than the default
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "manifests" / "prometheus" / "rules.yaml"
@@ -44,15 +47,6 @@ needs_services = pytest.mark.skipif(
 )
 
 
-def wait_for(probe: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ the `approve` verb (SubjectAccessReview), and the approver's identity is recorde
 
 import pytest
 
-from conftest import wait_for
+from support import wait_for
 
 FP = "sha256:" + "d" * 64
 STALE = "sha256:" + "e" * 64

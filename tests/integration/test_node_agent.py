@@ -8,6 +8,7 @@ afterwards.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,27 +17,20 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
+import support
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+
+wait_for = functools.partial(support.wait_for, interval=0.25)  # this file polls faster than the default
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = REPO / "hack" / "node_agent.py"
 GPUS = 4
 
 
-def wait_for(probe: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 class AgentProcess:

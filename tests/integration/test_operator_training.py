@@ -6,7 +6,7 @@ what the operator writes, the e2e tier checks that it really trains.
 
 import json
 
-from conftest import wait_for
+from support import wait_for
 
 UNSCHEDULABLE = """apiVersion: rlops.dev/v1alpha1
 kind: RLAgent

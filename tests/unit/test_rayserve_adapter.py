@@ -42,14 +42,14 @@ OTHER = {"name": "other", "route_prefix": "/other", "import_path": "x.y:app",
 def test_app_config_layout():
     cfg = rs.app_config("default", "cartpole", VERSIONS, {"v1": 90, "v2": 10})
     assert cfg == {
-        "name": "default-cartpole",
+        "name": "default.cartpole",
         "route_prefix": "/default/cartpole",
         "import_path": "rl_engine.serving.app:build_app",
         "args": {"agent": "cartpole", "namespace": "default", "versions": VERSIONS,
                  "maxBatchSize": 32, "batchWaitTimeoutS": 0.002},
         "deployments": [{"name": "router", "user_config": {"weights": {"v1": 90, "v2": 10}}}],
     }
-    assert rs.app_name("default", "cartpole") == "default-cartpole"
+    assert rs.app_name("default", "cartpole") == "default.cartpole"
 
 
 def test_app_config_options_missing_weights_and_tuple_versions():
@@ -121,7 +121,7 @@ def test_with_application_inserts_or_replaces_in_place():
     ours = rs.app_config("ns", "a", VERSIONS, {"v1": 100})
     body = rs.deploy_body(details(OTHER))
     added = rs.with_application(body, ours)
-    assert [a["name"] for a in added["applications"]] == ["other", "ns-a"]
+    assert [a["name"] for a in added["applications"]] == ["other", "ns.a"]
     assert body["applications"] == [OTHER], "input unchanged"
     newer = rs.app_config("ns", "a", VERSIONS, {"v2": 100})
     replaced = rs.with_application(rs.with_application(added, OTHER), newer)
@@ -132,7 +132,7 @@ def test_with_application_inserts_or_replaces_in_place():
 def test_without_application():
     ours = rs.app_config("ns", "a", VERSIONS, {"v1": 100})
     body = rs.deploy_body(details(OTHER, ours))
-    assert rs.without_application(body, "ns-a")["applications"] == [OTHER]
+    assert rs.without_application(body, "ns.a")["applications"] == [OTHER]
     assert rs.without_application(body, "absent")["applications"] == [OTHER, ours]
     assert body["applications"] == [OTHER, ours]
 
@@ -193,3 +193,18 @@ def test_the_adapter_imports_neither_ray_nor_torch():
     code = "import sys, rl_operator.rayserve; print(sorted(m for m in ('ray', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_failure_message_keeps_the_reason_not_the_traceback():
+    summary = {"message": "Failed to update the deployments ['policy-v1'].", "deployments": {
+        "router": {"status": "HEALTHY", "message": ""},
+        "policy-v1": {"status": "DEPLOY_FAILED", "message": (
+            "The deployment failed to start 3 times in a row. Error:\n\x1b[36mray::ServeReplica\x1b[39m (pid=1)\n"
+            '  File "replica.py", line 1, in initialize\n    raise\n'
+            "RuntimeError: version v1: artifact file:///a has fingerprint sha256:1, expected sha256:2\n")}}}
+    text = rs.failure_message(summary)
+    assert text == ("Failed to update the deployments ['policy-v1']. | policy-v1: The deployment failed to start "
+                    "3 times in a row. Error: ... RuntimeError: version v1: artifact file:///a has fingerprint "
+                    "sha256:1, expected sha256:2")
+    assert rs.failure_message({"message": "", "deployments": {}}) == "(no message)"
+    assert len(rs.failure_message({"message": "x" * 5000}, limit=100)) == 100
