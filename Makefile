@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: services demo test test-unit test-integration test-e2e venv binaries cluster-up cluster-down install crds clean
+.PHONY: services ray-up ray-down bench-serve demo test test-unit test-integration test-e2e venv binaries cluster-up cluster-down install crds clean
 
 demo: ## the local demo: control plane + node agent + operator, then train manifests/samples/cartpole.yaml
 	bash hack/demo.sh
@@ -33,6 +33,15 @@ cluster-up: venv ## start the local control plane (kwokctl --runtime binary) wit
 
 cluster-down: ## stop the demo's operator and node agent, delete the local cluster
 	bash hack/cluster-down.sh
+
+ray-up: venv ## a local Ray head with Serve (dashboard :8265, Serve HTTP :8000, metrics :8081)
+	bash hack/ray-up.sh
+
+ray-down:
+	bash hack/ray-down.sh
+
+bench-serve: venv ## the router's overhead vs calling the policy deployment directly (docs/benchmarks.md)
+	$(PY) hack/bench/serve_overhead.py --requests 2000 --concurrency 1 8
 
 crds: venv ## regenerate crds/ from operator/rl_operator/models.py
 	$(PY) -m rl_operator.crdgen crds

@@ -4,6 +4,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 stop_bg operator
 stop_bg node-agent
+[ "$cluster_name" = rlops ] && bash "$root/hack/ray-down.sh" >/dev/null 2>&1 || true
 if [ -x "$bindir/kwokctl" ]; then
   "$bindir/kwokctl" --name "$cluster_name" delete cluster 2>/dev/null || true
 fi

@@ -43,13 +43,54 @@ uri=$(kubectl get trainingrun "$run" -o jsonpath='{.status.artifactURI}')
 say "TrainingRun $run Succeeded in $((SECONDS - t0))s: mean evaluation return $mean"
 echo "    fingerprint: $fp"
 echo "    artifact:    $uri"
+
+served=""
+if [ "${RLOPS_DEMO_SERVE:-1}" = 1 ]; then
+  # The rest of the story: the run's Rollout waits for an approval bound to this fingerprint;
+  # approved, the policy goes to Ray Serve (the first version of an agent goes to 100% at once).
+  say "starting a local Ray head with Ray Serve (hack/ray-up.sh)"
+  bash "$root/hack/ray-up.sh" >"$clusterdir/logs/ray-up.log" 2>&1 || { tail -20 "$clusterdir/logs/ray-up.log"; exit 1; }
+  for _ in $(seq 60); do kubectl get rollout "$run" >/dev/null 2>&1 && break; sleep 1; done
+  kubectl get rollout "$run" -o wide
+  say "kubectl annotate rollout/$run rlops.dev/approve=$fp"
+  kubectl annotate rollout/"$run" "rlops.dev/approve=$fp" >/dev/null
+  deadline=$((SECONDS + 300)) rphase=""
+  while [ $SECONDS -lt $deadline ]; do
+    rphase=$(kubectl get rollout "$run" -o jsonpath='{.status.phase}')
+    msg=$(kubectl get rollout "$run" -o jsonpath='{.status.message}')
+    line="[$((SECONDS - t0))s] Rollout $run: $rphase | $msg"
+    [ "$line" != "$last" ] && echo "$line"
+    last=$line
+    case "$rphase" in Promoted|RolledBack|Rejected) break ;; esac
+    sleep 2
+  done
+  if [ "$rphase" = Promoted ]; then
+    say "the policy answers on Ray Serve: POST http://127.0.0.1:${RLOPS_SERVE_PORT:-8000}/default/$agent"
+    curl -s -X POST "http://127.0.0.1:${RLOPS_SERVE_PORT:-8000}/default/$agent" \
+      -H 'content-type: application/json' -d '{"observation": [0.01, -0.02, 0.03, 0.04]}'
+    echo
+    served=yes
+  else
+    say "Rollout $run ended $rphase (operator log: $clusterdir/logs/operator.log)"
+  fi
+fi
+echo
+kubectl get rla,trun,rlro -o wide
+echo
+say "TrainingRun $run Succeeded: mean evaluation return $mean, fingerprint $fp"
 cat <<MSG
 
 The cluster is still running. To use it:
     export KUBECONFIG=$KUBECONFIG
     export PATH=$bindir:\$PATH
-    kubectl get rla,trun -o wide
+    kubectl get rla,trun,rlro -o wide
     kubectl get events --field-selector involvedObject.name=$run
+MSG
+[ -n "$served" ] && cat <<MSG
+    curl -X POST http://127.0.0.1:${RLOPS_SERVE_PORT:-8000}/default/$agent -d '{"observation": [0, 0, 0, 0]}'
+    kubectl patch rla $agent --type=merge -p '{"spec":{"training":{"seed":2}}}'   # retrain: a canary rollout follows
+MSG
+cat <<MSG
 Logs: operator $clusterdir/logs/operator.log, node agent $clusterdir/logs/node-agent.log
 Stop everything: make cluster-down
 MSG

@@ -6,6 +6,15 @@ Order of operations for training (one place):
 2. TrainingRun created / resumed -> ensure Job ``<run>``.
 3. Job or pod event, or the periodic resync -> ``sync_run``: observe Job + pods into the run's
    status, then ``sync_agent``: observe the agent's runs into the agent's status.
+4. A run Succeeded whose evaluation meets the agent's bar -> ensure Rollout ``<run>``.
+5. Rollout created / annotated / every ``rollout_interval_seconds`` while in progress ->
+   ``reconcile_rollout``: observe (annotations, the agent, Ray Serve, a Prometheus analysis
+   when one is due), run ``rollout.reconcile``, then act: weights, deploys, annotations, the
+   agent's ``activeModel``, the Rollout's status and Events.
+6. Alertmanager -> the receiver -> ``on_alert`` -> ``abort_agent_rollout`` (weight 0 at once).
+
+Admission: ``admit_approval`` reviews approval annotations on Rollouts (``approvals.review``
+plus a SubjectAccessReview) over HTTPS (``certs``), registered persistent and failing closed.
 
 Every step is idempotent (deterministic names, create-or-get), so an operator killed at any
 point and restarted converges to the same objects: no duplicate runs, no duplicate Jobs.
@@ -222,15 +231,17 @@ def tick_rollout(namespace: str, name: str, **_: Any) -> None:
     reconcile_rollout(namespace, name)
 
 
-def _serving(namespace: str, agent: str) -> tuple[set[str] | None, dict[str, int] | None, str | None, dict[str, Any]]:
-    """(versions, weights, status, version entries) of the agent's Serve application."""
+def _serving(namespace: str, agent: str) -> tuple[dict[str, str | None] | None, dict[str, int] | None, str | None,
+                                                  dict[str, Any]]:
+    """({version: fingerprint}, weights, status, version entries) of the agent's Serve application."""
     details = rayserve.get_applications(SETTINGS.ray_dashboard_url)
     summary = rayserve.application_summary(details, rayserve.app_name(namespace, agent))
     config = (summary or {}).get("config") or {}
     if not summary or not config:
         return None, None, None, {}
     entries = (config.get("args") or {}).get("versions") or {}
-    return set(rayserve.application_versions(config)), rayserve.application_weights(config), summary["status"], entries
+    versions = {v: (entries.get(v) or {}).get("fingerprint") for v in rayserve.application_versions(config)}
+    return versions, rayserve.application_weights(config), summary["status"], entries
 
 
 def _analysis_due(st: m.RolloutStatus, spec: m.RLAgentSpec, now: Any) -> bool:
@@ -340,6 +351,17 @@ async def on_alert(target: alerts.AlertTarget) -> None:
         log.warning("rolled back %s/%s on %s", target.namespace, name, reason)
     else:
         log.info("alert %s for %s/%s: no rollout in progress", target.alertname, target.namespace, target.agent)
+
+
+@kopf.on.delete(m.GROUP, m.VERSION, m.RLAgent.PLURAL, optional=True)
+def on_agent_deleted(namespace: str, name: str, **_: Any) -> None:
+    """Best effort (no finalizer, so deletion never waits on Ray): remove the agent's Serve app.
+    TrainingRuns, Jobs and Rollouts go by ownerReference garbage collection."""
+    try:
+        if rayserve.delete_application(SETTINGS.ray_dashboard_url, rayserve.app_name(namespace, name)):
+            log.info("deleted Serve application of %s/%s", namespace, name)
+    except rayserve.RayServeError as exc:
+        log.warning("could not delete the Serve application of %s/%s: %s", namespace, name, exc)
 
 
 # ----------------------------------------------------------------------------- admission

@@ -207,8 +207,9 @@ class Observed:
     annotations: dict[str, str]
     agent_spec: m.RLAgentSpec
     active_model: m.ActiveModel | None
-    #: Ray Serve: versions deployed in the agent's application and the router's weights (None: no app).
-    serving_versions: set[str] | None = None
+    #: Ray Serve: versions deployed in the agent's application, each with the fingerprint of the
+    #: artifact it serves, and the router's weights (None: no app).
+    serving_versions: dict[str, str | None] | None = None
     serving_weights: dict[str, int] | None = None
     #: Ray Serve application status (RUNNING, DEPLOYING, ...), None if absent.
     app_status: str | None = None
@@ -239,6 +240,15 @@ def weights_for(stable: str | None, canary: str, canary_weight: int) -> dict[str
     if stable is None:
         return {canary: 100}
     return {stable: 100 - canary_weight, canary: canary_weight}
+
+
+def _deployed(obs: Observed, versions: dict[str, dict[str, str]], exactly: bool = False) -> bool:
+    """Whether Serve runs these versions with these very artifacts (same fingerprints); with
+    ``exactly``, and no other version."""
+    have = obs.serving_versions
+    if have is None or any(have.get(v, "absent") != e["fingerprint"] for v, e in versions.items()):
+        return False
+    return not exactly or set(have) == set(versions)
 
 
 def same_split(a: dict[str, int] | None, b: dict[str, int] | None) -> bool:
@@ -348,7 +358,7 @@ def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
     weights = weights_for(st.stable_version, spec.version, st.canary_weight or 0)
     if st.phase == "Promoting":
         return _promote(rollout, spec, st, obs, acts)
-    if obs.serving_versions is None or not set(versions) <= obs.serving_versions:
+    if not _deployed(obs, versions):
         acts.deploy = {"versions": versions, "weights": weights}
         st.message = "deploying the canary's policy deployment"
         return st, acts
@@ -425,13 +435,14 @@ def _promote(
     only); then the application without the old version; then, once RUNNING, Promoted."""
     at = obs.now
     full = weights_for(st.stable_version, spec.version, 100)
-    if not same_split(obs.serving_weights, full) and obs.serving_versions != {spec.version}:
+    final = {spec.version: {"artifactURI": spec.artifact_uri, "fingerprint": spec.fingerprint}}
+    done = _deployed(obs, final, exactly=True)
+    if not same_split(obs.serving_weights, full) and not done:
         acts.set_weights = full
         st.message = "promoting: all traffic to the canary"
         return st, acts
-    if obs.serving_versions != {spec.version}:
-        acts.deploy = {"versions": {spec.version: {"artifactURI": spec.artifact_uri, "fingerprint": spec.fingerprint}},
-                       "weights": {spec.version: 100}}
+    if not done:
+        acts.deploy = {"versions": final, "weights": {spec.version: 100}}
         st.message = f"promoting: removing the previous version {st.stable_version}"
         return st, acts
     if obs.app_status != "RUNNING":

@@ -72,6 +72,17 @@ def stack(cluster, operator, ray_head, tmp_path_factory, request):
             "token": token, "operator": operator}
 
 
+@pytest.fixture
+def app_cleanup(stack, namespace):
+    """Leave the shared Ray head as found: other e2e modules expect no application of ours."""
+    yield
+    ray = stack["ray"]
+    name = rayserve.app_name(namespace, AGENT)
+    rayserve.delete_application(ray.dashboard, name)
+    wait_for(lambda: name not in rayserve.get_applications(ray.dashboard)["applications"], 120,
+             f"Serve application {name} deleted")
+
+
 class Load:
     """Steady client load on the agent's route: ``threads`` clients, each request recorded as
     ``(start monotonic seconds, answering version or None, ok)``."""
@@ -142,7 +153,7 @@ def train_and_wait_rollout(cluster, namespace, run):
     return wait_phase(cluster, namespace, "rollout", run, ("AwaitingApproval",), 60)
 
 
-def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace):
+def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace, app_cleanup):
     ray = stack["ray"]
     url = f"{ray.serve}/{namespace}/{AGENT}"
 

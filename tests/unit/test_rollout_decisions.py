@@ -41,7 +41,7 @@ class World:
     def __init__(self, stable=STABLE, spec=None):
         self.stable = stable
         self.spec = spec or agent_spec()
-        self.versions = {stable.version} if stable else None
+        self.versions = {stable.version: stable.fingerprint} if stable else None
         self.weights = {stable.version: 100} if stable else None
         self.weight_history = []
         self.now = T0
@@ -57,7 +57,8 @@ class World:
             self.weights = dict(acts.set_weights)
             self.weight_history.append(dict(acts.set_weights))
         if acts.deploy is not None:
-            self.versions = set(acts.deploy["versions"])
+            self.versions = {v: (e or {"fingerprint": self.versions[v]})["fingerprint"]
+                             for v, e in acts.deploy["versions"].items()}
             if acts.set_weights is None:
                 self.weights = dict(acts.deploy["weights"])
         for key in acts.remove_annotations:
@@ -115,7 +116,7 @@ def test_full_canary_to_promotion():
     assert r.PROMOTE in acts.remove_annotations and r.PROMOTE not in ro["metadata"]["annotations"]
     assert st.phase == "Promoting" and world.weights == {"cp-1": 0, "cp-2": 100}
     st, acts = world.step(ro)
-    assert world.versions == {"cp-2"}  # the old version's deployment leaves after the traffic did
+    assert world.versions == {"cp-2": FP}  # the old version's deployment leaves after the traffic did
     st, acts = world.step(ro)
     assert st.phase == "Promoted" and acts.promote_active_model.version == "cp-2"
     assert acts.promote_active_model.fingerprint == FP
@@ -170,7 +171,19 @@ def test_first_rollout_without_stable_goes_straight_to_100():
         st, acts = world.step(ro)
         if st.phase == "Promoted":
             break
-    assert st.phase == "Promoted" and world.versions == {"cp-2"} and world.weights == {"cp-2": 100}
+    assert st.phase == "Promoted" and world.versions == {"cp-2": FP} and world.weights == {"cp-2": 100}
+
+
+def test_same_version_name_with_another_artifact_is_redeployed():
+    """A re-created agent's run cp-2 may reuse a name Serve still runs with an older artifact."""
+    world = World(stable=None)
+    world.versions, world.weights = {"cp-2": OLD_FP}, {"cp-2": 100}
+    ro = make_rollout(APPROVED)
+    st, acts = world.step(ro)
+    assert acts.deploy is not None and acts.deploy["versions"]["cp-2"]["fingerprint"] == FP
+    for _ in range(3):
+        st, _ = world.step(ro)
+    assert st.phase == "Promoted" and world.versions == {"cp-2": FP}
 
 
 def test_promote_full_skips_to_100():
