@@ -66,12 +66,33 @@ class _Status(_Model):
 class EnvironmentSpec(_Model):
     """Which environment the agent acts in."""
 
+    model_config = ConfigDict(
+        **_WIRE,
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.numEnvs) || self.numEnvs <= 1024 || (has(self.backend) && self.backend == 'torch')",
+                    "numEnvs above 1024 needs backend: torch (the gymnasium backend keeps one Python object per copy)",
+                    ".numEnvs",
+                )
+            ]
+        },
+    )
+
     id: str = Field(
         min_length=1,
         max_length=253,
         description="Gymnasium registry id (e.g. CartPole-v1) or a 'module:Class' entry point.",
     )
-    num_envs: int = Field(8, ge=1, le=1024, description="Environments stepped in parallel (vector env).")
+    num_envs: int = Field(8, ge=1, le=65536, description="Environments stepped in parallel (vector env).")
+    backend: Literal["gymnasium", "torch"] = Field(
+        "gymnasium",
+        description=(
+            "gymnasium: a SyncVectorEnv of Gymnasium envs; torch: all copies step as tensor ops on the "
+            "training device (CartPole-v1)."
+        ),
+    )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Keyword arguments passed to the environment's constructor.",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -35,6 +35,9 @@ __all__ = [
     "SUPPORTED_ALGORITHMS",
     "PLANNED_ALGORITHMS",
     "PPOHyperparameters",
+    "DQNHyperparameters",
+    "PPOAlgorithm",
+    "DQNAlgorithm",
     "EnvironmentConfig",
     "AlgorithmConfig",
     "TrainingConfig",
@@ -45,8 +48,8 @@ __all__ = [
     "format_validation_error",
 ]
 
-SUPPORTED_ALGORITHMS = ("PPO",)
-PLANNED_ALGORITHMS = ("DQN",)
+SUPPORTED_ALGORITHMS = ("PPO", "DQN")
+PLANNED_ALGORITHMS: tuple[str, ...] = ()
 
 
 class _Model(BaseModel):
@@ -81,25 +84,72 @@ class PPOHyperparameters(_Model):
     norm_adv: bool = True
     clip_vloss: bool = True
     target_kl: float | None = Field(None, gt=0, alias="targetKL")
+    hidden_sizes: list[int] = Field(default_factory=lambda: [64, 64], min_length=1, max_length=8)
+    # HICRA credit assignment (seed 003): {enabled, multiplier|plannerWeight, normalize,
+    # normalizationEps|eps|epsilon}; validated by rl_engine.hicra when the trainer starts.
+    hicra: dict[str, Any] | None = None
+
+
+class DQNHyperparameters(_Model):
+    """DQN hyperparameters (``algorithm.hyperparameters``); defaults are CleanRL ``dqn.py``'s
+    for CartPole, with Double DQN, a Huber loss and gradient clipping on.
+
+    Units: ``bufferSize`` transitions; ``learningStarts``, ``trainFrequency``,
+    ``targetNetworkFrequency`` and ``stepsPerIteration`` are env steps summed over all
+    ``environment.numEnvs`` copies; epsilon decays linearly from ``startE`` to ``endE`` over
+    ``explorationFraction * training.totalTimesteps`` env steps.
+    """
+
+    learning_rate: float = Field(2.5e-4, gt=0)
+    buffer_size: int = Field(10_000, ge=1)
+    learning_starts: int = Field(10_000, ge=0)
+    batch_size: int = Field(128, ge=1)
+    gamma: float = Field(0.99, ge=0, le=1)
+    tau: float = Field(1.0, gt=0, le=1)
+    target_network_frequency: int = Field(500, ge=1)
+    train_frequency: int = Field(10, ge=1)
+    gradient_steps: int = Field(1, ge=1)
+    exploration_fraction: float = Field(0.5, ge=0, le=1)
+    start_e: float = Field(1.0, ge=0, le=1, alias="startE")
+    end_e: float = Field(0.05, ge=0, le=1, alias="endE")
+    max_grad_norm: float = Field(10.0, gt=0)
+    double_dqn: bool = Field(True, alias="doubleDQN")
+    huber_delta: float | None = Field(1.0, gt=0)
+    hidden_sizes: list[int] = Field(default_factory=lambda: [120, 84], min_length=1, max_length=8)
+    steps_per_iteration: int = Field(1024, ge=1)
 
 
 class EnvironmentConfig(_Model):
     """``environment``: a Gymnasium id (``CartPole-v1``) or a ``module:Class`` entry point.
 
-    ``numEnvs`` parallel copies are stepped in a ``gymnasium.vector.SyncVectorEnv``;
-    ``kwargs`` go to ``gymnasium.make`` (or to the class constructor).
+    ``backend: gymnasium`` (default) steps ``numEnvs`` copies in a
+    ``gymnasium.vector.SyncVectorEnv``; ``kwargs`` go to ``gymnasium.make`` (or to the class
+    constructor). ``backend: torch`` steps all copies as tensor ops on the training device
+    (:mod:`rl_engine.torch_envs`; CartPole-v1 only), for thousands of copies on a GPU.
     """
 
     id: str = Field(min_length=1)
-    num_envs: int = Field(8, ge=1, le=1024)
+    num_envs: int = Field(8, ge=1, le=65536)
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    backend: Literal["gymnasium", "torch"] = "gymnasium"
 
 
-class AlgorithmConfig(_Model):
-    """``algorithm``: only ``PPO`` is implemented (``DQN`` is planned)."""
+class PPOAlgorithm(_Model):
+    """``algorithm`` with ``name: PPO``."""
 
     name: Literal["PPO"] = "PPO"
     hyperparameters: PPOHyperparameters = Field(default_factory=PPOHyperparameters)
+
+
+class DQNAlgorithm(_Model):
+    """``algorithm`` with ``name: DQN``."""
+
+    name: Literal["DQN"]
+    hyperparameters: DQNHyperparameters = Field(default_factory=DQNHyperparameters)
+
+
+AlgorithmConfig = Annotated[Union[PPOAlgorithm, DQNAlgorithm], Field(discriminator="name")]
+"""``algorithm``: ``PPO`` (default) or ``DQN``, each with its own hyperparameters."""
 
 
 class TrainingConfig(_Model):
@@ -108,13 +158,14 @@ class TrainingConfig(_Model):
     ``totalTimesteps`` is the env-step budget (summed over all envs). Every
     ``evalInterval`` env steps a deterministic evaluation runs; training stops early when
     its mean return is >= ``targetReturn`` (if set). ``seed`` seeds torch, numpy and the
-    environments.
+    environments. ``device: auto`` trains on CUDA when present, else on the CPU.
     """
 
     total_timesteps: int = Field(ge=1)
     seed: int = Field(1, ge=0, le=2**63 - 1)
     target_return: float | None = None
     eval_interval: int = Field(10240, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class EvaluationConfig(_Model):
@@ -135,24 +186,48 @@ class RunConfig(_Model):
     namespace: str = "default"
     run: str = Field(min_length=1)
     environment: EnvironmentConfig
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=PPOAlgorithm)
     training: TrainingConfig
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @property
     def batch_size(self) -> int:
-        """Transitions per rollout: ``environment.numEnvs * hyperparameters.numSteps``."""
-        return self.environment.num_envs * self.algorithm.hyperparameters.num_steps
+        """Env steps per iteration: PPO ``environment.numEnvs * hyperparameters.numSteps``;
+        DQN ``stepsPerIteration`` rounded up to whole vector steps."""
+        n = self.environment.num_envs
+        hp = self.algorithm.hyperparameters
+        if isinstance(hp, DQNHyperparameters):
+            return -(-hp.steps_per_iteration // n) * n
+        return n * hp.num_steps
 
     @property
     def num_iterations(self) -> int:
-        """PPO iterations: ``totalTimesteps // batch_size`` (CleanRL's rule)."""
-        return self.training.total_timesteps // self.batch_size
+        """Iterations: ``totalTimesteps // batch_size`` (CleanRL's rule for PPO)."""
+        return max(1, self.training.total_timesteps // self.batch_size)
 
     @model_validator(mode="after")
     def _check_sizes(self) -> "RunConfig":
         hp = self.algorithm.hyperparameters
         batch = self.batch_size
+        env = self.environment
+        if env.backend == "gymnasium" and env.num_envs > 1024:
+            raise ValueError(
+                f"environment.numEnvs: at most 1024 copies with backend gymnasium (one Python "
+                f"object each), got {env.num_envs}; use backend: torch for more"
+            )
+        if isinstance(hp, DQNHyperparameters):
+            if hp.batch_size > hp.buffer_size:
+                raise ValueError(
+                    f"algorithm.hyperparameters.batchSize: must be <= bufferSize "
+                    f"({hp.buffer_size}), got {hp.batch_size}"
+                )
+            if hp.learning_starts >= self.training.total_timesteps:
+                raise ValueError(
+                    f"algorithm.hyperparameters.learningStarts: must be < "
+                    f"training.totalTimesteps ({self.training.total_timesteps}) or no update "
+                    f"ever runs, got {hp.learning_starts}"
+                )
+            return self
         if hp.num_minibatches > batch:
             raise ValueError(
                 "algorithm.hyperparameters.numMinibatches: must be <= environment.numEnvs "
@@ -173,7 +248,9 @@ class RunConfig(_Model):
 
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
-    for item in loc:
+    for index, item in enumerate(loc):
+        if index == 1 and loc[0] == "algorithm" and item in SUPPORTED_ALGORITHMS:
+            continue  # the discriminated union's tag, not a field
         if isinstance(item, int):
             parts.append(f"[{item}]")
         else:
@@ -188,7 +265,8 @@ def format_validation_error(err: ValidationError) -> str:
         loc = tuple(e.get("loc", ()))
         kind = e.get("type", "")
         if kind == "extra_forbidden":
-            inside_hp = len(loc) >= 3 and loc[:2] == ("algorithm", "hyperparameters")
+            path = _loc_to_path(loc)
+            inside_hp = path.startswith("algorithm.hyperparameters.")
             msg = "unknown hyperparameter" if inside_hp else "unknown field"
         elif kind == "missing":
             msg = "required field is missing"
@@ -239,6 +317,8 @@ def parse_run_config(raw: Any) -> RunConfig:
                 f"{', '.join(SUPPORTED_ALGORITHMS)})"
             )
         raw = {**raw, "algorithm": {**algorithm, "name": canonical}}
+    elif isinstance(algorithm, dict):
+        raw = {**raw, "algorithm": {**algorithm, "name": "PPO"}}
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:

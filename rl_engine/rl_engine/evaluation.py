@@ -16,7 +16,15 @@ from typing import Any, Callable
 import gymnasium as gym
 import numpy as np
 
-__all__ = ["EpisodeResults", "run_episodes", "random_policy", "DEFAULT_MAX_EPISODE_STEPS"]
+__all__ = [
+    "EpisodeResults",
+    "run_episodes",
+    "random_policy",
+    "baseline_policy",
+    "has_baseline",
+    "improvement",
+    "DEFAULT_MAX_EPISODE_STEPS",
+]
 
 DEFAULT_MAX_EPISODE_STEPS = 10_000
 """Cap for an evaluation episode when neither the env nor the config sets a limit."""
@@ -31,17 +39,31 @@ class EpisodeResults:
         lengths: env steps of each episode, shape ``(episodes,)``.
         seeds: reset seed of each episode.
         seconds: wall time of the evaluation (seconds).
+        successes: 1.0/0.0 per episode from the env's final ``info["is_success"]``, NaN
+            where the env did not report it, shape ``(episodes,)``.
     """
 
     returns: np.ndarray
     lengths: np.ndarray
     seeds: list[int]
     seconds: float
+    successes: np.ndarray | None = None
+
+    @property
+    def success_rate(self) -> float | None:
+        """Fraction of episodes with ``is_success`` true, over the episodes that reported
+        it; ``None`` when the environment defines no success."""
+        if self.successes is None:
+            return None
+        known = self.successes[~np.isnan(self.successes)]
+        return float(np.mean(known)) if known.size else None
 
     def summary(self) -> dict[str, Any]:
-        """Mean/std (population)/min/max of returns and lengths, and the episode count."""
+        """Mean/std (population)/min/max of returns and lengths, the episode count, and
+        ``successRate`` (``None`` when the environment defines no success)."""
         r, n = self.returns, self.lengths
         return {
+            "successRate": self.success_rate,
             "episodes": int(len(r)),
             "meanReturn": float(np.mean(r)),
             "stdReturn": float(np.std(r)),
@@ -58,6 +80,25 @@ def random_policy(obs: np.ndarray, envs: list[gym.Env]) -> np.ndarray:
     """Uniform random actions, shape ``(B,)``, from each env's own action space (which
     :func:`run_episodes` seeds per episode)."""
     return np.asarray([env.action_space.sample() for env in envs])
+
+
+def has_baseline(env: gym.Env) -> bool:
+    """Whether ``env`` defines its own baseline policy (``baseline_action(obs) -> int`` on
+    the unwrapped env, e.g. the gate environment's "pass all")."""
+    return callable(getattr(env.unwrapped, "baseline_action", None))
+
+
+def baseline_policy(obs: np.ndarray, envs: list[gym.Env]) -> np.ndarray:
+    """The environment's own baseline: ``env.unwrapped.baseline_action(obs_i)`` per copy,
+    shape ``(B,)``."""
+    return np.asarray([env.unwrapped.baseline_action(o) for env, o in zip(envs, obs)])
+
+
+def improvement(mean_return: float, reference: float) -> dict[str, float | None]:
+    """How far ``mean_return`` is above ``reference``: ``absolute`` (return units) and
+    ``relative`` (``absolute / |reference|``, ``None`` when the reference is 0)."""
+    diff = float(mean_return - reference)
+    return {"absolute": diff, "relative": diff / abs(reference) if reference else None}
 
 
 def run_episodes(
@@ -84,6 +125,7 @@ def run_episodes(
     total = len(seeds)
     returns = np.zeros(total, dtype=np.float64)
     lengths = np.zeros(total, dtype=np.int64)
+    successes = np.full(total, np.nan, dtype=np.float64)
     envs = [make_env() for _ in range(max(1, min(max_parallel, total)))]
     if max_episode_steps is None:
         spec = getattr(envs[0], "spec", None)
@@ -112,11 +154,13 @@ def run_episodes(
             actions = policy(batch, [envs[s] for s in active])
             for slot, action in zip(active, actions):
                 ep, _ = slots[slot]
-                obs, reward, terminated, truncated, _ = envs[slot].step(
+                obs, reward, terminated, truncated, info = envs[slot].step(
                     action.item() if hasattr(action, "item") else action
                 )
                 returns[ep] += float(reward)
                 lengths[ep] += 1
+                if "is_success" in info:
+                    successes[ep] = float(bool(info["is_success"]))
                 if terminated or truncated or lengths[ep] >= max_episode_steps:
                     del slots[slot]
                     if next_episode < total:
@@ -129,7 +173,8 @@ def run_episodes(
                 env.close()
             except Exception:  # noqa: BLE001
                 pass
-    return EpisodeResults(returns, lengths, list(seeds), time.perf_counter() - t0)
+    reported = None if np.isnan(successes).all() else successes
+    return EpisodeResults(returns, lengths, list(seeds), time.perf_counter() - t0, reported)
 
 
 def finite_or_none(x: float) -> float | None:

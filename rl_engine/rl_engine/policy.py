@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .artifacts import ArtifactError, ArtifactStore
-from .ppo import load_agent
+from .networks import load_agent
 
 __all__ = ["Policy", "PolicyError", "InvalidObservation", "NonFinitePolicyOutput", "load_policy", "default_device"]
 
@@ -106,7 +106,7 @@ class Policy:
         Raises :class:`InvalidObservation` or :class:`NonFinitePolicyOutput`."""
         batch = self._as_batch(observations)
         x = torch.as_tensor(batch, device=self.device)
-        out = self.agent.actor(x)
+        out = self.agent.action_scores(x)
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).any(dim=-1).sum())
             raise NonFinitePolicyOutput(

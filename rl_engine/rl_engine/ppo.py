@@ -35,6 +35,7 @@ from torch import nn
 from torch.distributions.categorical import Categorical
 
 from .errors import NonFiniteLoss
+from .vector import as_tensor_env
 
 __all__ = [
     "PPOConfig",
@@ -71,6 +72,11 @@ class PPOConfig:
         target_kl: stop the epochs of an iteration early once the approximate KL
             exceeds this (``None`` = never).
         hidden_sizes: widths of the hidden ``tanh`` layers of the actor and the critic.
+        hicra: HICRA credit assignment (seed 003) settings for
+            :func:`rl_engine.hicra.build_hicra_from_dict`; ``None`` = off (raw rewards).
+            When set, the rollout rewards, viewed as ``N`` trajectories of length ``T``,
+            are replaced by the assigner's credits before GAE, and an iteration whose
+            credits are all zero skips its optimizer steps.
     """
 
     learning_rate: float = 2.5e-4
@@ -88,6 +94,7 @@ class PPOConfig:
     clip_vloss: bool = True
     target_kl: float | None = None
     hidden_sizes: tuple[int, ...] = (64, 64)
+    hicra: dict[str, Any] | None = None
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -153,6 +160,30 @@ class Agent(nn.Module):
         if action is None:
             action = dist.sample()
         return action, dist.log_prob(action), dist.entropy(), self.get_value(x)
+
+    @torch.no_grad()
+    def sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rollout-time sampling without building a ``Categorical``.
+
+        Gumbel-max sampling (``argmax(logits + Gumbel noise)`` is distributed as
+        ``softmax(logits)``; Gumbel 1954, see Maddison et al. 2014 arXiv:1411.0494) from the
+        global torch RNG, and ``log pi(a|s)`` from ``log_softmax``.
+
+        Args:
+            x: observations, shape ``(B, D)``.
+
+        Returns:
+            ``(action (B,) int64, log_prob (B,), value (B,))``.
+        """
+        logits = self.actor(x)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        noise = torch.empty_like(logits).exponential_().log_()
+        action = (logits - noise).argmax(dim=-1)
+        return action, log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1), self.get_value(x)
+
+    def action_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores whose argmax is the deterministic action (the actor's logits), ``(B, A)``."""
+        return self.actor(x)
 
     @torch.no_grad()
     def act_greedy(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,17 +279,20 @@ def _camel(snake: str) -> str:
 
 
 class PPOTrainer:
-    """Runs PPO iterations on a Gymnasium vector env.
+    """Runs PPO iterations on a vector env.
 
     Args:
-        envs: a ``gymnasium.vector.VectorEnv`` with ``autoreset_mode=SAME_STEP``, ``Box``
-            observations and ``Discrete`` actions.
+        envs: a ``gymnasium.vector.VectorEnv`` with ``autoreset_mode=SAME_STEP``, or a
+            torch-batched env (:mod:`rl_engine.torch_envs`), with ``Box`` observations and
+            ``Discrete`` actions (see :mod:`rl_engine.vector`).
         cfg: hyperparameters.
         num_iterations: iterations in the whole run (for LR annealing).
         seed: seeds the env resets, the action space and the minibatch shuffling (seed
             torch yourself before constructing the trainer, for the network init).
         device: torch device for the network and rollout buffers.
         recent_episodes: window for ``mean_episodic_return``.
+        hicra_registry: ``prometheus_client`` registry for the HICRA metrics (default
+            registry when ``None``).
     """
 
     def __init__(
@@ -269,8 +303,10 @@ class PPOTrainer:
         seed: int,
         device: torch.device,
         recent_episodes: int = 20,
+        hicra_registry: Any = None,
     ) -> None:
-        self.envs = envs
+        self.envs = as_tensor_env(envs, device)
+        envs = self.envs
         self.cfg = cfg
         self.num_iterations = max(1, num_iterations)
         self.device = device
@@ -283,8 +319,15 @@ class PPOTrainer:
         self.minibatches_per_epoch = math.ceil(self.batch_size / self.minibatch_size)
 
         self.agent = Agent(self.obs_dim, self.num_actions, cfg.hidden_sizes).to(device)
-        self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        self.optimizer = torch.optim.Adam(
+            self.agent.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=True
+        )
         self.rng = np.random.default_rng(seed)
+        self.hicra = None
+        if cfg.hicra is not None:
+            from .hicra import HICRACreditAssigner, build_hicra_from_dict
+
+            self.hicra = HICRACreditAssigner(build_hicra_from_dict(cfg.hicra), registry=hicra_registry)
 
         T, N = cfg.num_steps, self.num_envs
         self.obs = torch.zeros((T, N, self.obs_dim), device=device)
@@ -294,64 +337,69 @@ class PPOTrainer:
         self.dones = torch.zeros((T, N), device=device)
         self.values = torch.zeros((T, N), device=device)
 
-        envs.action_space.seed(seed)
-        first_obs, _ = envs.reset(seed=seed)
-        self.next_obs = self._to_tensor(first_obs)
+        self.next_obs = self.envs.reset(seed=seed)
         self.global_step = 0
         self.iteration = 0
-        self._ep_return = np.zeros(N, dtype=np.float64)
-        self._ep_length = np.zeros(N, dtype=np.int64)
+        self._ep_return = torch.zeros(N, dtype=torch.float64, device=device)
+        self._ep_length = torch.zeros(N, dtype=torch.int64, device=device)
         self.recent_returns: deque[float] = deque(maxlen=recent_episodes)
         self.recent_lengths: deque[int] = deque(maxlen=recent_episodes)
         self.episodes_finished = 0
+        self.last_rollout_successes: int | None = None
+        self.last_rollout_returns: list[float] = []
+        self.optimizer_steps_skipped = 0
         self._last_finite: dict[str, Any] | None = None
         self._rollout_nonfinite_reward = False
 
-    def _to_tensor(self, obs: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(obs, dtype=np.float32), device=self.device).reshape(
-            -1, self.obs_dim
-        )
-
+    @torch.no_grad()
     def collect_rollout(self) -> int:
-        """Fill the ``(T, N)`` buffers with one rollout; returns episodes finished in it."""
+        """Fill the ``(T, N)`` buffers with one rollout; returns episodes finished in it.
+
+        Also sets :attr:`last_rollout_successes` (episodes the env reported
+        ``is_success`` for, or ``None`` if it reports none).
+        """
         cfg = self.cfg
         finished = 0
-        self._rollout_nonfinite_reward = False
+        successes: int | None = None
+        episode_returns: list[float] = []
         for step in range(cfg.num_steps):
             self.global_step += self.num_envs
             self.obs[step] = self.next_obs
-            with torch.no_grad():
-                action, logprob, _, value = self.agent.get_action_and_value(self.next_obs)
+            action, logprob, value = self.agent.sample(self.next_obs)
             self.actions[step] = action
             self.logprobs[step] = logprob
             self.values[step] = value
 
-            obs, reward, terminated, truncated, info = self.envs.step(action.cpu().numpy())
-            reward = np.asarray(reward, dtype=np.float64)
-            done = np.logical_or(terminated, truncated)
-            if not np.all(np.isfinite(reward)):
-                self._rollout_nonfinite_reward = True
+            out = self.envs.step(action)
+            reward = out.reward
+            done = out.done
             self._ep_return += reward
             self._ep_length += 1
-            if done.any():
-                bootstrap = np.logical_and(truncated, np.logical_not(terminated))
-                if bootstrap.any():
-                    idx = np.nonzero(bootstrap)[0]
-                    final = np.stack([info["final_obs"][i] for i in idx])
-                    with torch.no_grad():
-                        v_final = self.agent.get_value(self._to_tensor(final)).cpu().numpy()
-                    reward = reward.copy()
-                    reward[idx] += cfg.gamma * v_final
-                for i in np.nonzero(done)[0]:
-                    self.recent_returns.append(float(self._ep_return[i]))
-                    self.recent_lengths.append(int(self._ep_length[i]))
-                    self._ep_return[i] = 0.0
-                    self._ep_length[i] = 0
-                    finished += 1
-            self.rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=self.device)
-            self.dones[step] = torch.as_tensor(done, dtype=torch.float32, device=self.device)
-            self.next_obs = self._to_tensor(obs)
+            if bool(done.any()):
+                bootstrap = out.truncated & ~out.terminated
+                if bool(bootstrap.any()):
+                    # Time-limit truncation: bootstrap with gamma * V(s_final) (Pardo et al.).
+                    reward = reward.clone()
+                    reward[bootstrap] += cfg.gamma * self.agent.get_value(out.final_obs[bootstrap])
+                ended = self._ep_return[done].tolist()
+                episode_returns.extend(ended)
+                self.recent_returns.extend(ended)
+                self.recent_lengths.extend(self._ep_length[done].tolist())
+                finished += int(done.sum())
+                self._ep_return[done] = 0.0
+                self._ep_length[done] = 0
+                if out.success is not None:
+                    known = out.success[done]
+                    known = known[~torch.isnan(known)]
+                    if known.numel():
+                        successes = (successes or 0) + int(known.sum())
+            self.rewards[step] = reward
+            self.dones[step] = done
+            self.next_obs = out.obs
+        self._rollout_nonfinite_reward = not bool(torch.isfinite(self.rewards).all())
         self.episodes_finished += finished
+        self.last_rollout_successes = successes
+        self.last_rollout_returns = episode_returns
         return finished
 
     def _fail(self, epoch: int, minibatch: int, losses: dict[str, float], what: str) -> None:
@@ -392,10 +440,18 @@ class PPOTrainer:
             self.optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
         lr = float(self.optimizer.param_groups[0]["lr"])
 
+        rewards = self.rewards
+        skip_steps = False
+        if self.hicra is not None:
+            from .hicra import credits_all_zero
+
+            # (T, N) -> N trajectories of length T (every step of a rollout is valid).
+            rewards = self.hicra(self.rewards.T.contiguous()).T.contiguous()
+            skip_steps = credits_all_zero(rewards)
         with torch.no_grad():
             next_value = agent.get_value(self.next_obs)
         advantages, returns = compute_gae(
-            self.rewards, self.values, self.dones, next_value, cfg.gamma, cfg.gae_lambda
+            rewards, self.values, self.dones, next_value, cfg.gamma, cfg.gae_lambda
         )
 
         b_obs = self.obs.reshape(-1, self.obs_dim)
@@ -453,6 +509,15 @@ class PPOTrainer:
                 if not all(math.isfinite(v) for v in losses.values()):
                     self._fail(epoch, mb_index, losses, "loss")
 
+                if skip_steps:
+                    # All-zero HICRA credits carry no learning signal (seed 003): no step.
+                    self.optimizer_steps_skipped += 1
+                    stats = {
+                        "policy_loss": losses["policyLoss"], "value_loss": losses["valueLoss"],
+                        "entropy": losses["entropy"], "old_approx_kl": old_approx_kl.item(),
+                        "approx_kl": approx_kl.item(),
+                    }
+                    continue
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = float(nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm))
@@ -534,28 +599,8 @@ def greedy_policy(agent: Agent, device: torch.device) -> Callable[..., np.ndarra
     return act
 
 
-def load_agent(uri: str, device: str | torch.device = "cpu") -> Agent:
-    """Rebuild the trained policy from an artifact (``policy.json`` + ``model.pt``).
+def load_agent(uri: str, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the trained network of an artifact; see :func:`rl_engine.networks.load_agent`."""
+    from .networks import load_agent as _load
 
-    Args:
-        uri: artifact root URI (fsspec), as written by ``python -m rl_engine.train``.
-        device: where to put the network.
-
-    Returns:
-        The :class:`Agent` in eval mode; ``agent.act_greedy(obs)`` gives the evaluated
-        deterministic policy.
-
-    Raises:
-        rl_engine.artifacts.ArtifactError: ``policy.json`` or ``model.pt`` is missing.
-    """
-    import io
-
-    from .artifacts import ArtifactStore
-
-    store = ArtifactStore(uri)
-    spec = store.read_json("policy.json")
-    agent = agent_from_spec(spec)
-    state = torch.load(io.BytesIO(store.read_bytes(spec.get("stateDict", "model.pt"))),
-                       map_location=device, weights_only=True)
-    agent.load_state_dict(state)
-    return agent.to(device).eval()
+    return _load(uri, device)

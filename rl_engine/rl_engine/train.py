@@ -42,11 +42,21 @@ from .artifacts import (
     compute_fingerprint,
     file_digests,
 )
-from .config import RunConfig, load_run_config
+from .config import DQNHyperparameters, RunConfig, load_run_config
+from .dqn import DQNConfig, DQNTrainer
 from .envs import make_vector_env, resolve_env_factory, space_description
 from .errors import InvalidConfig, TrainerFailure
-from .evaluation import EpisodeResults, random_policy, run_episodes
-from .ppo import PPOConfig, PPOTrainer, greedy_policy, policy_spec
+from .evaluation import (
+    EpisodeResults,
+    baseline_policy,
+    has_baseline,
+    improvement,
+    random_policy,
+    run_episodes,
+)
+from .networks import policy_spec
+from .ppo import PPOConfig, PPOTrainer, greedy_policy
+from .telemetry import TrainingTelemetry
 from .termination import write_termination_message
 
 __all__ = ["main", "run_training", "TrainingResult"]
@@ -114,7 +124,86 @@ def _ppo_config(cfg: RunConfig) -> PPOConfig:
         norm_adv=hp.norm_adv,
         clip_vloss=hp.clip_vloss,
         target_kl=hp.target_kl,
+        hidden_sizes=tuple(hp.hidden_sizes),
+        hicra=hp.hicra,
     )
+
+
+def _dqn_config(cfg: RunConfig) -> DQNConfig:
+    hp = cfg.algorithm.hyperparameters
+    fields = hp.model_dump(by_alias=False)
+    fields["hidden_sizes"] = tuple(fields["hidden_sizes"])
+    return DQNConfig(**fields)
+
+
+def select_device(choice: str) -> torch.device:
+    """``training.device``: ``auto`` = CUDA when ``torch.cuda.is_available()``, else CPU.
+
+    Raises:
+        InvalidConfig: ``cuda`` was asked for on a machine without CUDA.
+    """
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfig("training.device: cuda was requested but torch.cuda.is_available() "
+                            "is False on this node")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _make_envs(cfg: RunConfig, factory: Callable[[], gym.Env], device: torch.device) -> Any:
+    env = cfg.environment
+    if env.backend == "torch":
+        from .torch_envs import make_torch_env
+
+        return make_torch_env(env.id, env.num_envs, device, **env.kwargs)
+    return make_vector_env(factory, env.num_envs)
+
+
+def _make_trainer(cfg: RunConfig, envs: Any, device: torch.device) -> Any:
+    seed = cfg.training.seed
+    if isinstance(cfg.algorithm.hyperparameters, DQNHyperparameters):
+        return DQNTrainer(envs, _dqn_config(cfg), cfg.training.total_timesteps, seed, device)
+    ppo = _ppo_config(cfg)
+    if ppo.hicra is not None:
+        from .hicra import build_hicra_from_dict
+
+        build_hicra_from_dict(ppo.hicra, path="algorithm.hyperparameters.hicra")
+    return PPOTrainer(envs, ppo, cfg.num_iterations, seed, device)
+
+
+def _iteration_scalars(st: Any) -> dict[str, float | None]:
+    """The per-iteration numbers for the log line and telemetry (snake_case keys)."""
+    keys = ("mean_episodic_return", "mean_episodic_length", "steps_per_second",
+            "learning_rate", "policy_loss", "value_loss", "entropy", "approx_kl",
+            "clip_fraction", "explained_variance", "epsilon", "td_loss", "q_value")
+    return {k: getattr(st, k) for k in keys if hasattr(st, k)}
+
+
+_LOG_FORMAT = (("mean_episodic_return", "return", ".1f"), ("mean_episodic_length", "len", ".1f"),
+               ("policy_loss", "pg_loss", ".4f"), ("value_loss", "v_loss", ".4f"),
+               ("entropy", "entropy", ".4f"), ("approx_kl", "kl", ".5f"),
+               ("clip_fraction", "clipfrac", ".3f"), ("explained_variance", "ev", ".3f"),
+               ("epsilon", "eps", ".3f"), ("td_loss", "td_loss", ".4f"),
+               ("q_value", "q", ".2f"), ("learning_rate", "lr", ".3g"))
+
+
+def _iteration_line(st: Any, num_iterations: int, elapsed: float) -> str:
+    scalars = _iteration_scalars(st)
+    parts = [f"iter {st.iteration}/{num_iterations} step {st.global_step} "
+             f"sps {st.steps_per_second:.0f} avg_sps {st.global_step / max(elapsed, 1e-9):.0f}"]
+    parts += [f"{label} {_fmt(scalars[key], spec)}" for key, label, spec in _LOG_FORMAT
+              if key in scalars]
+    return " ".join(parts)
+
+
+def _successes(trainer: Any, st: Any, target: float | None) -> int | None:
+    """Successful episodes of the last iteration: the env's ``is_success`` where it reports
+    it, else (with a target) episodes whose return reached ``training.targetReturn``."""
+    if trainer.last_rollout_successes is not None:
+        return trainer.last_rollout_successes
+    if target is None or not trainer.last_rollout_returns:
+        return None
+    return sum(1 for r in trainer.last_rollout_returns if r >= target)
 
 
 def _evaluation_record(res: EpisodeResults) -> dict[str, Any]:
@@ -158,7 +247,7 @@ def run_training(
         raise InvalidConfig(f"artifactURI: {err}") from None
 
     stage.name = "setting up torch"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device(cfg.training.device)
     threads = None
     if device.type == "cpu":
         threads = int(os.environ.get("RLOPS_TORCH_THREADS", "1"))
@@ -168,6 +257,7 @@ def run_training(
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = True
+    algorithm = cfg.algorithm.name
 
     log(
         f"rlops trainer {__version__}: device={device} torch={torch.__version__} "
@@ -177,12 +267,17 @@ def run_training(
     )
 
     stage.name = "building the environment (environment.id)"
+    # Evaluation always steps the Gymnasium environment (the reference implementation),
+    # also when training uses the torch-batched one.
     factory = resolve_env_factory(cfg.environment)
-    envs = make_vector_env(factory, cfg.environment.num_envs)
+    envs = _make_envs(cfg, factory, device)
+    telemetry = TrainingTelemetry.from_env(
+        run=f"{cfg.namespace}/{cfg.run}", algorithm=algorithm, env_id=cfg.environment.id,
+        total_timesteps=cfg.training.total_timesteps, log=log,
+    )
     try:
-        ppo_cfg = _ppo_config(cfg)
+        trainer = _make_trainer(cfg, envs, device)
         num_iterations = cfg.num_iterations
-        trainer = PPOTrainer(envs, ppo_cfg, num_iterations, seed, device)
         eval_episodes = cfg.evaluation.episodes
         max_ep_steps = cfg.evaluation.max_episode_steps
         target = cfg.training.target_return
@@ -195,29 +290,28 @@ def run_training(
         periodic_eval_seconds = 0.0
         setup_seconds = time.perf_counter() - t_start
         log(
-            f"training PPO on {cfg.environment.id}: {cfg.environment.num_envs} envs x "
-            f"{ppo_cfg.num_steps} steps = batch {trainer.batch_size}, {num_iterations} "
-            f"iterations, {num_iterations * trainer.batch_size} timesteps, target "
-            f"{_fmt(target)} (setup {setup_seconds:.2f}s)"
+            f"training {algorithm} on {cfg.environment.id} ({cfg.environment.backend} "
+            f"backend): {cfg.environment.num_envs} envs, {trainer.batch_size} env steps per "
+            f"iteration, {num_iterations} iterations, {num_iterations * trainer.batch_size} "
+            f"timesteps, target {_fmt(target)} (setup {setup_seconds:.2f}s)"
         )
 
         t_train = time.perf_counter()
-        for _ in range(num_iterations):
-            stage.name = f"training (iteration {trainer.iteration + 1}/{num_iterations})"
-            st = trainer.train_iteration()
-            iterations.append({**st.to_json(), "elapsedSeconds": time.perf_counter() - t_train})
-            elapsed = time.perf_counter() - t_train
-            log(
-                f"iter {st.iteration}/{num_iterations} step {st.global_step} "
-                f"sps {st.steps_per_second:.0f} avg_sps {st.global_step / elapsed:.0f} "
-                f"return {_fmt(st.mean_episodic_return, '.1f')} "
-                f"len {_fmt(st.mean_episodic_length, '.1f')} "
-                f"pg_loss {st.policy_loss:.4f} v_loss {st.value_loss:.4f} "
-                f"entropy {st.entropy:.4f} kl {st.approx_kl:.5f} "
-                f"clipfrac {st.clip_fraction:.3f} ev {st.explained_variance:.3f} "
-                f"lr {st.learning_rate:.3g}"
-            )
-            if trainer.global_step - last_eval_step >= cfg.training.eval_interval:
+        with telemetry.run_span():
+            for _ in range(num_iterations):
+                stage.name = f"training (iteration {trainer.iteration + 1}/{num_iterations})"
+                with telemetry.iteration(trainer.iteration + 1):
+                    st = trainer.train_iteration()
+                    elapsed = time.perf_counter() - t_train
+                    iterations.append({**st.to_json(), "elapsedSeconds": elapsed})
+                    telemetry.record_iteration(
+                        st.iteration, st.global_step, _iteration_scalars(st),
+                        episodes=st.episodes_finished,
+                        successes=_successes(trainer, st, target),
+                    )
+                log(_iteration_line(st, num_iterations, elapsed))
+                if trainer.global_step - last_eval_step < cfg.training.eval_interval:
+                    continue
                 stage.name = f"periodic evaluation at step {trainer.global_step}"
                 last_eval_step = trainer.global_step
                 k = len(evaluations) + 1
@@ -227,12 +321,16 @@ def run_training(
                 )
                 periodic_eval_seconds += res.seconds
                 s = res.summary()
+                telemetry.record_evaluation(trainer.global_step, s["meanReturn"],
+                                            s["stdReturn"], s["successRate"])
                 passed = target is not None and s["meanReturn"] >= target
                 log(
                     f"eval {k} at step {trainer.global_step}: mean_return "
                     f"{s['meanReturn']:.2f} +- {s['stdReturn']:.2f} (min {s['minReturn']:.1f}, "
                     f"max {s['maxReturn']:.1f}, mean_len {s['meanLength']:.1f}, "
-                    f"{s['episodes']} episodes, {res.seconds:.2f}s)"
+                    + (f"success_rate {s['successRate']:.2f}, " if s["successRate"] is not None
+                       else "")
+                    + f"{s['episodes']} episodes, {res.seconds:.2f}s)"
                     + (f" >= target {target:g}, confirming on fresh seeds" if passed else "")
                 )
                 record = {
@@ -274,6 +372,7 @@ def run_training(
         training_seconds = time.perf_counter() - t_train
     finally:
         envs.close()
+        telemetry.close()
 
     timesteps = trainer.global_step
     sps = timesteps / max(training_seconds, 1e-9)
@@ -287,21 +386,47 @@ def run_training(
     final_seeds = _eval_seeds(seed, 0, eval_episodes)
     final = run_episodes(factory, policy, final_seeds, max_episode_steps=max_ep_steps)
     stage.name = "random-policy baseline evaluation"
-    baseline = run_episodes(factory, random_policy, final_seeds, max_episode_steps=max_ep_steps)
-    fs, bs = final.summary(), baseline.summary()
+    random_res = run_episodes(factory, random_policy, final_seeds, max_episode_steps=max_ep_steps)
+    env_baseline: EpisodeResults | None = None
+    probe = factory()
+    try:
+        with_baseline = has_baseline(probe)
+        baseline_name = getattr(probe.unwrapped, "baseline_name", "baseline")
+    finally:
+        probe.close()
+    if with_baseline:
+        stage.name = "environment-baseline evaluation"
+        env_baseline = run_episodes(factory, baseline_policy, final_seeds,
+                                    max_episode_steps=max_ep_steps)
+    fs, rs = final.summary(), random_res.summary()
     summary = {
         **fs,
-        "randomMeanReturn": bs["meanReturn"],
-        "randomStdReturn": bs["stdReturn"],
+        "randomMeanReturn": rs["meanReturn"],
+        "randomStdReturn": rs["stdReturn"],
+        "improvementOverRandom": improvement(fs["meanReturn"], rs["meanReturn"]),
         "deterministic": True,
         "targetReturn": target,
         "targetReached": bool(target is not None and fs["meanReturn"] >= target),
     }
+    baseline_text = ""
+    if env_baseline is not None:
+        es = env_baseline.summary()
+        summary.update({
+            "baselineName": baseline_name,
+            "baselineMeanReturn": es["meanReturn"],
+            "baselineStdReturn": es["stdReturn"],
+            "baselineSuccessRate": es["successRate"],
+            "improvementOverBaseline": improvement(fs["meanReturn"], es["meanReturn"]),
+        })
+        baseline_text = (f"; baseline {baseline_name} mean_return {es['meanReturn']:.2f} +- "
+                         f"{es['stdReturn']:.2f}")
     log(
         f"final evaluation: mean_return {fs['meanReturn']:.2f} +- {fs['stdReturn']:.2f} "
         f"(min {fs['minReturn']:.1f}, max {fs['maxReturn']:.1f}, mean_len "
-        f"{fs['meanLength']:.1f}, {fs['episodes']} episodes, {final.seconds:.2f}s); "
-        f"random policy mean_return {bs['meanReturn']:.2f} +- {bs['stdReturn']:.2f}"
+        f"{fs['meanLength']:.1f}, "
+        + (f"success_rate {fs['successRate']:.2f}, " if fs["successRate"] is not None else "")
+        + f"{fs['episodes']} episodes, {final.seconds:.2f}s); random policy mean_return "
+        f"{rs['meanReturn']:.2f} +- {rs['stdReturn']:.2f}{baseline_text}"
     )
 
     stage.name = "writing artifacts"
@@ -317,8 +442,8 @@ def run_training(
         "stateDict": "model.pt",
         "observationShape": list(obs_space.shape),
         "actionSpace": space_description(act_space),
-        "deterministicAction": "argmax of actor logits",
-        "loader": "rl_engine.ppo:load_agent",
+        "deterministicAction": "argmax of the network's action scores",
+        "loader": "rl_engine.networks:load_agent",
     })
     store.write_bytes(
         "config_snapshot.yaml",
@@ -330,7 +455,8 @@ def run_training(
     store.write_json("evaluation.json", {
         "summary": summary,
         "deterministic": _evaluation_record(final),
-        "randomBaseline": _evaluation_record(baseline),
+        "randomBaseline": _evaluation_record(random_res),
+        "environmentBaseline": None if env_baseline is None else _evaluation_record(env_baseline),
         "targetReachedDuringTraining": target_reached,
     })
     finished_at = _utc_now()
@@ -355,6 +481,7 @@ def run_training(
         "iterations": trainer.iteration,
         "plannedIterations": num_iterations,
         "stoppedEarly": target_reached,
+        "environmentBackend": cfg.environment.backend,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -368,7 +495,8 @@ def run_training(
             "setupSeconds": setup_seconds,
             "trainingSeconds": training_seconds,
             "periodicEvaluationSeconds": periodic_eval_seconds,
-            "finalEvaluationSeconds": final.seconds + baseline.seconds,
+            "finalEvaluationSeconds": final.seconds + random_res.seconds
+            + (env_baseline.seconds if env_baseline is not None else 0.0),
             "stepsPerSecond": sps,
         },
         "files": {
@@ -400,7 +528,9 @@ def run_training(
             "meanReturn": fs["meanReturn"],
             "stdReturn": fs["stdReturn"],
             "episodes": fs["episodes"],
-            "randomMeanReturn": bs["meanReturn"],
+            "randomMeanReturn": rs["meanReturn"],
+            **({"successRate": fs["successRate"]} if fs["successRate"] is not None else {}),
+            **({"baselineMeanReturn": summary["baselineMeanReturn"]} if env_baseline else {}),
             "timesteps": timesteps,
             "trainingSeconds": round(training_seconds, 3),
             "stepsPerSecond": round(sps, 1),

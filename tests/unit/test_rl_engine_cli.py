@@ -235,9 +235,14 @@ def test_config_file_and_missing_inputs(monkeypatch, tmp_path):
     assert code == 2 and "RLOPS_RUN_CONFIG" in msg["message"]
 
     bad = tmp_path / "run.yaml"
-    bad.write_text(yaml.safe_dump({**SHORT_RUN, "algorithm": {"name": "DQN"}}))
+    bad.write_text(yaml.safe_dump({**SHORT_RUN, "algorithm": {"name": "A2C"}}))
     code, msg = _main_with_env(monkeypatch, tmp_path, None, ["--config", str(bad)])
-    assert code == 2 and msg["message"].startswith("algorithm.name: DQN is not implemented yet")
+    assert code == 2 and msg["message"].startswith("algorithm.name: unknown algorithm 'A2C'")
+
+    hicra = {**SHORT_RUN, "algorithm": {"name": "PPO", "hyperparameters": {
+        "hicra": {"multiplier": 1.0, "plannerWeight": 2.0}}}}
+    code, msg = _main_with_env(monkeypatch, tmp_path, hicra)
+    assert code == 2 and msg["message"].startswith("algorithm.hyperparameters.hicra.multiplier:")
 
     code, msg = _main_with_env(monkeypatch, tmp_path, SHORT_RUN, ["--bogus-flag"])
     assert code == 2 and msg["message"].startswith("command line:")

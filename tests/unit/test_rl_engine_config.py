@@ -133,9 +133,31 @@ def test_several_errors_are_all_reported():
     assert "algorithm.hyperparameters.foo: unknown hyperparameter" in message
 
 
-def test_dqn_is_not_implemented_yet():
-    message = _error(_with("algorithm.name", "DQN"))
-    assert message.startswith("algorithm.name:") and "not implemented yet" in message
+def test_dqn_has_its_own_hyperparameters():
+    cfg = parse_run_config(_with("algorithm", {"name": "dqn", "hyperparameters": {"bufferSize": 5000, "doubleDQN": False}}))
+    assert cfg.algorithm.name == "DQN"
+    assert cfg.algorithm.hyperparameters.buffer_size == 5000
+    assert cfg.algorithm.hyperparameters.double_dqn is False
+    assert cfg.algorithm.hyperparameters.huber_delta == 1.0
+    # A PPO knob is unknown to DQN, and the error path has no union tag in it.
+    message = _error(_with("algorithm", {"name": "DQN", "hyperparameters": {"numSteps": 8}}))
+    assert message == "algorithm.hyperparameters.numSteps: unknown hyperparameter"
+    message = _error(_with("algorithm", {"name": "DQN", "hyperparameters": {"batchSize": 20000}}))
+    assert message.startswith("algorithm.hyperparameters.batchSize: must be <= bufferSize")
+
+
+def test_dqn_learning_starts_must_leave_room_to_learn():
+    raw = _with("algorithm", {"name": "DQN", "hyperparameters": {"learningStarts": 10**9}})
+    assert _error(raw).startswith("algorithm.hyperparameters.learningStarts:")
+
+
+def test_torch_backend_and_env_count_limits():
+    assert parse_run_config(_with("environment.backend", "torch")).environment.backend == "torch"
+    big = _with("environment.numEnvs", 4096)
+    assert _error(big).startswith("environment.numEnvs:") and "backend: torch" in _error(big)
+    big_torch = _with("environment.backend", "torch", _with("training.totalTimesteps", 10**6, big))
+    assert parse_run_config(big_torch).environment.num_envs == 4096
+    assert _error(_with("environment.backend", "jax")).startswith("environment.backend:")
 
 
 def test_unknown_algorithm():
