@@ -509,14 +509,16 @@ class PPOTrainer:
                 if not all(math.isfinite(v) for v in losses.values()):
                     self._fail(epoch, mb_index, losses, "loss")
 
+                stats = {
+                    "policy_loss": losses["policyLoss"],
+                    "value_loss": losses["valueLoss"],
+                    "entropy": losses["entropy"],
+                    "old_approx_kl": old_approx_kl.item(),
+                    "approx_kl": approx_kl.item(),
+                }
                 if skip_steps:
                     # All-zero HICRA credits carry no learning signal (seed 003): no step.
                     self.optimizer_steps_skipped += 1
-                    stats = {
-                        "policy_loss": losses["policyLoss"], "value_loss": losses["valueLoss"],
-                        "entropy": losses["entropy"], "old_approx_kl": old_approx_kl.item(),
-                        "approx_kl": approx_kl.item(),
-                    }
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -529,13 +531,6 @@ class PPOTrainer:
                     "epoch": epoch,
                     "minibatch": f"{mb_index}/{self.minibatches_per_epoch}",
                     "losses": losses,
-                }
-                stats = {
-                    "policy_loss": losses["policyLoss"],
-                    "value_loss": losses["valueLoss"],
-                    "entropy": losses["entropy"],
-                    "old_approx_kl": old_approx_kl.item(),
-                    "approx_kl": approx_kl.item(),
                 }
             if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
                 break

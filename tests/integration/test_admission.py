@@ -2,6 +2,8 @@
 
 import pytest
 
+from support import REPO
+
 AGENT = """apiVersion: rlops.dev/v1alpha1
 kind: RLAgent
 metadata:
@@ -22,8 +24,11 @@ spec:
         ("  environment: {id: CartPole-v1}\n  training: {totalTimesteps: 100, evalInterval: 1000}",
          "spec.training.evalInterval", "evalInterval must not exceed totalTimesteps"),
         ("  environment: {id: ''}", "spec.environment.id", "at least 1 chars long"),
+        ("  environment: {id: CartPole-v1, numEnvs: 4096}", "spec.environment.numEnvs",
+         "numEnvs above 1024 needs backend: torch"),
     ],
-    ids=["negative-gpu", "unknown-algorithm", "missing-environment", "cel-eval-interval", "empty-env-id"],
+    ids=["negative-gpu", "unknown-algorithm", "missing-environment", "cel-eval-interval", "empty-env-id",
+         "cel-num-envs-backend"],
 )
 def test_bad_agent_is_refused_naming_the_field(cluster, namespace, spec, field, why):
     proc = cluster.apply(AGENT.format(name="bad", spec=spec), namespace)
@@ -57,3 +62,17 @@ def test_rbac_is_enforced(cluster):
     assert can("patch", "trainingruns.rlops.dev", "--subresource=status", "--as", sa, "-A") == "yes"
     assert can("delete", "pods", "--as", sa, "-A") == "no"
     assert can("get", "secrets", "--as", sa, "-A") == "no"
+
+
+@pytest.mark.parametrize("sample", sorted(p.name for p in (REPO / "manifests" / "samples").glob("*.yaml")))
+def test_sample_manifests_are_accepted(cluster, namespace, sample):
+    """Every sample the docs point users at passes the API server's validation (dry run)."""
+    proc = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f",
+                           str(REPO / "manifests" / "samples" / sample), check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_torch_backend_allows_many_envs(cluster, namespace):
+    spec = "  environment: {id: CartPole-v1, numEnvs: 4096, backend: torch}\n  algorithm: {name: DQN}"
+    proc = cluster.apply(AGENT.format(name="many", spec=spec), namespace)
+    assert proc.returncode == 0, proc.stderr

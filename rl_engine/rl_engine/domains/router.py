@@ -57,6 +57,13 @@ Reward of one task (weights ``w`` from ``reward_weights``)::
 
 Default weights ``{"quality": 1.0, "latency": 0.5, "cost": 0.1}``.
 
+With ``reward_shaping`` set (e.g. ``{}``), the reward is seed 004's instead
+(``004_85a1da415e255767.txt``): :class:`rl_engine.rewards.RewardShaper` over the task's
+``task_completion``, ``efficiency``, ``code_quality`` and ``user_feedback`` components
+(:meth:`RouterEnv.reward_components`, reported in ``info["reward_components"]``), each
+z-scored over a trailing window of this env copy's tasks and mapped to [0, 1], weighted
+0.40 / 0.20 / 0.15 / 0.25 by default.
+
 Per-step ``info``:
 
 * ``depth`` (int >= 1): agent steps in the chosen collaboration.
@@ -185,6 +192,11 @@ class RouterEnv(gym.Env):
             defaults :data:`DEFAULT_REWARD_WEIGHTS`.
         success_threshold: task success rate in [0, 1] at which an episode counts as a
             success (``info["is_success"]``). Default 0.75.
+        reward_shaping: when given (``{}`` for the defaults, or ``{"weights": {...},
+            "window": 1000}``), the reward is seed 004's shaped reward instead:
+            :class:`rl_engine.rewards.RewardShaper` over the components in
+            ``info["reward_components"]`` (see :meth:`reward_components`), in [0, 1], all
+            credited to the last agent step. ``reward_weights`` is then unused.
         render_mode: only ``None`` is supported.
 
     Raises:
@@ -199,6 +211,7 @@ class RouterEnv(gym.Env):
         n_tasks: int = 32,
         reward_weights: Mapping[str, float] | None = None,
         success_threshold: float = 0.75,
+        reward_shaping: Mapping[str, Any] | None = None,
         render_mode: str | None = None,
     ) -> None:
         if isinstance(n_tasks, bool) or not isinstance(n_tasks, (int, np.integer)) or n_tasks < 1:
@@ -215,6 +228,11 @@ class RouterEnv(gym.Env):
         self.reward_weights = _validate_weights(reward_weights)
         self.success_threshold = float(success_threshold)
         self.render_mode = render_mode
+        self.shaper = None
+        if reward_shaping is not None:
+            from ..rewards import from_config
+
+            self.shaper = from_config(reward_shaping, path="environment.kwargs.reward_shaping")
 
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(OBS_DIM,), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(len(MODES))
@@ -269,6 +287,28 @@ class RouterEnv(gym.Env):
         costs = np.array([self._step_costs(m, u).sum() for m in range(len(MODES))])
         return self.reward_weights["quality"] * p - costs
 
+    def reward_components(self, mode: int, quality: float, success: bool,
+                          urgency: float) -> dict[str, float]:
+        """Seed 004's four reward components of one routed task (raw, before normalization).
+
+        * ``task_completion``: 1 when the task succeeded, else its quality (binary + partial
+          credit);
+        * ``efficiency``: the single agent's latency over this mode's (time vs baseline),
+          1.0 for solo down to 0.4 for the committee;
+        * ``code_quality``: the judge's quality grade of the delivered answer, in [0, 1];
+        * ``user_feedback``: a simulated thumbs up (1) or down (0), drawn with probability
+          ``quality * (1 - 0.5 * urgency * (1 - efficiency))`` (slow answers to urgent
+          tasks annoy users).
+        """
+        efficiency = sum(_STEP_LATENCY[0]) / sum(_STEP_LATENCY[mode])
+        p_up = quality * (1.0 - 0.5 * urgency * (1.0 - efficiency))
+        return {
+            "task_completion": 1.0 if success else quality,
+            "efficiency": efficiency,
+            "code_quality": quality,
+            "user_feedback": float(self.np_random.random() < p_up),
+        }
+
     def baseline_action(self, obs: np.ndarray) -> int:
         """The baseline router's action: always ``solo`` (0), whatever the task."""
         return 0
@@ -305,6 +345,11 @@ class RouterEnv(gym.Env):
         step_rewards = np.zeros(MAX_DEPTH, dtype=np.float32)
         per_step = -self._step_costs(mode, urgency)
         per_step[-1] += self.reward_weights["quality"] * quality
+        components = None
+        if self.shaper is not None:
+            components = self.reward_components(mode, quality, success, urgency)
+            per_step = np.zeros(depth)
+            per_step[-1] = self.shaper(components)
         step_rewards[:depth] = per_step
         reward = float(per_step.sum())
         step_mask = np.zeros(MAX_DEPTH, dtype=bool)
@@ -323,6 +368,8 @@ class RouterEnv(gym.Env):
             "latency_seconds": float(sum(_STEP_LATENCY[mode])),
             "cost_units": float(sum(_STEP_COST[mode])),
         }
+        if components is not None:
+            info["reward_components"] = components
         if terminated:
             rate = self._successes / self.n_tasks
             info["success_rate"] = rate
