@@ -89,9 +89,14 @@ class GymTensorEnv:
 
     def _t(self, x: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         arr = np.asarray(x)
-        if dtype == torch.float32:
-            arr = arr.astype(np.float32, copy=False)
-        return torch.as_tensor(arr, dtype=dtype, device=self.device)
+        if dtype == torch.float32 and arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        elif dtype == torch.bool and arr.dtype != np.bool_:
+            arr = arr.astype(np.bool_)
+        # from_numpy shares memory (cheaper than as_tensor); a copy happens only to move to
+        # another device.
+        out = torch.from_numpy(np.ascontiguousarray(arr))
+        return out if self.device.type == "cpu" else out.to(self.device)
 
     def reset(self, seed: int | None = None) -> torch.Tensor:
         """Reset every copy; returns observations ``(N, D)``."""
