@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: services ray-up ray-down bench-serve demo test test-unit test-integration test-e2e venv binaries cluster-up cluster-down install crds clean
+.PHONY: services ray-up ray-down bench-serve bench-train demo test test-unit test-integration test-e2e venv binaries cluster-up cluster-down install crds clean
 
 demo: ## the local demo: control plane + node agent + operator, then train manifests/samples/cartpole.yaml
 	bash hack/demo.sh
@@ -42,6 +42,10 @@ ray-down:
 
 bench-serve: venv ## the router's overhead vs calling the policy deployment directly (docs/benchmarks.md)
 	$(PY) hack/bench/serve_overhead.py --requests 2000 --concurrency 1 8
+
+bench-train: venv ## our PPO/DQN vs Stable-Baselines3 and CleanRL on CartPole-v1 (docs/benchmarks.md; ~10 min)
+	bash hack/setup-bench-venv.sh
+	.venv-bench/bin/python hack/bench/train_bench.py --seeds 1 2 3 4 5 --json /tmp/train-bench.json
 
 crds: venv ## regenerate crds/ from operator/rl_operator/models.py
 	$(PY) -m rl_operator.crdgen crds

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import NonFiniteLoss
-from .vector import as_tensor_env
+from .vector import EpisodeTracker, as_tensor_env, count_successes
 
 __all__ = ["DQNConfig", "QNetwork", "ReplayBuffer", "DQNTrainer", "DQNIterationStats",
            "linear_schedule", "td_targets"]
@@ -267,8 +267,7 @@ class DQNTrainer:
         self.gradient_steps_done = 0
         self._next_train = cfg.learning_starts + cfg.train_frequency
         self._next_target = cfg.learning_starts + cfg.target_network_frequency
-        self._ep_return = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
-        self._ep_length = torch.zeros(self.num_envs, dtype=torch.int64, device=device)
+        self.episodes = EpisodeTracker(self.num_envs)
         self.recent_returns: deque[float] = deque(maxlen=recent_episodes)
         self.recent_lengths: deque[int] = deque(maxlen=recent_episodes)
         self.episodes_finished = 0
@@ -376,9 +375,9 @@ class DQNTrainer:
         cfg = self.cfg
         self.iteration += 1
         t0 = time.perf_counter()
-        finished = 0
         successes: int | None = None
-        episode_returns: list[float] = []
+        step_rewards: list[torch.Tensor] = []
+        step_dones: list[torch.Tensor] = []
         phases: list[torch.Tensor] = []
         steps_before = self.gradient_steps_done
         for _ in range(self.vector_steps_per_iteration):
@@ -387,23 +386,15 @@ class DQNTrainer:
             out = self.envs.step(actions)
             self.global_step += self.num_envs
             done = out.done
-            self._ep_return += out.reward
-            self._ep_length += 1
+            step_rewards.append(out.reward)
+            step_dones.append(done)
             next_obs = out.obs
             if bool(done.any()):
                 next_obs = torch.where(done.unsqueeze(-1), out.final_obs, out.obs)
-                ended = self._ep_return[done].tolist()
-                episode_returns.extend(ended)
-                self.recent_returns.extend(ended)
-                self.recent_lengths.extend(self._ep_length[done].tolist())
-                finished += int(done.sum())
-                self._ep_return[done] = 0.0
-                self._ep_length[done] = 0
                 if out.success is not None:
-                    known = out.success[done]
-                    known = known[~torch.isnan(known)]
-                    if known.numel():
-                        successes = (successes or 0) + int(known.sum())
+                    done_successes = count_successes(out.success.cpu().numpy(), done.cpu().numpy())
+                    if done_successes is not None:
+                        successes = (successes or 0) + done_successes
             self.buffer.add(obs, actions, out.reward, next_obs, out.terminated)
             self.next_obs = out.obs
             while self.global_step >= self._next_train:
@@ -419,6 +410,11 @@ class DQNTrainer:
             if not all(bool(torch.isfinite(p).all()) for p in self.agent.parameters()):
                 self._fail("network parameters after an optimizer step",
                            {"tdLoss": td_loss, "qValue": q_value})
+        episode_returns, lengths = self.episodes.record(torch.stack(step_rewards),
+                                                        torch.stack(step_dones))
+        finished = len(episode_returns)
+        self.recent_returns.extend(episode_returns)
+        self.recent_lengths.extend(lengths)
         self.episodes_finished += finished
         self.last_rollout_successes = successes
         self.last_rollout_returns = episode_returns

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 from torch.distributions.categorical import Categorical
 
+from .actor_critic import FlatActorCritic, PPOLossCoefficients, host_actor_logits, loss_values
 from .errors import NonFiniteLoss
-from .vector import as_tensor_env
+from .vector import EpisodeTracker, GymTensorEnv, as_tensor_env, count_successes
 
 __all__ = [
     "PPOConfig",
@@ -163,18 +164,6 @@ class Agent(nn.Module):
         log_prob = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         return action, log_prob, entropy, self.get_value(x)
 
-    @torch.no_grad()
-    def sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rollout-time sampling; the same distribution as :meth:`get_action_and_value`.
-
-        Args:
-            x: observations, shape ``(B, D)``.
-
-        Returns:
-            ``(action (B,) int64, log_prob (B,), value (B,))``.
-        """
-        return RolloutNetwork(self).sample(x)
-
     def action_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Scores whose argmax is the deterministic action (the actor's logits), ``(B, A)``."""
         return self.actor(x)
@@ -185,59 +174,15 @@ class Agent(nn.Module):
         return self.actor(x).argmax(dim=-1)
 
 
-class RolloutNetwork:
-    """A frozen, fused copy of an :class:`Agent` for acting during a rollout.
+def gumbel_noise(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``log E`` with ``E ~ Exp(1)``, from the global torch RNG, of ``shape``.
 
-    The actor's and the critic's layers run side by side: the first layers as one
-    ``(B, D) x (D, 2H)`` product, deeper hidden layers as one batched product over the
-    stacked ``(2, H, H)`` weights, so a step costs about half the tensor calls of two
-    separate ``nn.Sequential`` passes (the weights do not change within a rollout). The
-    outputs equal the modules' up to float rounding (tested).
-
-    Args:
-        agent: the agent whose current weights to copy (detached).
+    ``argmax(logits - gumbel_noise(...))`` is distributed as ``softmax(logits)``: the
+    Gumbel-max trick (``-log E`` is standard Gumbel; Gumbel 1954, Maddison et al. 2014,
+    arXiv:1411.0494). A rollout draws its ``(T, N, A)`` noise at once, so sampling an
+    action costs one subtraction and one argmax per step.
     """
-
-    def __init__(self, agent: Agent) -> None:
-        actor = [m for m in agent.actor if isinstance(m, nn.Linear)]
-        critic = [m for m in agent.critic if isinstance(m, nn.Linear)]
-        with torch.no_grad():
-            self.w_in = torch.cat([actor[0].weight, critic[0].weight]).t().contiguous()
-            self.b_in = torch.cat([actor[0].bias, critic[0].bias]).clone()
-            self.hidden = [
-                (torch.stack([a.weight.t(), c.weight.t()]).contiguous(),
-                 torch.stack([a.bias, c.bias]).unsqueeze(1).clone())
-                for a, c in zip(actor[1:-1], critic[1:-1])
-            ]
-            self.w_pi, self.b_pi = actor[-1].weight.t().contiguous(), actor[-1].bias.clone()
-            self.w_v, self.b_v = critic[-1].weight.t().contiguous(), critic[-1].bias.clone()
-        self.width = actor[0].out_features
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits (B, A), value (B,))`` for observations ``(B, D)``."""
-        h = torch.tanh(torch.addmm(self.b_in, x, self.w_in))
-        h = h.view(x.shape[0], 2, self.width).transpose(0, 1)
-        for w, b in self.hidden:
-            h = torch.tanh(torch.baddbmm(b, h, w))
-        logits = torch.addmm(self.b_pi, h[0], self.w_pi)
-        value = torch.addmm(self.b_v, h[1], self.w_v).squeeze(-1)
-        return logits, value
-
-    @torch.no_grad()
-    def sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample actions with the Gumbel-max trick (``argmax(logits + G)``, ``G`` standard
-        Gumbel, is distributed as ``softmax(logits)``; Gumbel 1954, Maddison et al. 2014
-        arXiv:1411.0494), from the global torch RNG.
-
-        Returns:
-            ``(action (B,) int64, log_prob (B,), value (B,))``.
-        """
-        logits, value = self.forward(x)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        noise = torch.empty_like(logits).exponential_().log_()
-        action = (logits - noise).argmax(dim=-1)
-        return action, log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1), value
+    return torch.empty(shape, device=device).exponential_().log_()
 
 
 def policy_spec(agent: Agent) -> dict[str, Any]:
@@ -284,15 +229,21 @@ def compute_gae(
         ``(advantages, returns)``, each ``(T, N)``; ``returns = advantages + values`` (the
         TD(lambda) value targets).
     """
-    num_steps = rewards.shape[0]
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(next_value)
-    for t in reversed(range(num_steps)):
-        nonterminal = 1.0 - dones[t]
-        following = next_value if t == num_steps - 1 else values[t + 1]
-        delta = rewards[t] + gamma * following * nonterminal - values[t]
-        last_gae = delta + gamma * gae_lambda * nonterminal * last_gae
-        advantages[t] = last_gae
+    nonterminal = 1.0 - dones
+    following = torch.cat((values[1:], next_value.unsqueeze(0)))  # V(s_{t+1})
+    deltas = rewards + gamma * following * nonterminal - values
+    decay = (gamma * gae_lambda) * nonterminal
+    advantages = torch.empty_like(rewards)
+    if advantages.device.type == "cpu":
+        # The same recursion in numpy (views of the tensors): a fraction of the per-call cost.
+        d, k, adv = deltas.detach().numpy(), decay.detach().numpy(), advantages.numpy()
+        last = np.zeros_like(adv[0])
+        for t in reversed(range(rewards.shape[0])):
+            last = adv[t] = d[t] + k[t] * last
+    else:
+        last_gae = torch.zeros_like(next_value)
+        for t in reversed(range(rewards.shape[0])):
+            last_gae = torch.addcmul(deltas[t], decay[t], last_gae, out=advantages[t])
     return advantages, advantages + values
 
 
@@ -368,9 +319,13 @@ class PPOTrainer:
         self.minibatches_per_epoch = math.ceil(self.batch_size / self.minibatch_size)
 
         self.agent = Agent(self.obs_dim, self.num_actions, cfg.hidden_sizes).to(device)
-        self.optimizer = torch.optim.Adam(
-            self.agent.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=True
-        )
+        # The agent's parameters become views of one flat tensor: the update writes the
+        # PPO gradient there by hand and Adam steps that one tensor (rl_engine.actor_critic).
+        self.net = FlatActorCritic(self.agent)
+        self.optimizer = torch.optim.Adam([self.net.flat], lr=cfg.learning_rate, eps=1e-5, fused=True)
+        self.loss_coefficients = PPOLossCoefficients(
+            clip_coef=cfg.clip_coef, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
+            norm_adv=cfg.norm_adv, clip_vloss=cfg.clip_vloss)
         self.rng = np.random.default_rng(seed)
         self.hicra = None
         if cfg.hicra is not None:
@@ -384,13 +339,20 @@ class PPOTrainer:
         self.logprobs = torch.zeros((T, N), device=device)
         self.rewards = torch.zeros((T, N), device=device)
         self.dones = torch.zeros((T, N), device=device)
+        self._host: dict[str, torch.Tensor] = {}
+        """Host buffers of a Gymnasium env's rollout (the buffers themselves on the CPU)."""
+        if isinstance(self.envs, GymTensorEnv):
+            for key in ("obs", "actions", "rewards", "dones"):
+                buf = getattr(self, key)
+                self._host[key] = buf if buf.device.type == "cpu" else torch.zeros_like(buf, device="cpu")
         self.values = torch.zeros((T, N), device=device)
+        self.next_value = torch.zeros(N, device=device)
+        """``V(s_T)`` of the observation after the last rollout, ``(N,)``."""
 
         self.next_obs = self.envs.reset(seed=seed)
         self.global_step = 0
         self.iteration = 0
-        self._ep_return = torch.zeros(N, dtype=torch.float64, device=device)
-        self._ep_length = torch.zeros(N, dtype=torch.int64, device=device)
+        self.episodes = EpisodeTracker(N)
         self.recent_returns: deque[float] = deque(maxlen=recent_episodes)
         self.recent_lengths: deque[int] = deque(maxlen=recent_episodes)
         self.episodes_finished = 0
@@ -404,53 +366,107 @@ class PPOTrainer:
     def collect_rollout(self) -> int:
         """Fill the ``(T, N)`` buffers with one rollout; returns episodes finished in it.
 
-        Also sets :attr:`last_rollout_successes` (episodes the env reported
+        Per step only the actor runs (Gumbel-max sampling, the noise drawn for the whole
+        rollout at once); the log-probabilities, the values, ``V(s_T)`` and the bootstrap
+        values of truncated episodes come from one batched forward pass after the last
+        step, with the same weights. A Gymnasium vector env steps on the host, so its
+        rollout runs there in numpy (a host copy of the actor; no per-step tensor calls)
+        and reaches the training device once; a torch-batched env's rollout stays on its
+        device. Also sets :attr:`last_rollout_successes` (episodes the env reported
         ``is_success`` for, or ``None`` if it reports none).
         """
         cfg = self.cfg
-        finished = 0
-        successes: int | None = None
-        episode_returns: list[float] = []
-        policy = RolloutNetwork(self.agent)
-        for step in range(cfg.num_steps):
-            self.global_step += self.num_envs
-            self.obs[step] = self.next_obs
-            action, logprob, value = policy.sample(self.next_obs)
-            self.actions[step] = action
-            self.logprobs[step] = logprob
-            self.values[step] = value
+        T, N = cfg.num_steps, self.num_envs
+        if isinstance(self.envs, GymTensorEnv):
+            truncations, successes = self._rollout_on_host()
+        else:
+            truncations, successes = self._rollout_on_device()
+        self.global_step += T * N
 
-            out = self.envs.step(action)
-            reward = out.reward
+        ended, lengths = self.episodes.record(self.rewards, self.dones)
+        self.recent_returns.extend(ended)
+        self.recent_lengths.extend(lengths)
+        self.episodes_finished += len(ended)
+        self.last_rollout_successes = successes
+        self.last_rollout_returns = ended
+
+        # One forward pass: the rollout's observations, s_T, and truncated final states.
+        batch = T * N
+        inputs = [self.obs.view(batch, self.obs_dim), self.next_obs]
+        inputs += [final for _, _, final in truncations]
+        logits, values = self.net.forward(torch.cat(inputs))
+        log_probs = torch.log_softmax(logits[:batch], dim=-1)
+        self.logprobs.copy_(log_probs.gather(-1, self.actions.view(batch, 1)).view(T, N))
+        self.values.copy_(values[:batch].view(T, N))
+        self.next_value.copy_(values[batch : batch + N])
+        offset = batch + N
+        for step, bootstrap, final in truncations:
+            # Time-limit truncation: bootstrap with gamma * V(s_final) (Pardo et al.).
+            self.rewards[step, bootstrap] += cfg.gamma * values[offset : offset + len(final)]
+            offset += len(final)
+        self._rollout_nonfinite_reward = not bool(torch.isfinite(self.rewards).all())
+        return len(ended)
+
+    Truncations = list[tuple[int, torch.Tensor, torch.Tensor]]
+    """``(step, bootstrap mask (N,) bool, final observations of those rows (K, D))``."""
+
+    def _rollout_on_host(self) -> tuple[Truncations, int | None]:
+        """The rollout loop for a Gymnasium vector env, in numpy on the host."""
+        T, N = self.cfg.num_steps, self.num_envs
+        host = self._host
+        obs, actions, rewards, dones = (host[k].numpy() for k in ("obs", "actions", "rewards", "dones"))
+        layers = self.net.host_actor()
+        noise = gumbel_noise((T, N, self.num_actions), torch.device("cpu")).numpy()
+        step_env = self.envs.step_numpy
+        truncations: PPOTrainer.Truncations = []
+        successes: int | None = None
+        next_obs = self.next_obs.cpu().numpy()
+        for step in range(T):
+            obs[step] = next_obs
+            np.argmax(host_actor_logits(layers, next_obs) - noise[step], axis=-1, out=actions[step])
+            out = step_env(actions[step])
+            rewards[step] = out.reward
+            dones[step] = out.done
+            if out.final_obs is not None:  # some copy finished
+                bootstrap = out.truncated & ~out.terminated
+                if bootstrap.any():
+                    truncations.append((step, torch.from_numpy(bootstrap).to(self.device),
+                                        torch.from_numpy(out.final_obs[bootstrap]).to(self.device)))
+                done_successes = count_successes(out.success, out.done)
+                if done_successes is not None:
+                    successes = (successes or 0) + done_successes
+            next_obs = out.obs
+        self.next_obs = torch.from_numpy(next_obs).to(self.device)
+        if self.device.type != "cpu":  # on the CPU the buffers are these host tensors
+            for key in ("obs", "actions", "rewards", "dones"):
+                getattr(self, key).copy_(host[key])
+        return truncations, successes
+
+    def _rollout_on_device(self) -> tuple[Truncations, int | None]:
+        """The rollout loop for a torch-batched env, in tensor ops on its device."""
+        T, N = self.cfg.num_steps, self.num_envs
+        net = self.net
+        noise = gumbel_noise((T, N, self.num_actions), self.device)
+        truncations: PPOTrainer.Truncations = []
+        successes: int | None = None
+        for step in range(T):
+            self.obs[step] = self.next_obs
+            logits = net.actor_logits(self.next_obs)
+            torch.argmax(logits.sub_(noise[step]), dim=-1, out=self.actions[step])
+            out = self.envs.step(self.actions[step])
+            self.rewards[step] = out.reward
             done = out.done
-            self._ep_return += reward
-            self._ep_length += 1
+            self.dones[step] = done
             if bool(done.any()):
                 bootstrap = out.truncated & ~out.terminated
                 if bool(bootstrap.any()):
-                    # Time-limit truncation: bootstrap with gamma * V(s_final) (Pardo et al.).
-                    reward = reward.clone()
-                    reward[bootstrap] += cfg.gamma * policy.forward(out.final_obs[bootstrap])[1]
-                ended = self._ep_return[done].tolist()
-                episode_returns.extend(ended)
-                self.recent_returns.extend(ended)
-                self.recent_lengths.extend(self._ep_length[done].tolist())
-                finished += int(done.sum())
-                self._ep_return[done] = 0.0
-                self._ep_length[done] = 0
+                    truncations.append((step, bootstrap, out.final_obs[bootstrap]))
                 if out.success is not None:
-                    known = out.success[done]
-                    known = known[~torch.isnan(known)]
-                    if known.numel():
-                        successes = (successes or 0) + int(known.sum())
-            self.rewards[step] = reward
-            self.dones[step] = done
+                    done_successes = count_successes(out.success.cpu().numpy(), done.cpu().numpy())
+                    if done_successes is not None:
+                        successes = (successes or 0) + done_successes
             self.next_obs = out.obs
-        self._rollout_nonfinite_reward = not bool(torch.isfinite(self.rewards).all())
-        self.episodes_finished += finished
-        self.last_rollout_successes = successes
-        self.last_rollout_returns = episode_returns
-        return finished
+        return truncations, successes
 
     def _fail(self, epoch: int, minibatch: int, losses: dict[str, float], what: str) -> None:
         shown = ", ".join(f"{k}={v:.6g}" for k, v in losses.items())
@@ -474,17 +490,21 @@ class PPOTrainer:
     def update(self) -> dict[str, float]:
         """GAE + ``update_epochs`` epochs of clipped-PPO minibatch updates.
 
+        The gradient of each minibatch is computed by hand
+        (:meth:`rl_engine.actor_critic.FlatActorCritic.ppo_loss_and_grad`, equal to
+        autograd's through :meth:`Agent.get_action_and_value` up to rounding); one host
+        sync per minibatch reads its losses and gradient norm.
+
         Returns:
             Loss metrics of the last minibatch (``policy_loss``, ``value_loss``,
-            ``entropy``, ``old_approx_kl``, ``approx_kl``), ``clip_fraction`` averaged
-            over all minibatches, ``explained_variance`` of the value targets and the
+            ``entropy``, ``old_approx_kl``, ``approx_kl``), ``clip_fraction`` over all
+            scored rows, ``explained_variance`` of the value targets and the
             ``learning_rate`` used.
 
         Raises:
             NonFiniteLoss: a loss, the gradient norm or a parameter became NaN/inf.
         """
         cfg = self.cfg
-        agent = self.agent
         if cfg.anneal_lr:
             frac = 1.0 - (self.iteration - 1.0) / self.num_iterations
             self.optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
@@ -498,83 +518,55 @@ class PPOTrainer:
             # (T, N) -> N trajectories of length T (every step of a rollout is valid).
             rewards = self.hicra(self.rewards.T.contiguous()).T.contiguous()
             skip_steps = credits_all_zero(rewards)
-        with torch.no_grad():
-            next_value = agent.get_value(self.next_obs)
         advantages, returns = compute_gae(
-            rewards, self.values, self.dones, next_value, cfg.gamma, cfg.gae_lambda
+            rewards, self.values, self.dones, self.next_value, cfg.gamma, cfg.gae_lambda
         )
 
-        b_obs = self.obs.reshape(-1, self.obs_dim)
-        b_logprobs = self.logprobs.reshape(-1)
-        b_actions = self.actions.reshape(-1)
-        b_advantages = advantages.reshape(-1)
-        b_returns = returns.reshape(-1)
+        # One (B, D + A + 4) table, shuffled once per epoch; minibatches are row slices.
+        D, A = self.obs_dim, self.num_actions
         b_values = self.values.reshape(-1)
+        b_returns = returns.reshape(-1)
+        table = torch.cat((
+            self.obs.reshape(-1, D),
+            nn.functional.one_hot(self.actions.reshape(-1), A).to(self.obs.dtype),
+            torch.stack((self.logprobs.reshape(-1), advantages.reshape(-1), b_returns, b_values), 1),
+        ), 1)
 
-        clipfracs: list[float] = []
+        net = self.net
+        clipped_rows = 0.0
+        scored_rows = 0
         stats: dict[str, float] = {}
-        b_inds = np.arange(self.batch_size)
         for epoch in range(1, cfg.update_epochs + 1):
-            self.rng.shuffle(b_inds)
+            order = torch.from_numpy(self.rng.permutation(self.batch_size)).to(self.device)
+            shuffled = table.index_select(0, order)
             for mb_index, start in enumerate(range(0, self.batch_size, self.minibatch_size), 1):
-                mb_np = b_inds[start : start + self.minibatch_size]
-                mb = torch.as_tensor(mb_np, device=self.device)
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(
-                    b_obs[mb], b_actions[mb]
-                )
-                logratio = newlogprob - b_logprobs[mb]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs.append(((ratio - 1.0).abs() > cfg.clip_coef).float().mean().item())
-
-                mb_adv = b_advantages[mb]
-                if cfg.norm_adv and mb_adv.numel() > 1:
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-
-                # Clipped surrogate objective (arXiv:1707.06347, eq. 7), as a loss.
-                pg_loss1 = -mb_adv * ratio
-                pg_loss2 = -mb_adv * torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                if cfg.clip_vloss:
-                    v_unclipped = (newvalue - b_returns[mb]) ** 2
-                    v_clipped = b_values[mb] + torch.clamp(
-                        newvalue - b_values[mb], -cfg.clip_coef, cfg.clip_coef
-                    )
-                    v_loss = 0.5 * torch.max(v_unclipped, (v_clipped - b_returns[mb]) ** 2).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
-
-                entropy_loss = entropy.mean()
-                loss = pg_loss - cfg.ent_coef * entropy_loss + cfg.vf_coef * v_loss
-
-                losses = {
-                    "loss": loss.item(),
-                    "policyLoss": pg_loss.item(),
-                    "valueLoss": v_loss.item(),
-                    "entropy": entropy_loss.item(),
-                }
+                rows = shuffled[start : start + self.minibatch_size]
+                last = mb_index == self.minibatches_per_epoch
+                values, kl = net.ppo_loss_and_grad(
+                    rows[:, :D], rows[:, D : D + A], rows[:, D + A], rows[:, D + A + 1],
+                    rows[:, D + A + 2], rows[:, D + A + 3], self.loss_coefficients, want_kl=last)
+                got = loss_values(values.tolist(), self.loss_coefficients)
+                grad_norm = got.pop("gradNorm")
+                clipped = got.pop("clipped")
+                losses = got
                 if not all(math.isfinite(v) for v in losses.values()):
                     self._fail(epoch, mb_index, losses, "loss")
-
-                stats = {
-                    "policy_loss": losses["policyLoss"],
-                    "value_loss": losses["valueLoss"],
-                    "entropy": losses["entropy"],
-                    "old_approx_kl": old_approx_kl.item(),
-                    "approx_kl": approx_kl.item(),
-                }
+                clipped_rows += clipped
+                scored_rows += len(rows)
+                stats.update(policy_loss=got["policyLoss"], value_loss=got["valueLoss"],
+                             entropy=got["entropy"])
+                if kl is not None:
+                    stats["old_approx_kl"], stats["approx_kl"] = kl.tolist()
                 if skip_steps:
                     # All-zero HICRA credits carry no learning signal (seed 003): no step.
                     self.optimizer_steps_skipped += 1
                     continue
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm))
                 if not math.isfinite(grad_norm):
                     self._fail(epoch, mb_index, {**losses, "gradNorm": grad_norm}, "gradient norm")
+                # Global-norm clipping with torch.nn.utils.clip_grad_norm_'s rule.
+                clip = cfg.max_grad_norm / (grad_norm + 1e-6)
+                if clip < 1.0:
+                    net.grad.mul_(clip)
                 self.optimizer.step()
                 self._last_finite = {
                     "iteration": self.iteration,
@@ -587,14 +579,14 @@ class PPOTrainer:
 
         # A finite loss and gradient can still overflow the weights in Adam's step; the
         # next minibatch's loss catches that, and this check covers the last one.
-        if not all(bool(torch.isfinite(p).all()) for p in agent.parameters()):
+        if not bool(torch.isfinite(net.flat).all()):
             self._fail(epoch, mb_index, stats, "network parameters after the last optimizer step")
 
         y_pred = b_values.cpu().numpy()
         y_true = b_returns.cpu().numpy()
         var_y = float(np.var(y_true))
         explained_var = float("nan") if var_y == 0 else 1.0 - float(np.var(y_true - y_pred)) / var_y
-        stats["clip_fraction"] = float(np.mean(clipfracs))
+        stats["clip_fraction"] = clipped_rows / max(scored_rows, 1)
         stats["explained_variance"] = explained_var
         stats["learning_rate"] = lr
         return stats

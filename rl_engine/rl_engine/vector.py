@@ -22,7 +22,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-__all__ = ["VecStep", "TensorVecEnv", "GymTensorEnv", "TorchBatchedEnv", "as_tensor_env"]
+__all__ = [
+    "VecStep", "HostStep", "count_successes", "TensorVecEnv", "GymTensorEnv", "TorchBatchedEnv", "as_tensor_env", "EpisodeTracker",
+]
 
 
 @dataclass
@@ -54,6 +56,31 @@ class VecStep:
     def done(self) -> torch.Tensor:
         """``terminated | truncated``, ``(N,)`` bool."""
         return self.terminated | self.truncated
+
+
+@dataclass
+class HostStep:
+    """:class:`VecStep`'s fields as numpy arrays on the host (same shapes and meanings),
+    plus ``done`` = ``terminated | truncated``; ``final_obs`` and ``success`` are ``None``
+    unless a copy finished."""
+
+    obs: np.ndarray
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    done: np.ndarray
+    final_obs: np.ndarray | None
+    success: np.ndarray | None
+
+
+def count_successes(success: np.ndarray | None, done: np.ndarray) -> int | None:
+    """Episodes that ended with ``is_success`` true, among ``done`` rows whose success is
+    known (not NaN); ``None`` when no ended row reported it."""
+    if success is None:
+        return None
+    known = success[done]
+    known = known[~np.isnan(known)]
+    return int(known.sum()) if known.size else None
 
 
 class TensorVecEnv(Protocol):
@@ -104,31 +131,46 @@ class GymTensorEnv:
         obs, _ = self.envs.reset(seed=seed)
         return self._t(obs).reshape(self.num_envs, self.obs_dim)
 
-    def step(self, actions: torch.Tensor) -> VecStep:
-        """Step every copy with ``actions`` ``(N,)`` int64."""
-        obs, reward, terminated, truncated, info = self.envs.step(actions.cpu().numpy())
+    def step_numpy(self, actions: np.ndarray) -> HostStep:
+        """Step every copy with ``actions`` ``(N,)`` (numpy); the outcome stays on the host.
+
+        For trainers that run a whole rollout on the host (PPO's Gymnasium path) and move
+        it to the training device once.
+        """
+        obs, reward, terminated, truncated, info = self.envs.step(actions)
         done = np.logical_or(terminated, truncated)
         final_obs = success = None
         if done.any():
-            final = np.zeros((self.num_envs, self.obs_dim), dtype=np.float32)
+            final_obs = np.zeros((self.num_envs, self.obs_dim), dtype=np.float32)
             mask = info.get("_final_obs", done)
             for i in np.nonzero(np.logical_and(done, mask))[0]:
-                final[i] = np.asarray(info["final_obs"][i], dtype=np.float32).reshape(-1)
-            final_obs = self._t(final)
+                final_obs[i] = np.asarray(info["final_obs"][i], dtype=np.float32).reshape(-1)
             # Same-step autoreset: the finished episodes' last infos are in "final_info".
             last = info.get("final_info", {})
             if "is_success" in last:
-                s = np.full(self.num_envs, np.nan, dtype=np.float32)
+                success = np.full(self.num_envs, np.nan, dtype=np.float32)
                 have = np.logical_and(done, last.get("_is_success", done))
-                s[have] = np.asarray(last["is_success"], dtype=np.float32)[have]
-                success = self._t(s)
-        return VecStep(
-            obs=self._t(obs).reshape(self.num_envs, self.obs_dim),
-            reward=self._t(reward),
-            terminated=self._t(terminated, torch.bool),
-            truncated=self._t(truncated, torch.bool),
+                success[have] = np.asarray(last["is_success"], dtype=np.float32)[have]
+        return HostStep(
+            obs=np.asarray(obs, dtype=np.float32).reshape(self.num_envs, self.obs_dim),
+            reward=np.asarray(reward, dtype=np.float32),
+            terminated=np.asarray(terminated, dtype=np.bool_),
+            truncated=np.asarray(truncated, dtype=np.bool_),
+            done=done,
             final_obs=final_obs,
             success=success,
+        )
+
+    def step(self, actions: torch.Tensor) -> VecStep:
+        """Step every copy with ``actions`` ``(N,)`` int64."""
+        out = self.step_numpy(actions.cpu().numpy())
+        return VecStep(
+            obs=self._t(out.obs),
+            reward=self._t(out.reward),
+            terminated=self._t(out.terminated, torch.bool),
+            truncated=self._t(out.truncated, torch.bool),
+            final_obs=None if out.final_obs is None else self._t(out.final_obs),
+            success=None if out.success is None else self._t(out.success),
         )
 
     def close(self) -> None:
@@ -173,3 +215,51 @@ def as_tensor_env(envs: Any, device: torch.device) -> TensorVecEnv:
     if isinstance(envs, gym.vector.VectorEnv):
         return GymTensorEnv(envs, device)
     return TorchBatchedEnv(envs)
+
+
+class EpisodeTracker:
+    """Returns and lengths of the episodes that end during rollouts, kept across rollouts.
+
+    A trainer hands it each rollout's raw rewards and done flags once, after the rollout,
+    instead of updating per-env counters with tensor ops at every step; the unfinished
+    episode of each env carries over to the next rollout.
+
+    Args:
+        num_envs: ``N``.
+    """
+
+    def __init__(self, num_envs: int) -> None:
+        self.carry_return = np.zeros(num_envs, dtype=np.float64)
+        """Return so far of each env's unfinished episode, ``(N,)``."""
+        self.carry_length = np.zeros(num_envs, dtype=np.int64)
+        """Steps so far of each env's unfinished episode, ``(N,)``."""
+
+    def record(self, rewards: torch.Tensor, dones: torch.Tensor) -> tuple[list[float], list[int]]:
+        """Account for one rollout.
+
+        Args:
+            rewards: raw rewards ``(T, N)`` (before any bootstrap is folded in).
+            dones: ``(T, N)``, nonzero where an episode ended at step ``t``.
+
+        Returns:
+            ``(returns, lengths)`` of the episodes that ended, in the order they ended
+            (by step, then by env); returns are summed in float64.
+        """
+        r = rewards.detach().to("cpu", torch.float64).numpy()
+        d = dones.detach().cpu().numpy() != 0
+        steps, num_envs = r.shape
+        csum = np.zeros((steps + 1, num_envs))
+        np.cumsum(r, axis=0, out=csum[1:])  # csum[t + 1] = r_0 + ... + r_t
+        last = np.full(num_envs, -1)
+        returns: list[float] = []
+        lengths: list[int] = []
+        for t, n in zip(*np.nonzero(d)):
+            s = last[n]
+            returns.append(float(csum[t + 1, n] - csum[s + 1, n] + self.carry_return[n]))
+            lengths.append(int(t - s + self.carry_length[n]))
+            self.carry_return[n] = 0.0
+            self.carry_length[n] = 0
+            last[n] = t
+        self.carry_return += csum[steps] - csum[last + 1, np.arange(num_envs)]
+        self.carry_length += steps - 1 - last
+        return returns, lengths

@@ -189,22 +189,3 @@ def test_hicra_enabled_normalizes_rewards_and_updates():
                                   registry=CollectorRegistry())(raw.T.contiguous())
     assert abs(float(credits.mean())) < 1e-5
     assert float(credits.std(unbiased=False)) == pytest.approx(2.0, rel=1e-3)
-
-
-@pytest.mark.parametrize("hidden", [(64, 64), (32,), (16, 8, 4)])
-def test_fused_rollout_network_matches_the_modules(hidden):
-    from rl_engine.ppo import RolloutNetwork
-
-    torch.manual_seed(0)
-    agent = Agent(5, 3, hidden)
-    x = torch.randn(9, 5)
-    logits, value = RolloutNetwork(agent).forward(x)
-    torch.testing.assert_close(logits, agent.actor(x), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(value, agent.get_value(x), rtol=1e-5, atol=1e-6)
-    # Gumbel-max sampling follows softmax(logits): empirical frequencies over many draws.
-    xs = x[:1].expand(20000, 5)
-    actions, log_prob, _ = RolloutNetwork(agent).sample(xs)
-    probs = torch.softmax(agent.actor(x[:1]), -1)[0]
-    freq = torch.bincount(actions, minlength=3).float() / len(actions)
-    torch.testing.assert_close(freq, probs.detach(), atol=0.015, rtol=0)
-    torch.testing.assert_close(log_prob.exp(), probs.detach()[actions], rtol=1e-5, atol=1e-6)
