@@ -223,13 +223,10 @@ def torch_act(fn: Callable[[torch.Tensor], torch.Tensor]) -> Act:
 # --------------------------------------------------------------------------- contenders
 
 
-def run_sb3_ppo(args: argparse.Namespace, seed: int, p: Protocol) -> None:
-    try:
-        from stable_baselines3 import PPO as SB3PPO
-        from stable_baselines3.common.callbacks import BaseCallback
-        from stable_baselines3.common.env_util import make_vec_env
-    except ImportError as err:
-        raise Skip(f"stable-baselines3 is not installed ({err}); use .venv-bench") from None
+def sb3_hook(p: Protocol) -> Any:
+    """An SB3 callback that runs the protocol: the clock starts with training, and each
+    rollout start (that is, after the previous update or training phase) is a check."""
+    from stable_baselines3.common.callbacks import BaseCallback
 
     class Hook(BaseCallback):
         def __init__(self) -> None:
@@ -242,7 +239,7 @@ def run_sb3_ppo(args: argparse.Namespace, seed: int, p: Protocol) -> None:
         def _on_training_start(self) -> None:
             p.start()
 
-        def _on_rollout_start(self) -> None:  # after the previous update
+        def _on_rollout_start(self) -> None:
             if self.model.num_timesteps > 0:
                 self.stop = p.check(self.model.num_timesteps, self._act)
 
@@ -251,6 +248,33 @@ def run_sb3_ppo(args: argparse.Namespace, seed: int, p: Protocol) -> None:
 
         def _on_training_end(self) -> None:
             p.check(self.model.num_timesteps, self._act)
+
+    return Hook()
+
+
+def drive(trainer: Any, p: Protocol, max_iterations: int | None = None) -> None:
+    """Run one of our trainers under the protocol (a check after every iteration), until
+    the protocol stops it or ``max_iterations`` (PPO's LR schedule) are done."""
+    act = torch_act(trainer.agent.act_greedy)
+    p.start()
+    try:
+        while True:
+            trainer.train_iteration()
+            if p.check(trainer.global_step, act):
+                break
+            if max_iterations is not None and trainer.iteration >= max_iterations:
+                p.r.stop_reason = f"max-steps ({trainer.global_step}, {max_iterations} iterations)"
+                break
+    finally:
+        trainer.envs.close()
+
+
+def run_sb3_ppo(args: argparse.Namespace, seed: int, p: Protocol) -> None:
+    try:
+        from stable_baselines3 import PPO as SB3PPO
+        from stable_baselines3.common.env_util import make_vec_env
+    except ImportError as err:
+        raise Skip(f"stable-baselines3 is not installed ({err}); use .venv-bench") from None
 
     total = args.ppo_total_timesteps
     envs = make_vec_env(ENV_ID, n_envs=PPO["num_envs"], seed=seed)
@@ -264,7 +288,7 @@ def run_sb3_ppo(args: argparse.Namespace, seed: int, p: Protocol) -> None:
         seed=seed, device="cpu", verbose=0)
     p.r.config = {"numEnvs": PPO["num_envs"], "numSteps": PPO["num_steps"], "batch": 512,
                   "minibatch": 128, "epochs": 4, "vecEnv": "DummyVecEnv", "lrHorizon": total}
-    model.learn(total_timesteps=total, callback=Hook())
+    model.learn(total_timesteps=total, callback=sb3_hook(p))
     envs.close()
 
 
@@ -296,18 +320,7 @@ def _rlops_ppo(args: argparse.Namespace, seed: int, p: Protocol, torch_path: boo
     p.r.config = {"numEnvs": num_envs, "numSteps": num_steps, "batch": batch,
                   "minibatch": batch // cfg.num_minibatches, "epochs": cfg.update_epochs,
                   "vecEnv": type(envs).__name__, "lrHorizon": num_iterations * batch}
-    act = torch_act(trainer.agent.act_greedy)
-    p.start()
-    try:
-        while True:
-            trainer.train_iteration()
-            if p.check(trainer.global_step, act):
-                break
-            if trainer.iteration >= num_iterations:  # the LR schedule is over
-                p.r.stop_reason = f"max-steps ({trainer.global_step}, {num_iterations} iterations)"
-                break
-    finally:
-        trainer.envs.close()
+    drive(trainer, p, num_iterations)
 
 
 def run_rlops_ppo(args, seed, p):
@@ -385,31 +398,9 @@ def _dqn_exploration_fraction(max_steps: int) -> float:
 def run_sb3_dqn(args: argparse.Namespace, seed: int, p: Protocol) -> None:
     try:
         from stable_baselines3 import DQN as SB3DQN
-        from stable_baselines3.common.callbacks import BaseCallback
         from stable_baselines3.common.env_util import make_vec_env
     except ImportError as err:
         raise Skip(f"stable-baselines3 is not installed ({err}); use .venv-bench") from None
-
-    class Hook(BaseCallback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stop = False
-
-        def _act(self, obs: np.ndarray) -> np.ndarray:
-            return self.model.predict(obs, deterministic=True)[0]
-
-        def _on_training_start(self) -> None:
-            p.start()
-
-        def _on_rollout_start(self) -> None:  # after the previous training phase
-            if self.model.num_timesteps > 0:
-                self.stop = p.check(self.model.num_timesteps, self._act)
-
-        def _on_step(self) -> bool:
-            return not self.stop
-
-        def _on_training_end(self) -> None:
-            p.check(self.model.num_timesteps, self._act)
 
     total = args.dqn_max_steps
     envs = make_vec_env(ENV_ID, n_envs=1, seed=seed)
@@ -423,7 +414,7 @@ def run_sb3_dqn(args: argparse.Namespace, seed: int, p: Protocol) -> None:
         policy_kwargs=dict(net_arch=list(DQN["net"])), seed=seed, device="cpu", verbose=0)
     p.r.config = {"numEnvs": 1, "trainFreq": 256, "gradientSteps": 128, "batch": 64,
                   "epsilonDecaySteps": int(DQN["exploration_fraction"] * DQN["zoo_timesteps"])}
-    model.learn(total_timesteps=total, callback=Hook())
+    model.learn(total_timesteps=total, callback=sb3_hook(p))
     envs.close()
 
 
@@ -450,15 +441,7 @@ def run_rlops_dqn(args: argparse.Namespace, seed: int, p: Protocol) -> None:
     p.r.config = {"numEnvs": 1, "trainFreq": 256, "gradientSteps": 128, "batch": 64,
                   "epsilonDecaySteps": int(DQN["exploration_fraction"] * DQN["zoo_timesteps"]),
                   "vecEnv": "SyncVectorEnv"}
-    act = torch_act(trainer.agent.act_greedy)
-    p.start()
-    try:
-        while True:
-            trainer.train_iteration()
-            if p.check(trainer.global_step, act):
-                break
-    finally:
-        trainer.envs.close()
+    drive(trainer, p)
 
 
 RUNNERS = {"sb3-ppo": run_sb3_ppo, "cleanrl-ppo": run_cleanrl_ppo, "rlops-ppo": run_rlops_ppo,

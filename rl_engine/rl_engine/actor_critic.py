@@ -222,9 +222,10 @@ class FlatActorCritic:
                 estimator, http://joschu.net/blog/kl-approx.html).
 
         Returns:
-            ``(values, kl)``: ``values`` is a ``(5,)`` tensor whose entries, with
-            :func:`loss_values`, give the fields of :data:`LOSS_FIELDS`; ``kl`` is
-            ``(2,)`` or ``None``. The gradient is *not* clipped here.
+            ``(values, kl)``: ``values`` is a ``(5,)`` tensor of sums whose entries, with
+            :func:`loss_values`, give the fields of :data:`LOSS_FIELDS` (one host read
+            per minibatch); ``kl`` is ``(2,)`` or ``None``. The gradient is *not* clipped
+            here.
         """
         m = obs.shape[0]
         c = coef.clip_coef
@@ -250,12 +251,14 @@ class FlatActorCritic:
         v_err = value - returns
         if coef.clip_vloss:
             delta = value - old_value
-            vc_err = torch.clamp(delta, -c, c).add_(old_value).sub_(returns)
+            delta_clipped = torch.clamp(delta, -c, c)
+            inside = delta_clipped == delta
+            vc_err = delta_clipped.add_(old_value).sub_(returns)
             v_sq, vc_sq = v_err.square(), vc_err.square()
             v_term = torch.maximum(v_sq, vc_sq)
             # Inside the clip range both branches are v - R; outside, only the unclipped one
             # carries a gradient, and only where it is the larger.
-            d_value = torch.where((v_sq >= vc_sq).logical_or_(delta.abs() <= c), v_err, 0.0)
+            d_value = torch.where((v_sq >= vc_sq).logical_or_(inside), v_err, 0.0)
         else:
             v_term = v_err.square()
             d_value = v_err
@@ -289,12 +292,13 @@ class FlatActorCritic:
             torch.bmm(obs.t().expand(2, *obs.shape[::-1]), d_z).transpose(1, 2))
         torch.sum(d_z, 1, out=gb_in.view(2, -1))
 
-        values = torch.stack((
-            objective.mean(), v_term.mean(), neg_entropy.mean(), self.grad.norm(),
-            torch.sum(ratio_clipped != ratio, dtype=objective.dtype)))
+        # Sums (means are taken on the host): surrogate objective, squared value error,
+        # negative entropy, rows clipped; then the squared gradient norm.
+        sums = torch.stack((objective, v_term, neg_entropy, (ratio_clipped != ratio).to(v_term.dtype))).sum(1)
+        values = torch.cat((sums, torch.dot(self.grad, self.grad).unsqueeze(0)))
         kl = None
         if want_kl:
-            kl = torch.stack(((-logratio).mean(), ((ratio - 1) - logratio).mean()))
+            kl = torch.stack((-logratio, (ratio - 1) - logratio)).mean(1)
         return values, kl
 
 
@@ -308,17 +312,17 @@ def host_actor_logits(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray
     return h @ w_out + b_out
 
 
-def loss_values(values: list[float], coef: PPOLossCoefficients) -> dict[str, float]:
-    """The ``(5,)`` result of :meth:`FlatActorCritic.ppo_loss_and_grad`, read on the host
-    (``values.tolist()``), as a dict of :data:`LOSS_FIELDS`."""
-    objective, v_term, neg_entropy, grad_norm, clipped = values
-    pg_loss, v_loss, entropy = -objective, 0.5 * v_term, -neg_entropy
+def loss_values(values: list[float], rows: int, coef: PPOLossCoefficients) -> dict[str, float]:
+    """The ``(5,)`` result of :meth:`FlatActorCritic.ppo_loss_and_grad` for a minibatch of
+    ``rows`` rows, read on the host (``values.tolist()``), as a dict of :data:`LOSS_FIELDS`."""
+    objective, v_term, neg_entropy, clipped, grad_sq = values
+    pg_loss, v_loss, entropy = -objective / rows, 0.5 * v_term / rows, -neg_entropy / rows
     return {
         "loss": pg_loss - coef.ent_coef * entropy + coef.vf_coef * v_loss,
         "policyLoss": pg_loss,
         "valueLoss": v_loss,
         "entropy": entropy,
-        "gradNorm": grad_norm,
+        "gradNorm": math.sqrt(grad_sq),  # nan and inf stay so
         "clipped": clipped,
     }
 

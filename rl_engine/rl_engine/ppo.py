@@ -278,6 +278,10 @@ def _camel(snake: str) -> str:
     return head + "".join(w.capitalize() for w in rest)
 
 
+_ROLLOUT_BUFFERS = ("obs", "actions", "rewards", "terminated", "truncated", "final_obs")
+"""The :class:`PPOTrainer` buffers a rollout loop writes (the rest are derived after it)."""
+
+
 class PPOTrainer:
     """Runs PPO iterations on a vector env.
 
@@ -339,13 +343,19 @@ class PPOTrainer:
         self.logprobs = torch.zeros((T, N), device=device)
         self.rewards = torch.zeros((T, N), device=device)
         self.dones = torch.zeros((T, N), device=device)
+        """1.0 where an episode ended at step ``t`` (``terminated | truncated``)."""
+        self.terminated = torch.zeros((T, N), dtype=torch.bool, device=device)
+        self.truncated = torch.zeros((T, N), dtype=torch.bool, device=device)
+        self.final_obs = torch.zeros((T, N, self.obs_dim), device=device)
+        """The true final observation where an episode ended at step ``t`` (else stale)."""
         self._host: dict[str, torch.Tensor] = {}
         """Host buffers of a Gymnasium env's rollout (the buffers themselves on the CPU)."""
         if isinstance(self.envs, GymTensorEnv):
-            for key in ("obs", "actions", "rewards", "dones"):
+            for key in _ROLLOUT_BUFFERS:
                 buf = getattr(self, key)
                 self._host[key] = buf if buf.device.type == "cpu" else torch.zeros_like(buf, device="cpu")
         self.values = torch.zeros((T, N), device=device)
+        self._done_flags = torch.zeros((T, N), dtype=torch.bool, device=device)
         self.next_value = torch.zeros(N, device=device)
         """``V(s_T)`` of the observation after the last rollout, ``(N,)``."""
 
@@ -367,21 +377,24 @@ class PPOTrainer:
         """Fill the ``(T, N)`` buffers with one rollout; returns episodes finished in it.
 
         Per step only the actor runs (Gumbel-max sampling, the noise drawn for the whole
-        rollout at once); the log-probabilities, the values, ``V(s_T)`` and the bootstrap
-        values of truncated episodes come from one batched forward pass after the last
-        step, with the same weights. A Gymnasium vector env steps on the host, so its
-        rollout runs there in numpy (a host copy of the actor; no per-step tensor calls)
-        and reaches the training device once; a torch-batched env's rollout stays on its
-        device. Also sets :attr:`last_rollout_successes` (episodes the env reported
-        ``is_success`` for, or ``None`` if it reports none).
+        rollout at once) and the step's outcome is stored; the done flags, the episode
+        statistics, the log-probabilities, the values, ``V(s_T)`` and the bootstrap values
+        of truncated episodes come after the last step, batched, with the same weights. A
+        Gymnasium vector env steps on the host, so its rollout runs there in numpy (a host
+        copy of the actor; no per-step tensor calls) and reaches the training device once;
+        a torch-batched env's rollout stays on its device without a host sync per step.
+        Also sets :attr:`last_rollout_successes` (episodes the env reported ``is_success``
+        for, or ``None`` if it reports none).
         """
         cfg = self.cfg
         T, N = cfg.num_steps, self.num_envs
         if isinstance(self.envs, GymTensorEnv):
-            truncations, successes = self._rollout_on_host()
+            successes = self._rollout_on_host()
         else:
-            truncations, successes = self._rollout_on_device()
+            successes = self._rollout_on_device()
         self.global_step += T * N
+        torch.logical_or(self.terminated, self.truncated, out=self._done_flags)
+        self.dones.copy_(self._done_flags)
 
         ended, lengths = self.episodes.record(self.rewards, self.dones)
         self.recent_returns.extend(ended)
@@ -392,33 +405,27 @@ class PPOTrainer:
 
         # One forward pass: the rollout's observations, s_T, and truncated final states.
         batch = T * N
-        inputs = [self.obs.view(batch, self.obs_dim), self.next_obs]
-        inputs += [final for _, _, final in truncations]
+        bootstrap = self.truncated & ~self.terminated
+        inputs = (self.obs.view(batch, self.obs_dim), self.next_obs, self.final_obs[bootstrap])
         logits, values = self.net.forward(torch.cat(inputs))
         log_probs = torch.log_softmax(logits[:batch], dim=-1)
         self.logprobs.copy_(log_probs.gather(-1, self.actions.view(batch, 1)).view(T, N))
         self.values.copy_(values[:batch].view(T, N))
         self.next_value.copy_(values[batch : batch + N])
-        offset = batch + N
-        for step, bootstrap, final in truncations:
-            # Time-limit truncation: bootstrap with gamma * V(s_final) (Pardo et al.).
-            self.rewards[step, bootstrap] += cfg.gamma * values[offset : offset + len(final)]
-            offset += len(final)
+        # Time-limit truncation: bootstrap with gamma * V(s_final) (Pardo et al.).
+        self.rewards[bootstrap] += cfg.gamma * values[batch + N :]
         self._rollout_nonfinite_reward = not bool(torch.isfinite(self.rewards).all())
         return len(ended)
 
-    Truncations = list[tuple[int, torch.Tensor, torch.Tensor]]
-    """``(step, bootstrap mask (N,) bool, final observations of those rows (K, D))``."""
-
-    def _rollout_on_host(self) -> tuple[Truncations, int | None]:
-        """The rollout loop for a Gymnasium vector env, in numpy on the host."""
+    def _rollout_on_host(self) -> int | None:
+        """The rollout loop for a Gymnasium vector env, in numpy on the host; returns the
+        successes counted (see :attr:`last_rollout_successes`)."""
         T, N = self.cfg.num_steps, self.num_envs
-        host = self._host
-        obs, actions, rewards, dones = (host[k].numpy() for k in ("obs", "actions", "rewards", "dones"))
+        obs, actions, rewards, terminated, truncated, final_obs = (
+            self._host[k].numpy() for k in _ROLLOUT_BUFFERS)
         layers = self.net.host_actor()
         noise = gumbel_noise((T, N, self.num_actions), torch.device("cpu")).numpy()
         step_env = self.envs.step_numpy
-        truncations: PPOTrainer.Truncations = []
         successes: int | None = None
         next_obs = self.next_obs.cpu().numpy()
         for step in range(T):
@@ -426,28 +433,26 @@ class PPOTrainer:
             np.argmax(host_actor_logits(layers, next_obs) - noise[step], axis=-1, out=actions[step])
             out = step_env(actions[step])
             rewards[step] = out.reward
-            dones[step] = out.done
+            terminated[step] = out.terminated
+            truncated[step] = out.truncated
             if out.final_obs is not None:  # some copy finished
-                bootstrap = out.truncated & ~out.terminated
-                if bootstrap.any():
-                    truncations.append((step, torch.from_numpy(bootstrap).to(self.device),
-                                        torch.from_numpy(out.final_obs[bootstrap]).to(self.device)))
+                final_obs[step] = out.final_obs
                 done_successes = count_successes(out.success, out.done)
                 if done_successes is not None:
                     successes = (successes or 0) + done_successes
             next_obs = out.obs
         self.next_obs = torch.from_numpy(next_obs).to(self.device)
         if self.device.type != "cpu":  # on the CPU the buffers are these host tensors
-            for key in ("obs", "actions", "rewards", "dones"):
-                getattr(self, key).copy_(host[key])
-        return truncations, successes
+            for key in _ROLLOUT_BUFFERS:
+                getattr(self, key).copy_(self._host[key])
+        return successes
 
-    def _rollout_on_device(self) -> tuple[Truncations, int | None]:
-        """The rollout loop for a torch-batched env, in tensor ops on its device."""
+    def _rollout_on_device(self) -> int | None:
+        """The rollout loop for a torch-batched env, in tensor ops on its device; returns
+        the successes counted (see :attr:`last_rollout_successes`)."""
         T, N = self.cfg.num_steps, self.num_envs
         net = self.net
         noise = gumbel_noise((T, N, self.num_actions), self.device)
-        truncations: PPOTrainer.Truncations = []
         successes: int | None = None
         for step in range(T):
             self.obs[step] = self.next_obs
@@ -455,18 +460,17 @@ class PPOTrainer:
             torch.argmax(logits.sub_(noise[step]), dim=-1, out=self.actions[step])
             out = self.envs.step(self.actions[step])
             self.rewards[step] = out.reward
-            done = out.done
-            self.dones[step] = done
-            if bool(done.any()):
-                bootstrap = out.truncated & ~out.terminated
-                if bool(bootstrap.any()):
-                    truncations.append((step, bootstrap, out.final_obs[bootstrap]))
-                if out.success is not None:
-                    done_successes = count_successes(out.success.cpu().numpy(), done.cpu().numpy())
-                    if done_successes is not None:
-                        successes = (successes or 0) + done_successes
+            self.terminated[step] = out.terminated
+            self.truncated[step] = out.truncated
+            if out.final_obs is not None:
+                self.final_obs[step] = out.final_obs
+            if out.success is not None:  # (a host sync; no torch env here reports success)
+                done = out.done
+                done_successes = count_successes(out.success.cpu().numpy(), done.cpu().numpy())
+                if done_successes is not None:
+                    successes = (successes or 0) + done_successes
             self.next_obs = out.obs
-        return truncations, successes
+        return successes
 
     def _fail(self, epoch: int, minibatch: int, losses: dict[str, float], what: str) -> None:
         shown = ", ".join(f"{k}={v:.6g}" for k, v in losses.items())
@@ -545,7 +549,7 @@ class PPOTrainer:
                 values, kl = net.ppo_loss_and_grad(
                     rows[:, :D], rows[:, D : D + A], rows[:, D + A], rows[:, D + A + 1],
                     rows[:, D + A + 2], rows[:, D + A + 3], self.loss_coefficients, want_kl=last)
-                got = loss_values(values.tolist(), self.loss_coefficients)
+                got = loss_values(values.tolist(), len(rows), self.loss_coefficients)
                 grad_norm = got.pop("gradNorm")
                 clipped = got.pop("clipped")
                 losses = got

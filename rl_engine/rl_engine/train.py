@@ -433,7 +433,8 @@ def run_training(
     store.makedirs()
     agent = trainer.agent
     buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in agent.state_dict().items()}, buf)
+    # clone: the PPO agent's parameters are views of one flat tensor (rl_engine.actor_critic)
+    torch.save({k: v.detach().cpu().clone() for k, v in agent.state_dict().items()}, buf)
     store.write_bytes("model.pt", buf.getvalue())
     obs_space = envs.single_observation_space
     act_space = envs.single_action_space

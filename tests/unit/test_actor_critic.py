@@ -67,7 +67,7 @@ def test_hand_written_gradient_equals_autograd(hidden, norm_adv, clip_vloss, spr
     onehot = torch.nn.functional.one_hot(actions, 3).double()
     values, _ = net.ppo_loss_and_grad(obs, onehot, old_logprob, advantage, returns, old_value,
                                       coef)
-    got = loss_values(values.tolist(), coef)
+    got = loss_values(values.tolist(), len(obs), coef)
     for name in ("loss", "policyLoss", "valueLoss", "entropy", "clipped"):
         assert got[name] == pytest.approx(ref[name].item(), rel=1e-10, abs=1e-12), name
     if spread:
