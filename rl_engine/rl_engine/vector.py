@@ -250,16 +250,23 @@ class EpisodeTracker:
         steps, num_envs = r.shape
         csum = np.zeros((steps + 1, num_envs))
         np.cumsum(r, axis=0, out=csum[1:])  # csum[t + 1] = r_0 + ... + r_t
+        steps_ended, envs_ended = np.nonzero(d)  # in the order they ended
+        # The previous end in the same env (-1: none in this rollout, the carry applies).
+        by_env = np.lexsort((steps_ended, envs_ended))
+        t, n = steps_ended[by_env], envs_ended[by_env]
+        first = np.ones(len(t), dtype=bool)
+        first[1:] = n[1:] != n[:-1]
+        prev = np.where(first, -1, np.roll(t, 1))
+        ret = csum[t + 1, n] - csum[prev + 1, n] + np.where(first, self.carry_return[n], 0.0)
+        length = t - prev + np.where(first, self.carry_length[n], 0)
+        returns = np.empty_like(ret)
+        lengths = np.empty_like(length)
+        returns[by_env], lengths[by_env] = ret, length
+        # The carry: what follows each env's last end (or everything, with the old carry).
         last = np.full(num_envs, -1)
-        returns: list[float] = []
-        lengths: list[int] = []
-        for t, n in zip(*np.nonzero(d)):
-            s = last[n]
-            returns.append(float(csum[t + 1, n] - csum[s + 1, n] + self.carry_return[n]))
-            lengths.append(int(t - s + self.carry_length[n]))
-            self.carry_return[n] = 0.0
-            self.carry_length[n] = 0
-            last[n] = t
-        self.carry_return += csum[steps] - csum[last + 1, np.arange(num_envs)]
-        self.carry_length += steps - 1 - last
-        return returns, lengths
+        last[n] = t  # sorted by step within an env, so the last end wins
+        ended = last >= 0
+        columns = np.arange(num_envs)
+        self.carry_return = np.where(ended, 0.0, self.carry_return) + csum[steps] - csum[last + 1, columns]
+        self.carry_length = np.where(ended, 0, self.carry_length) + (steps - 1 - last)
+        return returns.tolist(), lengths.tolist()
