@@ -43,9 +43,9 @@ ray-down:
 bench-serve: venv ## the router's overhead vs calling the policy deployment directly (docs/benchmarks.md)
 	$(PY) hack/bench/serve_overhead.py --requests 2000 --concurrency 1 8
 
-bench-train: venv ## our PPO/DQN vs Stable-Baselines3 and CleanRL on CartPole-v1 (docs/benchmarks.md; ~10 min)
+bench-train: venv ## our PPO/DQN vs Stable-Baselines3 and CleanRL on CartPole-v1 (docs/benchmarks.md; ~15 min)
 	bash hack/setup-bench-venv.sh
-	.venv-bench/bin/python hack/bench/train_bench.py --seeds 1 2 3 4 5 --json /tmp/train-bench.json
+	.venv-bench/bin/python hack/bench/train_bench.py --seeds $$(seq 1 20) --dqn-seeds 1 2 3 4 5 --json /tmp/train-bench.json
 
 crds: venv ## regenerate crds/ from operator/rl_operator/models.py
 	$(PY) -m rl_operator.crdgen crds

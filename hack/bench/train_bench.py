@@ -555,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--dqn-seeds", type=int, nargs="+",
+                    help="seeds for the DQN contenders (default: --seeds); DQN runs take ~10x longer")
     ap.add_argument("--contenders", nargs="+", default=ALL_CONTENDERS, choices=ALL_CONTENDERS)
     ap.add_argument("--eval-every", type=int, default=10_240, help="env steps between evaluations")
     ap.add_argument("--eval-episodes", type=int, default=10)
@@ -582,11 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     skipped: dict[str, str] = {}
     t_all = time.perf_counter()
-    for seed in args.seeds:
+    dqn_seeds = args.dqn_seeds if args.dqn_seeds is not None else args.seeds
+    for seed in sorted(set(args.seeds) | set(dqn_seeds)):
         for name in args.contenders:
-            if name in skipped:
-                continue
             is_dqn = name.endswith("dqn")
+            if name in skipped or seed not in (dqn_seeds if is_dqn else args.seeds):
+                continue
             r = RunResult(name, seed, {})
             p = Protocol(args, evaluator, r,
                          args.dqn_max_steps if is_dqn else args.ppo_total_timesteps)
@@ -612,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     load1 = os.getloadavg()
 
     summary = summarize(results, args.contenders)
-    print(f"CartPole-v1, seeds {args.seeds}, eval every {args.eval_every} steps "
+    print(f"CartPole-v1, PPO seeds {args.seeds}, DQN seeds {dqn_seeds}, eval every {args.eval_every} steps "
           f"({args.eval_episodes} deterministic episodes, target {args.target:g}), "
           f"torch threads {args.threads}, {os.cpu_count()} CPUs, load average "
           f"{load0[0]:.2f} -> {load1[0]:.2f}, {time.perf_counter() - t_all:.0f} s total")

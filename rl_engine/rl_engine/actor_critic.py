@@ -133,6 +133,12 @@ class FlatActorCritic:
             for module, name, index in members:
                 setattr(module, name, nn.Parameter(view[index]))
         self.agent = agent
+        # The layer views, made once (they alias flat and grad for good).
+        self._params = self._layers(self._views)
+        self._param_grads = self._layers(self._grads)
+        w_in, b_in, hidden, w_pi, b_pi, _, _ = self._params
+        self._actor = [(b_in[:h0], w_in[:h0].t())] + [(b[0], w[0].t()) for w, b in hidden]
+        self._actor.append((b_pi, w_pi.t()))
 
     # ------------------------------------------------------------------ layout helpers
 
@@ -150,28 +156,23 @@ class FlatActorCritic:
     @torch.no_grad()
     def actor_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The actor alone (rollout time): logits ``(M, A)`` for observations ``(M, D)``."""
-        w_in, b_in, hidden, w_pi, b_pi, _, _ = self._layers(self._views)
-        h0 = self.widths[0]
-        h = _affine_tanh(b_in[:h0], x, w_in[:h0].t())
-        for w, b in hidden:
-            h = _affine_tanh(b[0], h, w[0].t())
-        return torch.addmm(b_pi, h, w_pi.t())
+        *hidden, (b_out, w_out_t) = self._actor
+        h = x
+        for b, w_t in hidden:
+            h = _affine_tanh(b, h, w_t)
+        return torch.addmm(b_out, h, w_out_t)
 
     @torch.no_grad()
     def host_actor(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """The actor's layers as numpy ``(W^T (in, out), b (out,))`` pairs, for acting on
         the host (:func:`host_actor_logits`). On the CPU these are views of :attr:`flat`
         (they follow every optimizer step); on another device, copies taken now."""
-        w_in, b_in, hidden, w_pi, b_pi, _, _ = self._layers(self._views)
-        h0 = self.widths[0]
-        layers = [(w_in[:h0].t(), b_in[:h0])] + [(w[0].t(), b[0]) for w, b in hidden]
-        layers.append((w_pi.t(), b_pi))
-        return [(w.cpu().numpy(), b.cpu().numpy()) for w, b in layers]
+        return [(w_t.cpu().numpy(), b.cpu().numpy()) for b, w_t in self._actor]
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Both networks side by side: ``(logits (M, A), value (M,), activations)`` where
         ``activations[k]`` is hidden layer ``k``'s output, ``(2, M, Hk)`` (actor, critic)."""
-        w_in, b_in, hidden, w_pi, b_pi, w_v, b_v = self._layers(self._views)
+        w_in, b_in, hidden, w_pi, b_pi, w_v, b_v = self._params
         m = x.shape[0]
         h = _affine_tanh(b_in, x, w_in.t()).view(m, 2, self.widths[0]).transpose(0, 1)
         acts = [h]
@@ -268,8 +269,8 @@ class FlatActorCritic:
         d_logits = torch.addcmul(p * q, onehot, chosen.unsqueeze(-1), value=-1.0).div_(m)
         d_value = d_value.mul_(coef.vf_coef / m)
 
-        gw_in, gb_in, g_hidden, gw_pi, gb_pi, gw_v, gb_v = self._layers(self._grads)
-        _, _, hidden, w_pi, _, w_v, _ = self._layers(self._views)
+        gw_in, gb_in, g_hidden, gw_pi, gb_pi, gw_v, gb_v = self._param_grads
+        _, _, hidden, w_pi, _, w_v, _ = self._params
         h_last = acts[-1]
         torch.mm(d_logits.t(), h_last[0], out=gw_pi)
         torch.sum(d_logits, 0, out=gb_pi)
@@ -339,7 +340,7 @@ def _affine_tanh(bias: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor) ->
     ``hack/bench/tanh_kernels.py``, docs/benchmarks.md).
     """
     product = torch.addmm if x.dim() == 2 else torch.baddbmm
-    out_elements = x[..., :1].numel() * weight_t.shape[-1]
+    out_elements = math.prod(x.shape[:-1]) * weight_t.shape[-1]
     if x.device.type == "cpu" and out_elements >= _SIGMOID_TANH_MIN_ELEMENTS:
         return torch.sigmoid_(product(bias, x, weight_t, beta=2.0, alpha=2.0)).mul_(2.0).sub_(1.0)
     return product(bias, x, weight_t).tanh_()

@@ -142,6 +142,8 @@ class TorchCartPole:
         self._seeded = False
         self._state: torch.Tensor | None = None
         self.elapsed_steps = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
+        self._force_right = torch.tensor(self.force_mag, dtype=self.dtype, device=self.device)
+        self._force_left = torch.tensor(-self.force_mag, dtype=self.dtype, device=self.device)
         self._thresholds = torch.tensor([self.x_threshold, self.theta_threshold_radians],
                                         dtype=self.dtype, device=self.device)
 
@@ -229,7 +231,7 @@ class TorchCartPole:
 
         x, x_dot, theta, theta_dot = state.unbind(dim=1)
         # +force_mag for action 1, -force_mag otherwise (exact in either dtype).
-        force = torch.where(actions == 1, self.force_mag, -self.force_mag).to(self.dtype)
+        force = torch.where(actions == 1, self._force_right, self._force_left)
         costheta = torch.cos(theta)
         sintheta = torch.sin(theta)
 
