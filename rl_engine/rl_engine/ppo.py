@@ -16,6 +16,11 @@ rather than terminated, the reward of that step is bootstrapped with ``gamma * V
 of the true final observation (Pardo et al. 2018, arXiv:1712.00378), instead of being
 treated as a terminal state.
 
+How it is computed (the loss and the updates are the ones above): rollouts act with the actor
+alone and score the whole batch once afterwards; the update computes the loss's gradient by
+hand on the agent's parameters viewed as one flat tensor (:mod:`rl_engine.actor_critic`,
+checked against autograd in the tests). See docs/trainer.md, "How PPO spends its time".
+
 Shapes use ``T = num_steps`` (rollout length), ``N = num_envs``, ``B = T * N``,
 ``D = prod(observation_space.shape)`` and ``A = action_space.n``.
 """
