@@ -345,7 +345,7 @@ def run_cleanrl_ppo(args: argparse.Namespace, seed: int, p: Protocol) -> None:
         raise Skip(f"CleanRL's ppo.py needs gym 0.23.1, not importable ({err})") from None
 
     original = gym.vector.SyncVectorEnv
-    state: dict[str, Any] = {"steps": 0, "agent": None}
+    state: dict[str, Any] = {"steps": 0, "agent": None, "script": {}}
 
     def act(obs: np.ndarray) -> np.ndarray:
         agent = state["agent"]
@@ -355,7 +355,8 @@ def run_cleanrl_ppo(args: argparse.Namespace, seed: int, p: Protocol) -> None:
     class HookedSyncVectorEnv(original):  # type: ignore[misc, valid-type]
         def step(self, actions):  # noqa: ANN001
             if state["agent"] is None:
-                state["agent"] = sys._getframe(1).f_globals["agent"]  # the script's Agent
+                state["script"] = sys._getframe(1).f_globals  # the script's globals
+                state["agent"] = state["script"]["agent"]
                 p.start()
             elif state["steps"] % batch == 0 and p.check(state["steps"], act):
                 raise StopTraining
@@ -381,7 +382,12 @@ def run_cleanrl_ppo(args: argparse.Namespace, seed: int, p: Protocol) -> None:
                     warnings.filterwarnings("ignore", message=r".*env\.seed\(seed\)")
                     runpy.run_path(script, run_name="__main__")
                 except StopTraining:
-                    pass
+                    # Stopped mid-loop: close what the script would have closed at its end
+                    # (its TensorBoard writer's thread would otherwise outlive the run).
+                    for name in ("envs", "writer"):
+                        obj = state["script"].get(name)
+                        if obj is not None:
+                            obj.close()
         finally:
             gym.vector.SyncVectorEnv = original
             sys.argv = old_argv
