@@ -295,7 +295,8 @@ class FlatActorCritic:
 
         # Sums (means are taken on the host): surrogate objective, squared value error,
         # negative entropy, rows clipped; then the squared gradient norm.
-        sums = torch.stack((objective, v_term, neg_entropy, (ratio_clipped != ratio).to(v_term.dtype))).sum(1)
+        clipped = (ratio_clipped != ratio).to(v_term.dtype)
+        sums = torch.stack((objective, v_term, neg_entropy, clipped)).sum(1)
         values = torch.cat((sums, torch.dot(self.grad, self.grad).unsqueeze(0)))
         kl = None
         if want_kl:

@@ -392,9 +392,8 @@ class DQNTrainer:
             if bool(done.any()):
                 next_obs = torch.where(done.unsqueeze(-1), out.final_obs, out.obs)
                 if out.success is not None:
-                    done_successes = count_successes(out.success.cpu().numpy(), done.cpu().numpy())
-                    if done_successes is not None:
-                        successes = (successes or 0) + done_successes
+                    successes = count_successes(out.success.cpu().numpy(), done.cpu().numpy(),
+                                                successes)
             self.buffer.add(obs, actions, out.reward, next_obs, out.terminated)
             self.next_obs = out.obs
             while self.global_step >= self._next_train:

@@ -331,7 +331,8 @@ class PPOTrainer:
         # The agent's parameters become views of one flat tensor: the update writes the
         # PPO gradient there by hand and Adam steps that one tensor (rl_engine.actor_critic).
         self.net = FlatActorCritic(self.agent)
-        self.optimizer = torch.optim.Adam([self.net.flat], lr=cfg.learning_rate, eps=1e-5, fused=True)
+        self.optimizer = torch.optim.Adam([self.net.flat], lr=cfg.learning_rate, eps=1e-5,
+                                          fused=True)
         self.loss_coefficients = PPOLossCoefficients(
             clip_coef=cfg.clip_coef, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
             norm_adv=cfg.norm_adv, clip_vloss=cfg.clip_vloss)
@@ -358,7 +359,8 @@ class PPOTrainer:
         if isinstance(self.envs, GymTensorEnv):
             for key in _ROLLOUT_BUFFERS:
                 buf = getattr(self, key)
-                self._host[key] = buf if buf.device.type == "cpu" else torch.zeros_like(buf, device="cpu")
+                on_cpu = buf.device.type == "cpu"
+                self._host[key] = buf if on_cpu else torch.zeros_like(buf, device="cpu")
         self.values = torch.zeros((T, N), device=device)
         self._done_flags = torch.zeros((T, N), dtype=torch.bool, device=device)
         self.next_value = torch.zeros(N, device=device)
@@ -442,9 +444,7 @@ class PPOTrainer:
             truncated[step] = out.truncated
             if out.final_obs is not None:  # some copy finished
                 final_obs[step] = out.final_obs
-                done_successes = count_successes(out.success, out.done)
-                if done_successes is not None:
-                    successes = (successes or 0) + done_successes
+                successes = count_successes(out.success, out.done, successes)
             next_obs = out.obs
         self.next_obs = torch.from_numpy(next_obs).to(self.device)
         if self.device.type != "cpu":  # on the CPU the buffers are these host tensors
@@ -470,10 +470,8 @@ class PPOTrainer:
             if out.final_obs is not None:
                 self.final_obs[step] = out.final_obs
             if out.success is not None:  # (a host sync; no torch env here reports success)
-                done = out.done
-                done_successes = count_successes(out.success.cpu().numpy(), done.cpu().numpy())
-                if done_successes is not None:
-                    successes = (successes or 0) + done_successes
+                successes = count_successes(out.success.cpu().numpy(), out.done.cpu().numpy(),
+                                            successes)
             self.next_obs = out.obs
         return successes
 
@@ -538,7 +536,8 @@ class PPOTrainer:
         table = torch.cat((
             self.obs.reshape(-1, D),
             nn.functional.one_hot(self.actions.reshape(-1), A).to(self.obs.dtype),
-            torch.stack((self.logprobs.reshape(-1), advantages.reshape(-1), b_returns, b_values), 1),
+            torch.stack((self.logprobs.reshape(-1), advantages.reshape(-1), b_returns, b_values),
+                        1),
         ), 1)
 
         net = self.net

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "VecStep", "HostStep", "count_successes", "TensorVecEnv", "GymTensorEnv", "TorchBatchedEnv", "as_tensor_env", "EpisodeTracker",
+    "VecStep", "HostStep", "count_successes", "TensorVecEnv", "GymTensorEnv",
+    "TorchBatchedEnv", "as_tensor_env", "EpisodeTracker",
 ]
 
 
@@ -73,14 +74,16 @@ class HostStep:
     success: np.ndarray | None
 
 
-def count_successes(success: np.ndarray | None, done: np.ndarray) -> int | None:
-    """Episodes that ended with ``is_success`` true, among ``done`` rows whose success is
-    known (not NaN); ``None`` when no ended row reported it."""
+def count_successes(success: np.ndarray | None, done: np.ndarray,
+                    total: int | None = None) -> int | None:
+    """``total`` plus the episodes that ended with ``is_success`` true, among ``done`` rows
+    whose success is known (not NaN); ``total`` unchanged (``None`` = no episode has
+    reported success yet) when no ended row reported it."""
     if success is None:
-        return None
+        return total
     known = success[done]
     known = known[~np.isnan(known)]
-    return int(known.sum()) if known.size else None
+    return (total or 0) + int(known.sum()) if known.size else total
 
 
 class TensorVecEnv(Protocol):
