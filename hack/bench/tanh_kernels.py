@@ -15,13 +15,16 @@ import timeit
 import torch
 
 from rl_engine.actor_critic import _affine_tanh
+from rl_engine.scalars import ScalarTensors
 
 
 def main() -> None:
     torch.set_num_threads(1)
     print("| output elements | product + torch.tanh (us) | _affine_tanh (us) | ratio | max abs diff |")
     print("| --- | --- | --- | --- | --- |")
-    for shape in [(64, 128), (2, 128, 64), (2, 256, 64), (2, 1024, 64)]:
+    k = ScalarTensors(torch.float32, "cpu")
+    for shape in [(16, 64), (32, 64), (64, 64), (64, 128), (2, 128, 64), (2, 256, 64),
+                  (2, 1024, 64)]:
         # a layer's pre-activation: x (rows, 64) @ w (64, cols) + b, then tanh
         rows, cols = shape[-2], shape[-1]
         x = torch.randn(*shape[:-1], 64)
@@ -30,8 +33,8 @@ def main() -> None:
         product = torch.addmm if len(shape) == 2 else torch.baddbmm
         n = 2000
         base = min(timeit.repeat(lambda: torch.tanh(product(b, x, w)), number=n, repeat=5))
-        ours = min(timeit.repeat(lambda: _affine_tanh(b, x, w), number=n, repeat=5))
-        diff = float((_affine_tanh(b, x, w) - torch.tanh(product(b, x, w))).abs().max())
+        ours = min(timeit.repeat(lambda: _affine_tanh(b, x, w, k, min_elements=0), number=n, repeat=5))
+        diff = float((_affine_tanh(b, x, w, k, min_elements=0) - torch.tanh(product(b, x, w))).abs().max())
         print(f"| {rows * cols * (shape[0] if len(shape) == 3 else 1)} | {base / n * 1e6:.1f} | "
               f"{ours / n * 1e6:.1f} | {ours / base:.2f} | {diff:.1e} |")
 

@@ -39,7 +39,9 @@ import torch
 from torch import nn
 from torch.distributions.categorical import Categorical
 
-from .actor_critic import FlatActorCritic, PPOLossCoefficients, host_actor_logits, loss_values
+from .actor_critic import (
+    FlatActorCritic, FlatAdam, PPOLossCoefficients, host_actor_logits, loss_values,
+)
 from .errors import NonFiniteLoss
 from .vector import EpisodeTracker, GymTensorEnv, as_tensor_env, count_successes
 
@@ -283,7 +285,7 @@ def _camel(snake: str) -> str:
     return head + "".join(w.capitalize() for w in rest)
 
 
-_ROLLOUT_BUFFERS = ("obs", "actions", "rewards", "terminated", "truncated", "final_obs")
+_ROLLOUT_BUFFERS = ("obs", "logits", "actions", "rewards", "terminated", "truncated", "final_obs")
 """The :class:`PPOTrainer` buffers a rollout loop writes (the rest are derived after it)."""
 
 
@@ -331,8 +333,9 @@ class PPOTrainer:
         # The agent's parameters become views of one flat tensor: the update writes the
         # PPO gradient there by hand and Adam steps that one tensor (rl_engine.actor_critic).
         self.net = FlatActorCritic(self.agent)
-        self.optimizer = torch.optim.Adam([self.net.flat], lr=cfg.learning_rate, eps=1e-5,
-                                          fused=True)
+        self.optimizer = FlatAdam(self.net.flat, eps=1e-5)
+        self.learning_rate = cfg.learning_rate
+        """The learning rate of the last update (annealed when ``cfg.anneal_lr``)."""
         self.loss_coefficients = PPOLossCoefficients(
             clip_coef=cfg.clip_coef, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
             norm_adv=cfg.norm_adv, clip_vloss=cfg.clip_vloss)
@@ -345,6 +348,9 @@ class PPOTrainer:
 
         T, N = cfg.num_steps, self.num_envs
         self.obs = torch.zeros((T, N, self.obs_dim), device=device)
+        self.logits = torch.zeros((T, N, self.num_actions), device=device)
+        """The actor's logits at each step, ``(T, N, A)`` (the log-probabilities come from
+        them after the rollout)."""
         self.actions = torch.zeros((T, N), dtype=torch.long, device=device)
         self.logprobs = torch.zeros((T, N), device=device)
         self.rewards = torch.zeros((T, N), device=device)
@@ -379,14 +385,15 @@ class PPOTrainer:
         self._last_finite: dict[str, Any] | None = None
         self._rollout_nonfinite_reward = False
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def collect_rollout(self) -> int:
         """Fill the ``(T, N)`` buffers with one rollout; returns episodes finished in it.
 
         Per step only the actor runs (Gumbel-max sampling, the noise drawn for the whole
-        rollout at once) and the step's outcome is stored; the done flags, the episode
-        statistics, the log-probabilities, the values, ``V(s_T)`` and the bootstrap values
-        of truncated episodes come after the last step, batched, with the same weights. A
+        rollout at once) and its logits and the step's outcome are stored; the done flags,
+        the episode statistics, the log-probabilities, the values, ``V(s_T)`` and the
+        bootstrap values of truncated episodes come after the last step, batched (the
+        critic alone, with the same weights). A
         Gymnasium vector env steps on the host, so its rollout runs there in numpy (a host
         copy of the actor; no per-step tensor calls) and reaches the training device once;
         a torch-batched env's rollout stays on its device without a host sync per step.
@@ -410,12 +417,12 @@ class PPOTrainer:
         self.last_rollout_successes = successes
         self.last_rollout_returns = ended
 
-        # One forward pass: the rollout's observations, s_T, and truncated final states.
+        # One critic pass: the rollout's observations, s_T, and truncated final states.
         batch = T * N
         bootstrap = self.truncated & ~self.terminated
         inputs = (self.obs.view(batch, self.obs_dim), self.next_obs, self.final_obs[bootstrap])
-        logits, values = self.net.forward(torch.cat(inputs))
-        log_probs = torch.log_softmax(logits[:batch], dim=-1)
+        values = self.net.critic_values(torch.cat(inputs))
+        log_probs = torch.log_softmax(self.logits.view(batch, self.num_actions), dim=-1)
         self.logprobs.copy_(log_probs.gather(-1, self.actions.view(batch, 1)).view(T, N))
         self.values.copy_(values[:batch].view(T, N))
         self.next_value.copy_(values[batch : batch + N])
@@ -428,7 +435,7 @@ class PPOTrainer:
         """The rollout loop for a Gymnasium vector env, in numpy on the host; returns the
         successes counted (see :attr:`last_rollout_successes`)."""
         T, N = self.cfg.num_steps, self.num_envs
-        obs, actions, rewards, terminated, truncated, final_obs = (
+        obs, logits, actions, rewards, terminated, truncated, final_obs = (
             self._host[k].numpy() for k in _ROLLOUT_BUFFERS)
         layers = self.net.host_actor()
         noise = gumbel_noise((T, N, self.num_actions), torch.device("cpu")).numpy()
@@ -437,7 +444,8 @@ class PPOTrainer:
         next_obs = self.next_obs.cpu().numpy()
         for step in range(T):
             obs[step] = next_obs
-            np.argmax(host_actor_logits(layers, next_obs) - noise[step], axis=-1, out=actions[step])
+            logits[step] = host_actor_logits(layers, next_obs)
+            np.argmax(logits[step] - noise[step], axis=-1, out=actions[step])
             out = step_env(actions[step])
             rewards[step] = out.reward
             terminated[step] = out.terminated
@@ -462,6 +470,7 @@ class PPOTrainer:
         for step in range(T):
             self.obs[step] = self.next_obs
             logits = net.actor_logits(self.next_obs)
+            self.logits[step] = logits
             torch.argmax(logits.sub_(noise[step]), dim=-1, out=self.actions[step])
             out = self.envs.step(self.actions[step])
             self.rewards[step] = out.reward
@@ -494,6 +503,7 @@ class PPOTrainer:
             f"global step {self.global_step}): {shown}. Last finite losses: {last}.{hint}"
         )
 
+    @torch.inference_mode()
     def update(self) -> dict[str, float]:
         """GAE + ``update_epochs`` epochs of clipped-PPO minibatch updates.
 
@@ -514,8 +524,8 @@ class PPOTrainer:
         cfg = self.cfg
         if cfg.anneal_lr:
             frac = 1.0 - (self.iteration - 1.0) / self.num_iterations
-            self.optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
-        lr = float(self.optimizer.param_groups[0]["lr"])
+            self.learning_rate = frac * cfg.learning_rate
+        lr = self.learning_rate
 
         rewards = self.rewards
         skip_steps = False
@@ -529,8 +539,10 @@ class PPOTrainer:
             rewards, self.values, self.dones, self.next_value, cfg.gamma, cfg.gae_lambda
         )
 
-        # One (B, D + A + 4) table, shuffled once per epoch; minibatches are row slices.
+        # One (B, D + A + 4) table, shuffled once per epoch; minibatches are row slices, split
+        # into the loss's inputs: obs (M, D), one-hot actions (M, A) and four (M, 1) columns.
         D, A = self.obs_dim, self.num_actions
+        columns = (D, A, 1, 1, 1, 1)
         b_values = self.values.reshape(-1)
         b_returns = returns.reshape(-1)
         table = torch.cat((
@@ -547,12 +559,10 @@ class PPOTrainer:
         for epoch in range(1, cfg.update_epochs + 1):
             order = torch.from_numpy(self.rng.permutation(self.batch_size)).to(self.device)
             shuffled = table.index_select(0, order)
-            for mb_index, start in enumerate(range(0, self.batch_size, self.minibatch_size), 1):
-                rows = shuffled[start : start + self.minibatch_size]
+            for mb_index, rows in enumerate(shuffled.split(self.minibatch_size), 1):
                 last = mb_index == self.minibatches_per_epoch
-                values, kl = net.ppo_loss_and_grad(
-                    rows[:, :D], rows[:, D : D + A], rows[:, D + A], rows[:, D + A + 1],
-                    rows[:, D + A + 2], rows[:, D + A + 3], self.loss_coefficients, want_kl=last)
+                values, kl = net.ppo_loss_and_grad(*rows.split(columns, 1),
+                                                   self.loss_coefficients, want_kl=last)
                 got = loss_values(values.tolist(), len(rows), self.loss_coefficients)
                 grad_norm = got.pop("gradNorm")
                 clipped = got.pop("clipped")
@@ -575,7 +585,7 @@ class PPOTrainer:
                 clip = cfg.max_grad_norm / (grad_norm + 1e-6)
                 if clip < 1.0:
                     net.grad.mul_(clip)
-                self.optimizer.step()
+                self.optimizer.step(lr)
                 self._last_finite = {
                     "iteration": self.iteration,
                     "epoch": epoch,

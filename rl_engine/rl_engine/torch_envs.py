@@ -41,6 +41,7 @@ import torch
 from gymnasium.vector.utils import batch_space
 
 from .errors import InvalidConfig
+from .scalars import ScalarTensors
 
 __all__ = ["TORCH_ENVS", "TorchCartPole", "make_torch_env"]
 
@@ -142,10 +143,16 @@ class TorchCartPole:
         self._seeded = False
         self._state: torch.Tensor | None = None
         self.elapsed_steps = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
-        self._force_right = torch.tensor(self.force_mag, dtype=self.dtype, device=self.device)
-        self._force_left = torch.tensor(-self.force_mag, dtype=self.dtype, device=self.device)
+        # Constants as device tensors (rl_engine.scalars: a Python number operand costs a
+        # conversion per op). The force enters the dynamics divided by the total mass.
+        self._k = ScalarTensors(self.dtype, self.device)
+        self._k_int = ScalarTensors(torch.int64, self.device)
+        self._force_right = self._k[self.force_mag / self.total_mass]
+        self._force_left = self._k[-self.force_mag / self.total_mass]
         self._thresholds = torch.tensor([self.x_threshold, self.theta_threshold_radians],
                                         dtype=self.dtype, device=self.device)
+        self._derivative = torch.zeros((self.num_envs, 4), dtype=self.dtype, device=self.device)
+        """Scratch ``(N, 4)``: d(state)/dt of the current step."""
 
     def __repr__(self) -> str:
         return (
@@ -229,9 +236,10 @@ class TorchCartPole:
                 f"actions must have shape ({self.num_envs},), got {tuple(actions.shape)}"
             )
 
-        x, x_dot, theta, theta_dot = state.unbind(dim=1)
-        # +force_mag for action 1, -force_mag otherwise (exact in either dtype).
-        force = torch.where(actions == 1, self._force_right, self._force_left)
+        k = self._k
+        theta, theta_dot = state[:, 2], state[:, 3]
+        # +force_mag for action 1, -force_mag otherwise (over the total mass, see __init__).
+        force = torch.where(actions == self._k_int[1], self._force_right, self._force_left)
         costheta = torch.cos(theta)
         sintheta = torch.sin(theta)
 
@@ -239,23 +247,28 @@ class TorchCartPole:
         # https://coneural.org/florian/papers/05_cart_pole.pdf for the derivation), each
         # written as few fused tensor ops (addcmul: a + v * b * c) as it takes; they agree
         # with Gymnasium's float64 states to ~1e-15 (tests/unit/test_torch_envs.py).
-        temp = torch.addcmul(force, torch.square(theta_dot), sintheta,
-                             value=self.polemass_length).div_(self.total_mass)
-        cos_sq = torch.square(costheta)
-        thetaacc = torch.addcmul(self.gravity * sintheta, costheta, temp, value=-1.0).div_(
-            cos_sq.mul_(-self.length * self.masspole / self.total_mass)
-            .add_(self.length * 4.0 / 3.0))
-        xacc = torch.addcmul(temp, thetaacc, costheta,
-                             value=-self.polemass_length / self.total_mass)
+        # temp = (force + polemass_length * theta_dot^2 * sin) / total_mass
+        temp = torch.addcmul(force, theta_dot * theta_dot, sintheta,
+                             value=self.polemass_length / self.total_mass)
+        # thetaacc = (g sin - cos temp) / (length (4/3 - masspole cos^2 / total_mass))
+        denominator = torch.addcmul(k[self.length * 4.0 / 3.0], costheta, costheta,
+                                    value=-self.length * self.masspole / self.total_mass)
+        # xacc = temp - polemass_length * thetaacc * cos / total_mass, and
+        # d(x, theta)/dt = (x_dot, theta_dot): the derivative, written in place.
+        derivative = self._derivative
+        thetaacc = torch.addcmul(sintheta.mul_(k[self.gravity]), costheta, temp, value=-1.0)
+        torch.div(thetaacc, denominator, out=derivative[:, 3])
+        torch.addcmul(temp, derivative[:, 3], costheta,
+                      value=-self.polemass_length / self.total_mass, out=derivative[:, 1])
+        derivative[:, 0::2] = state[:, 1::2]
 
         # Explicit Euler: positions advance with the old velocities.
-        next_state = torch.add(state, torch.stack((x_dot, xacc, theta_dot, thetaacc), dim=1),
-                               alpha=self.tau)
+        next_state = torch.add(state, derivative, alpha=self.tau)
 
         # |x| > 2.4 or |theta| > 12 degrees (exactly Gymnasium's four comparisons).
         terminated = (next_state[:, 0::2].abs() > self._thresholds).any(dim=1)
-        self.elapsed_steps = self.elapsed_steps + 1
-        truncated = self.elapsed_steps >= self.max_episode_steps
+        elapsed = self.elapsed_steps.add_(self._k_int[1])
+        truncated = elapsed >= self._k_int[self.max_episode_steps]
 
         if self.sutton_barto_reward:
             reward = 0.0 - terminated.to(torch.float32)  # 0.0 (not -0.0) where not terminated
@@ -263,11 +276,12 @@ class TorchCartPole:
             reward = torch.ones(self.num_envs, dtype=torch.float32, device=self.device)
 
         # Same-step autoreset without a host sync: draw fresh states for every copy and
-        # keep them only where the episode ended.
+        # keep them only where the episode ended. ``next_state`` is a new tensor that the
+        # env never writes to again, so in float32 it is returned as ``final_obs`` as is.
         done = terminated | truncated
-        final_obs = next_state.to(torch.float32, copy=True)
+        final_obs = next_state.to(torch.float32)
         self._state = torch.where(done.unsqueeze(1), self._initial_states(), next_state)
-        self.elapsed_steps.masked_fill_(done, 0)
+        elapsed.masked_fill_(done, 0)
         obs = self._state.to(torch.float32, copy=True)
 
         info = {"final_obs": final_obs, "_final_obs": done}

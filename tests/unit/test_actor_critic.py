@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl_engine.actor_critic import FlatActorCritic, PPOLossCoefficients, loss_values
+from rl_engine.actor_critic import FlatActorCritic, FlatAdam, PPOLossCoefficients, loss_values
 from rl_engine.ppo import Agent, gumbel_noise
 
 torch.set_num_threads(1)
@@ -65,8 +65,8 @@ def test_hand_written_gradient_equals_autograd(hidden, norm_adv, clip_vloss, spr
     agent.zero_grad()
     ref["loss"].backward()
     onehot = torch.nn.functional.one_hot(actions, 3).double()
-    values, _ = net.ppo_loss_and_grad(obs, onehot, old_logprob, advantage, returns, old_value,
-                                      coef)
+    columns = (t.unsqueeze(1) for t in (old_logprob, advantage, returns, old_value))
+    values, _ = net.ppo_loss_and_grad(obs, onehot, *columns, coef)
     got = loss_values(values.tolist(), len(obs), coef)
     for name in ("loss", "policyLoss", "valueLoss", "entropy", "clipped"):
         assert got[name] == pytest.approx(ref[name].item(), rel=1e-10, abs=1e-12), name
@@ -99,6 +99,7 @@ def test_parameters_alias_the_flat_tensor_and_the_forward_matches_the_modules():
     torch.testing.assert_close(logits, before_actor, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(value, before_value, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(net.actor_logits(x), before_actor, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net.critic_values(x), before_value, rtol=1e-5, atol=1e-6)
     # an in-place step on the flat tensor is what the module computes with
     with torch.no_grad():
         net.flat.add_(0.1)
@@ -117,3 +118,29 @@ def test_gumbel_max_sampling_follows_the_softmax():
     actions = (logits - noise).argmax(-1).flatten()
     freq = torch.bincount(actions, minlength=3).float() / len(actions)
     torch.testing.assert_close(freq, torch.softmax(logits, -1)[0], atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flat_adam_is_torch_adam_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(300, generator=g, dtype=dtype)
+    mine = torch.nn.Parameter(start.clone())
+    mine.grad = torch.zeros_like(mine)
+    ref = torch.nn.Parameter(start.clone())
+    opt = FlatAdam(mine, eps=1e-5)
+    ref_opt = torch.optim.Adam([ref], lr=1.0, eps=1e-5, fused=True)
+    for step, lr in enumerate([2.5e-4, 2.4e-4, 1e-3, 3e-2, 1e-5], 1):
+        grad = torch.randn(300, generator=g, dtype=dtype) * step
+        mine.grad.copy_(grad)
+        ref.grad = grad.clone()
+        opt.step(lr)
+        ref_opt.param_groups[0]["lr"] = lr
+        ref_opt.step()
+        assert torch.equal(mine.detach(), ref.detach()), step
+    assert opt.steps_taken == 5
+    assert not torch.equal(mine.detach(), start)
+
+
+def test_flat_adam_needs_an_allocated_gradient():
+    with pytest.raises(ValueError, match="grad"):
+        FlatAdam(torch.nn.Parameter(torch.zeros(3)))
