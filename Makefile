@@ -47,8 +47,9 @@ bench-train: venv ## our PPO/DQN vs Stable-Baselines3 and CleanRL on CartPole-v1
 	bash hack/setup-bench-venv.sh
 	.venv-bench/bin/python hack/bench/train_bench.py --seeds $$(seq 1 20) --dqn-seeds 1 2 3 4 5 --json /tmp/train-bench.json
 
-crds: venv ## regenerate crds/ from operator/rl_operator/models.py
+crds: venv ## regenerate crds/ and the admission policies from operator/rl_operator/models.py
 	$(PY) -m rl_operator.crdgen crds
+	$(PY) -m rl_operator.policygen manifests/base/admission-policies.yaml
 
 clean: cluster-down
 	rm -rf .venv

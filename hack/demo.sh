@@ -7,9 +7,14 @@ bash "$root/hack/start-local.sh"
 
 sample="$root/manifests/samples/cartpole.yaml"
 agent=cartpole
+if [ "${RLOPS_DEMO_SERVE:-1}" = 1 ]; then
+  # before any delete: an agent's finalizer removes its Serve application, so Ray must be up
+  say "starting a local Ray head with Ray Serve (hack/ray-up.sh)"
+  bash "$root/hack/ray-up.sh" >"$clusterdir/logs/ray-up.log" 2>&1 || { tail -20 "$clusterdir/logs/ray-up.log"; exit 1; }
+fi
 if kubectl get rlagent "$agent" >/dev/null 2>&1; then
   say "deleting the previous demo's RLAgent $agent (its TrainingRuns and Jobs are garbage-collected)"
-  kubectl delete rlagent "$agent" --wait=true >/dev/null
+  kubectl delete rlagent "$agent" --wait=true --timeout=120s >/dev/null
   kubectl wait --for=delete "trainingrun/$agent-1" "job/$agent-1" --timeout=60s >/dev/null 2>&1 || true
 fi
 say "kubectl apply -f manifests/samples/cartpole.yaml"
@@ -48,8 +53,6 @@ served=""
 if [ "${RLOPS_DEMO_SERVE:-1}" = 1 ]; then
   # The rest of the story: the run's Rollout waits for an approval bound to this fingerprint;
   # approved, the policy goes to Ray Serve (the first version of an agent goes to 100% at once).
-  say "starting a local Ray head with Ray Serve (hack/ray-up.sh)"
-  bash "$root/hack/ray-up.sh" >"$clusterdir/logs/ray-up.log" 2>&1 || { tail -20 "$clusterdir/logs/ray-up.log"; exit 1; }
   for _ in $(seq 60); do kubectl get rollout "$run" >/dev/null 2>&1 && break; sleep 1; done
   kubectl get rollout "$run" -o wide
   say "kubectl annotate rollout/$run rlops.dev/approve=$fp"

@@ -139,3 +139,64 @@ def free_ports(n: int) -> list[int]:
         for s in socks:
             s.close()
     return ports
+
+
+OPERATOR_USER = "system:serviceaccount:rlops-system:rlops-operator"
+
+
+def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact_root: str,
+                fingerprint: str, mean_return: float = 500.0) -> dict[str, Any]:
+    """A Succeeded TrainingRun without training, and the Rollout that the operator makes from it.
+
+    For admission and approval tests that need a Rollout in the operator's owner chain but not a
+    real artifact. The run is created *as the operator's ServiceAccount* (impersonated by the
+    test's admin) with the operator's controller ownerReference; once the operator has seen it
+    (Pending: the agent's pods must be unschedulable), its status is set to Succeeded with the
+    artifact URI the operator assigns (``<root>/<namespace>/<agent>/<run>-<uid8>``). The operator
+    then creates the Rollout itself (on the next event of the run's Job). Returns that Rollout. The e2e tier trains for real.
+    """
+    owner = cluster.get("rlagent", agent, "-n", namespace)
+    ref = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": agent,
+           "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    spec = owner["spec"]
+    body = {"apiVersion": "rlops.dev/v1alpha1", "kind": "TrainingRun",
+            "metadata": {"name": run, "labels": {"rlops.dev/agent": agent}, "ownerReferences": [ref]},
+            "spec": {"agentRef": {"name": agent}, "trigger": {"reason": "SpecChanged", "agentGeneration": 99},
+                     **{k: spec[k] for k in ("environment", "algorithm", "training", "evaluation")}}}
+    cluster.kubectl("create", "-n", namespace, "-f", "-", f"--as={OPERATOR_USER}", input=json.dumps(body))
+    tr = wait_for(lambda: (r := cluster.get("trainingrun", run, "-n", namespace)) and
+                  (r.get("status") or {}).get("phase") == "Pending" and r, 60, f"TrainingRun {run} Pending")
+    uri = f"{artifact_root.rstrip('/')}/{namespace}/{agent}/{run}-{tr['metadata']['uid'][:8]}"
+    status = {"status": {"phase": "Succeeded", "artifactURI": uri, "fingerprint": fingerprint,
+                         "metrics": {"meanReturn": mean_return}}}
+    cluster.kubectl("patch", "trainingrun", run, "-n", namespace, "--subresource=status", "--type=merge",
+                    "-p", json.dumps(status))
+    # the operator re-reads a run on its Job's events: touch the Job so that it sees Succeeded
+    cluster.kubectl("annotate", "job", run, "-n", namespace, "rlops-test/staged=true", "--overwrite")
+    return wait_for(lambda: cluster.get("rollout", run, "-n", namespace), 60, f"Rollout {run} from the operator")
+
+
+def count_opens(monkeypatch, swap: dict[str, bytes] | None = None) -> "collections.Counter[str]":
+    """Count local-file opens per path; on the first open of a file named in ``swap``, replace
+    it atomically on disk with other bytes (a tenant swapping it after it was hashed)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    import collections
+
+    opens: collections.Counter = collections.Counter()
+    original = LocalFileSystem._open
+
+    def counting_open(self, path, mode="rb", *args, **kwargs):
+        f = original(self, path, mode, *args, **kwargs)
+        if "r" in mode:
+            name = os.path.basename(path)
+            opens[name] += 1
+            if swap and name in swap and opens[name] == 1:
+                tmp = path + ".swap"
+                with open(tmp, "wb") as out:
+                    out.write(swap[name])
+                os.replace(tmp, path)
+        return f
+
+    monkeypatch.setattr(LocalFileSystem, "_open", counting_open)
+    return opens

@@ -1,9 +1,11 @@
 """The Prometheus analysis provider: measures a canary and its stable version from serving metrics.
 
-The serving router (``rl_engine.serving``) exports per-version counters through Ray's metrics
-agent; Prometheus scrapes them. Each query is PromQL templated with the namespace, agent,
-version and window, and returns the increase of a counter over the window. ``rollout.judge``
-turns the measurement into a verdict (seed 004's rollback conditions).
+The serving router (``rl_engine.serving``) exports per-version counters and a reward histogram
+through Ray's metrics agent; Prometheus scrapes them. Each query is PromQL templated with the
+namespace, agent, version and window: the increase of a counter over the window, or of every
+bucket of the reward histogram (``rlops_serve_feedback_reward_scaled``: the feedback reward as a
+fraction of the declared range). ``rollout.judge`` turns the measurement into a verdict (seed
+004's rollback conditions), comparing 10%-trimmed mean rewards computed from those buckets.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ SERIES: Mapping[str, str] = {
     "reward_positive": "ray_rlops_serve_feedback_reward_positive_total",
     "reward_negative": "ray_rlops_serve_feedback_reward_negative_total",
     "negative_feedback": "ray_rlops_serve_negative_feedback_total",
+    "reward_scaled_bucket": "ray_rlops_serve_feedback_reward_scaled_bucket",
 }
 
 
@@ -29,14 +32,42 @@ class AnalysisError(RuntimeError):
     """Prometheus could not be queried, or answered something that is not a vector."""
 
 
-def query(series: str, namespace: str, agent: str, version: str, window_seconds: int) -> str:
-    """PromQL: the increase of one counter for one version over the window (a scalar-like vector)."""
+def query(series: str, namespace: str, agent: str, version: str, window_seconds: int, by: str = "") -> str:
+    """PromQL: the increase of one counter for one version over the window (a scalar-like
+    vector; with ``by="le"``, one element per histogram bucket)."""
     selector = f'{SERIES[series]}{{namespace="{namespace}",agent="{agent}",version="{version}"}}'
-    return f"sum(increase({selector}[{int(window_seconds)}s]))"
+    grouping = f" by ({by})" if by else ""
+    return f"sum{grouping}(increase({selector}[{int(window_seconds)}s]))"
 
 
 def instant(prometheus_url: str, promql: str, timeout: float = 5.0) -> float:
     """Evaluate an instant query; an empty result is 0.
+
+    Raises:
+        AnalysisError: connection failure, non-200, or a non-vector result.
+    """
+    result = instant_vector(prometheus_url, promql, timeout)
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def histogram(prometheus_url: str, promql: str, timeout: float = 5.0) -> tuple[tuple[float, float], ...]:
+    """Evaluate a ``sum by (le)`` query: ``((le, cumulative count), ...)`` sorted by ``le``
+    (``float("inf")`` for ``+Inf``); empty when the series does not exist yet.
+
+    Raises:
+        AnalysisError: as :func:`instant`, or an element without a numeric ``le`` label.
+    """
+    out = []
+    for element in instant_vector(prometheus_url, promql, timeout):
+        try:
+            out.append((float(element["metric"]["le"]), float(element["value"][1])))
+        except (KeyError, TypeError, ValueError) as err:
+            raise AnalysisError(f"{promql}: a bucket without a numeric 'le' label: {element!r:.200}") from err
+    return tuple(sorted(out))
+
+
+def instant_vector(prometheus_url: str, promql: str, timeout: float = 5.0) -> list[dict]:
+    """Evaluate an instant query: the ``result`` list of Prometheus' answer (``metric``, ``value``).
 
     Raises:
         AnalysisError: connection failure, non-200, or a non-vector result.
@@ -51,29 +82,36 @@ def instant(prometheus_url: str, promql: str, timeout: float = 5.0) -> float:
     data = resp.json().get("data") or {}
     if data.get("resultType") != "vector":
         raise AnalysisError(f"{promql}: expected a vector, got {data.get('resultType')}")
-    result = data.get("result") or []
-    return float(result[0]["value"][1]) if result else 0.0
+    return list(data.get("result") or [])
 
 
 def measure(
     prometheus_url: str, namespace: str, agent: str, canary: str, stable: str | None, window_seconds: int
 ) -> Measurement:
-    """Measure the canary (and the stable version, when there is one) over the last ``window_seconds``."""
+    """Measure the canary (and the stable version, when there is one) over the last ``window_seconds``.
+
+    Counts are increases over the window; the reward histograms are the increase of every
+    bucket of ``rlops_serve_feedback_reward_scaled`` (see :class:`rl_operator.rollout.Measurement`).
+
+    Raises:
+        AnalysisError: Prometheus could not be queried or answered something unexpected.
+    """
 
     def inc(series: str, version: str) -> float:
         return instant(prometheus_url, query(series, namespace, agent, version, window_seconds))
 
-    def reward(version: str) -> float:
-        return inc("reward_positive", version) - inc("reward_negative", version)
+    def rewards(version: str) -> tuple[tuple[float, float], ...]:
+        return histogram(prometheus_url, query("reward_scaled_bucket", namespace, agent, version, window_seconds,
+                                               by="le"))
 
     return Measurement(
         canary_requests=inc("requests", canary),
         canary_errors=inc("errors", canary),
         canary_feedback=inc("feedback", canary),
-        canary_reward_sum=reward(canary),
         canary_negative=inc("negative_feedback", canary),
+        canary_reward_buckets=rewards(canary),
         stable_feedback=inc("feedback", stable) if stable else 0.0,
-        stable_reward_sum=reward(stable) if stable else 0.0,
         stable_negative=inc("negative_feedback", stable) if stable else 0.0,
+        stable_reward_buckets=rewards(stable) if stable else (),
         window_seconds=int(window_seconds),
     )

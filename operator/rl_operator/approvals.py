@@ -6,6 +6,15 @@ refuses an approval that names another fingerprint (stale or wrong), refuses use
 identity from the admission request in ``rlops.dev/approved-by`` and ``rlops.dev/approved-at``,
 which nobody else may write. Seed 000 ("operator approval registry") binds approvals to a
 fingerprint in the same way.
+
+The webhook also signs what it recorded (``rlops.dev/approval-signature``: an HMAC-SHA256, keyed
+by a Secret only the operator reads, over the Rollout's namespace, name and uid, the fingerprint,
+the approver and the time). The operator honours an annotation approval only with a valid
+signature: with the webhook disabled or unregistered, no approval by annotation counts, and a
+hand-written ``approved-by`` never does.
+
+Separation of duties: an approval by a ServiceAccount (``system:serviceaccount:*``) is refused
+unless the agent's ``spec.approval.allowedServiceAccounts`` names it.
 """
 
 from __future__ import annotations
@@ -14,10 +23,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from rl_operator.rollout import APPROVE, APPROVED_AT, APPROVED_BY, REJECT, check_manual_approval
+from rl_operator.rollout import APPROVAL_SIGNATURE, APPROVE, APPROVED_AT, APPROVED_BY, APPROVED_VIA, REJECT, \
+    check_manual_approval
+from rl_operator.trust import service_account_refusal, signature
 
 APPROVE_VERB = "approve"
-_RECORDED = (APPROVED_BY, APPROVED_AT)
+_RECORDED = (APPROVED_BY, APPROVED_AT, APPROVED_VIA, APPROVAL_SIGNATURE)
 
 
 @dataclass
@@ -29,14 +40,36 @@ class Review:
     annotations: dict[str, str] = field(default_factory=dict)
 
 
-def review(old: dict[str, str] | None, new: dict[str, str], fingerprint: str, user: str, at: datetime) -> Review:
+@dataclass(frozen=True)
+class Requester:
+    """Who sent the admission request: ``user`` as authorized, and the user who impersonated
+    them (``kubectl --as``), when the API server reports one."""
+
+    user: str
+    impersonator: str | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """The Rollout under review and what its approval is bound to."""
+
+    namespace: str
+    name: str
+    uid: str
+    fingerprint: str
+    allowed_service_accounts: tuple[str, ...] = ()
+
+
+def review(old: dict[str, str] | None, new: dict[str, str], target: Target, who: Requester, at: datetime,
+           key: bytes | None) -> Review:
     """Review one CREATE (``old`` is None) or UPDATE of a Rollout's annotations.
 
     Args:
         old, new: the annotations before and after.
-        fingerprint: the Rollout's ``spec.fingerprint``.
-        user: the requesting user's name (from the admission request's userInfo).
+        target: the Rollout (identity, fingerprint, the agent's allowed ServiceAccounts).
+        who: the requesting user (from the admission request's userInfo).
         at: now.
+        key: the approval signing key; None refuses every approval (the key is not loaded yet).
     """
     old = old or {}
     approve_changed = new.get(APPROVE) is not None and new.get(APPROVE) != old.get(APPROVE)
@@ -45,14 +78,36 @@ def review(old: dict[str, str] | None, new: dict[str, str], fingerprint: str, us
         return Review(error=f"{APPROVED_BY} and {APPROVED_AT} are recorded by the rlops admission webhook "
                             f"from the approving request; set {APPROVE}=<fingerprint> instead")
     if approve_changed:
-        wrong = check_manual_approval(new, fingerprint)
+        wrong = check_manual_approval(new, target.fingerprint) or service_account_refusal(
+            who.user, target.allowed_service_accounts)
         if wrong:
             return Review(error=f"approval refused: {wrong}")
-        return Review(permission=APPROVE_VERB,
-                      annotations={APPROVED_BY: user, APPROVED_AT: at.strftime("%Y-%m-%dT%H:%M:%SZ")})
+        if key is None:
+            return Review(error="approval refused: the operator has not loaded its approval signing key yet; retry")
+        stamp = at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        recorded = {APPROVED_BY: who.user, APPROVED_AT: stamp}
+        if who.impersonator:
+            recorded[APPROVED_VIA] = f"impersonated by {who.impersonator}"
+        recorded[APPROVAL_SIGNATURE] = signature(key, target.namespace, target.name, target.uid, target.fingerprint,
+                                                 who.user, stamp)
+        return Review(permission=APPROVE_VERB, annotations=recorded)
     if reject_changed:
         return Review(permission=APPROVE_VERB)
     return Review()
+
+
+def impersonator(userinfo: dict[str, Any]) -> str | None:
+    """The user behind an impersonated request, if the API server reports it in ``extra``.
+
+    Kubernetes 1.34 puts no such key in admission requests by default; kept for API servers
+    (and authenticating proxies) that do.
+    """
+    extra = userinfo.get("extra") or {}
+    for key in ("authentication.kubernetes.io/impersonator", "impersonator.kubernetes.io/original-user"):
+        values = extra.get(key) or []
+        if values:
+            return str(values[0])
+    return None
 
 
 def sar_body(userinfo: dict[str, Any], namespace: str, name: str, verb: str = APPROVE_VERB) -> dict[str, Any]:

@@ -23,6 +23,7 @@ point and restarted converges to the same objects: no duplicate runs, no duplica
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections import defaultdict
@@ -30,14 +31,21 @@ from typing import Any
 
 import kopf
 
-from rl_operator import alerts, analysis, approvals, certs, kube, rayserve, rollout, training
+from kubernetes.client.exceptions import ApiException
+
+from rl_operator import alerts, analysis, approvals, certs, kube, rayserve, rollout, training, trust
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 
 SETTINGS = OperatorSettings.from_env()
+#: The operator's signing key (``settings.approval_key_secret``), loaded at start-up.
+_KEY: dict[str, bytes | None] = {"value": None}
 _locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
+
+
+FINALIZER = f"{m.GROUP}/finalizer"
 
 
 def _post(obj: dict[str, Any], events: list[training.Event]) -> None:
@@ -51,6 +59,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # Events are posted explicitly, not from log lines
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # our own finalizer name: a ValidatingAdmissionPolicy lets only the operator remove it
+    settings.persistence.finalizer = FINALIZER
+    ns, name = SETTINGS.approval_key_secret.split("/", 1)
+    _KEY["value"] = kube.ensure_key_secret(ns, name)
     if SETTINGS.webhook_addr:
         host = SETTINGS.webhook_host or SETTINGS.webhook_addr
         files = certs.ensure_webhook_certs(SETTINGS.cert_dir, [host, SETTINGS.webhook_addr])
@@ -124,8 +136,8 @@ def reconcile_agent(body: kopf.Body, namespace: str, name: str, **_: Any) -> Non
 
 
 def _owned(owner: dict[str, Any], objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    uid = owner["metadata"]["uid"]
-    return [o for o in objs if any(ref.get("uid") == uid for ref in o["metadata"].get("ownerReferences", []))]
+    """The objects whose controller is ``owner`` (by uid): a label alone makes nothing ours."""
+    return [o for o in objs if trust.controlled_by(o, owner, owner["kind"])]
 
 
 def sync_agent(namespace: str, name: str) -> None:
@@ -150,7 +162,19 @@ def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     run = dict(body)
     phase = (run.get("status") or {}).get("phase")
     if phase not in ("Succeeded", "Failed"):
-        job, created = kube.create_job_or_get(training.desired_job(run, SETTINGS))
+        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
+        why = trust.run_untrusted(run, agent)
+        if why:
+            _fail_run(run, "NotInOwnerChain", f"the operator ignores this TrainingRun: {why}")
+            return
+        try:
+            job, created = kube.create_job_or_get(training.desired_job(run, SETTINGS))
+        except ApiException as exc:
+            if exc.status is None or not 400 <= exc.status < 500 or exc.status in (409, 429):
+                raise  # a transient error: kopf retries with backoff
+            _fail_run(run, "JobRejected", f"the API server refused the training Job ({exc.status} {exc.reason}): "
+                                          f"{_api_message(exc)}")
+            return
         if created:
             gpus = run["spec"]["training"].get("resources", {}).get("gpu", 0)
             _post(run, [training.Event("Normal", "JobCreated", f"Job {job['metadata']['name']} created ({gpus} GPU)")])
@@ -171,19 +195,50 @@ def on_child_event(labels: dict[str, str], namespace: str, type: str | None, **_
     sync_run(namespace, labels[m.RUN_LABEL])
 
 
+def _api_message(exc: ApiException) -> str:
+    """The API server's own message from an error response (its Status body), else the body."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.body)
+    except ValueError:
+        return str(exc.body)
+
+
+def _fail_run(run: dict[str, Any], reason: str, message: str) -> None:
+    """Set a run Failed with a reason (once), and sync its agent."""
+    namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
+    with _locks[("trainingruns", namespace, name)]:
+        status, events = training.failed_status(run, reason, message, training.now())
+        if events:
+            kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())
+            _post(run, events)
+    sync_agent(namespace, run["spec"]["agentRef"]["name"])
+
+
 def sync_run(namespace: str, name: str) -> None:
-    """Recompute a TrainingRun's status from its Job and pods, write it, then sync its agent."""
+    """Recompute a TrainingRun's status from its Job and pods, write it, then sync its agent.
+
+    Only the run's own Job (controller by uid) and that Job's own pods (``trust.pod_untrusted``)
+    count: a Job that a tenant made with the run's name fails the run (``JobNotOwned``), and a
+    pod that a tenant made with its labels is ignored, with a condition and an Event.
+    """
     with _locks[("trainingruns", namespace, name)]:
         run = kube.get_custom(namespace, m.TrainingRun.PLURAL, name)
         if run is None:
             return
+        prev = m.TrainingRunStatus.model_validate(run.get("status") or {})
         job = kube.get_job(namespace, name)
-        if job is not None and not any(o.get("uid") == run["metadata"]["uid"] for o in job["metadata"].get("ownerReferences", [])):
-            log.warning("Job %s/%s is not owned by TrainingRun %s; ignoring it", namespace, name, name)
-            job = None
-        pods = kube.list_pods(namespace, f"{m.RUN_LABEL}={name}") if job is not None else []
-        status, events = training.observe_run(run, job, pods, training.now())
-        changed = status.wire() != m.TrainingRunStatus.model_validate(run.get("status") or {}).wire()
+        at = training.now()
+        if job is not None and not trust.controlled_by(job, run, m.TrainingRun.KIND):
+            status, events = training.failed_status(
+                run, "JobNotOwned", f"Job {namespace}/{name} exists but is not controlled by this TrainingRun (uid)", at)
+        else:
+            pods = kube.list_pods(namespace, f"{m.RUN_LABEL}={name}") if job is not None else []
+            verdicts = [(pod, trust.pod_untrusted(pod, job, training.TRAINER_CONTAINER)) for pod in pods]
+            status, events = training.observe_run(run, job, [p for p, why in verdicts if why is None], at,
+                                                  training.artifact_uri(SETTINGS, run))
+            ignored = "; ".join(why for _, why in verdicts if why)
+            events += training.note_ignored_pods(status, ignored, at)
+        changed = status.wire() != prev.wire()
         if changed:
             run = kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())
         _post(run, events)
@@ -199,6 +254,8 @@ def ensure_rollout(run: dict[str, Any]) -> None:
     agent = kube.get_custom(ns, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
     if agent is None or kube.get_custom(ns, m.Rollout.PLURAL, run["metadata"]["name"]) is not None:
         return
+    if trust.run_untrusted(run, agent):
+        return  # reconcile_run already failed it with the reason
     spec = m.RLAgentSpec.model_validate(agent["spec"])
     if spec.mode == "observe":
         return
@@ -259,7 +316,11 @@ def reconcile_rollout(namespace: str, name: str) -> None:
             return
         agent_name = ro["spec"]["agentRef"]["name"]
         agent = kube.get_custom(namespace, m.RLAgent.PLURAL, agent_name)
+        run = kube.get_custom(namespace, m.TrainingRun.PLURAL, ro["spec"]["trainingRunRef"]["name"])
+        untrusted = trust.rollout_untrusted(ro, run, agent, training.artifact_uri(SETTINGS, run) if run else None)
         if agent is None:
+            if untrusted:
+                _write_rollout(ro, *_ignored(ro, untrusted))
             return
         agent_spec = m.RLAgentSpec.model_validate(agent["spec"])
         agent_status = m.RLAgentStatus.model_validate(agent.get("status") or {})
@@ -270,11 +331,11 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         status = m.RolloutStatus.model_validate(ro.get("status") or {})
         obs = rollout.Observed(now=now, annotations=dict(ro["metadata"].get("annotations") or {}),
                                agent_spec=agent_spec, active_model=agent_status.active_model,
-                               blocking_rollout=blocking)
+                               blocking_rollout=blocking, approval_key=_KEY["value"], untrusted=untrusted)
         approved = status.approval is not None or obs.annotations.get(rollout.APPROVED_BY) or \
             agent_spec.approval.mode == "auto"
         entries: dict[str, Any] = {}
-        if approved and agent_spec.serving.enabled and not blocking:
+        if approved and agent_spec.serving.enabled and not blocking and (not untrusted or status.phase in rollout.ACTIVE):
             try:
                 obs.serving_versions, obs.serving_weights, obs.app_status, entries = _serving(namespace, agent_name)
             except rayserve.RayServeError as exc:
@@ -299,6 +360,14 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         _write_rollout(ro, new_status, acts.events)
 
 
+def _ignored(ro: dict[str, Any], why: str) -> tuple[m.RolloutStatus, list[training.Event]]:
+    """The status and Events for a Rollout outside the owner chain, when no agent is left to consult."""
+    agent = m.RLAgentSpec(environment=m.EnvironmentSpec(id="-"))
+    status, acts = rollout.reconcile(ro, rollout.Observed(now=training.now(), annotations={}, agent_spec=agent,
+                                                          active_model=None, untrusted=why))
+    return status, acts.events
+
+
 def _act(namespace: str, agent: str, spec: m.RLAgentSpec, acts: rollout.Actions, entries: dict[str, Any]) -> None:
     """Carry out serving actions: weights first (the router's user_config only), then deploys."""
     app = rayserve.app_name(namespace, agent)
@@ -306,8 +375,12 @@ def _act(namespace: str, agent: str, spec: m.RLAgentSpec, acts: rollout.Actions,
         rayserve.set_weights(SETTINGS.ray_dashboard_url, app, acts.set_weights)
     if acts.deploy is not None:
         versions = {v: (e if e is not None else entries[v]) for v, e in acts.deploy["versions"].items()}
-        config = rayserve.app_config(namespace, agent, versions, acts.deploy["weights"],
-                                     max_batch_size=spec.serving.max_batch_size)
+        reward = spec.canary.analysis.reward_range
+        key = _KEY["value"]
+        config = rayserve.app_config(
+            namespace, agent, versions, acts.deploy["weights"], max_batch_size=spec.serving.max_batch_size,
+            feedback_key=trust.derive_key(key, f"feedback:{app}").hex() if key else None,
+            reward_min=reward.min, reward_max=reward.max, artifact_root=SETTINGS.artifact_root)
         rayserve.apply_application(SETTINGS.ray_dashboard_url, config)
 
 
@@ -353,15 +426,45 @@ async def on_alert(target: alerts.AlertTarget) -> None:
         log.info("alert %s for %s/%s: no rollout in progress", target.alertname, target.namespace, target.agent)
 
 
-@kopf.on.delete(m.GROUP, m.VERSION, m.RLAgent.PLURAL, optional=True)
-def on_agent_deleted(namespace: str, name: str, **_: Any) -> None:
-    """Best effort (no finalizer, so deletion never waits on Ray): remove the agent's Serve app.
-    TrainingRuns, Jobs and Rollouts go by ownerReference garbage collection."""
+@kopf.on.delete(m.GROUP, m.VERSION, m.RLAgent.PLURAL)
+def on_agent_deleted(status: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
+    """The agent's finalizer: its Serve application goes before the agent does, so no traffic is
+    left with no object to manage it. Ray unreachable: retried (the agent stays Terminating).
+    TrainingRuns, Jobs and Rollouts go by ownerReference garbage collection; a Rollout still in
+    progress takes its own canary off traffic (``on_rollout_deleted``)."""
+    if not (status or {}).get("activeModel"):
+        return  # no version was ever promoted: nothing of this agent's serves but a live Rollout's canary
     try:
         if rayserve.delete_application(SETTINGS.ray_dashboard_url, rayserve.app_name(namespace, name)):
             log.info("deleted Serve application of %s/%s", namespace, name)
     except rayserve.RayServeError as exc:
-        log.warning("could not delete the Serve application of %s/%s: %s", namespace, name, exc)
+        raise kopf.TemporaryError(f"cannot delete the Serve application of {namespace}/{name}: {exc}", delay=10)
+
+
+@kopf.on.delete(m.GROUP, m.VERSION, m.Rollout.PLURAL)
+def on_rollout_deleted(namespace: str, name: str, **_: Any) -> None:
+    """The Rollout's finalizer: deleted mid-canary, its canary goes to weight 0 (traffic on the
+    stable version) and leaves the application; with no stable version the application goes."""
+    with _locks[("rollouts", namespace, name)]:
+        ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
+        if ro is None or (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
+            return
+        agent = ro["spec"]["agentRef"]["name"]
+        status, acts = rollout.abort(ro, "the Rollout was deleted", training.now())
+        try:
+            if status.stable_version is None:
+                rayserve.delete_application(SETTINGS.ray_dashboard_url, rayserve.app_name(namespace, agent))
+            else:
+                agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
+                spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else \
+                    m.RLAgentSpec(environment=m.EnvironmentSpec(id="-"))
+                _act(namespace, agent, spec, acts, _serving(namespace, agent)[3])
+        except rayserve.ApplicationNotFound:
+            pass
+        except rayserve.RayServeError as exc:
+            raise kopf.TemporaryError(f"cannot take the canary of {namespace}/{name} off traffic: {exc}", delay=5)
+        _post(ro, acts.events)
+        log.warning("Rollout %s/%s deleted mid-canary: canary weight 0", namespace, name)
 
 
 # ----------------------------------------------------------------------------- admission
@@ -374,12 +477,20 @@ def admit_approval(body: kopf.Body, old: kopf.Body | None, userinfo: dict[str, A
     """Approvals name the artifact's fingerprint and come from users with the ``approve`` verb.
 
     Persistent (stays registered while the operator is down) and failing closed: no approval
-    can bypass this check.
+    can bypass this check. It records (and signs) the approver; the ValidatingAdmissionPolicies
+    in ``manifests/base/admission-policies.yaml`` hold the verbs even without it.
     """
     old_ann = dict((old or {}).get("metadata", {}).get("annotations") or {}) if old else None
     new_ann = dict(body.get("metadata", {}).get("annotations") or {})
-    verdict = approvals.review(old_ann, new_ann, body["spec"]["fingerprint"], userinfo.get("username", ""),
-                               training.now())
+    allowed_sas: tuple[str, ...] = ()
+    if new_ann.get(rollout.APPROVE) not in (None, (old_ann or {}).get(rollout.APPROVE)):
+        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, body["spec"]["agentRef"]["name"])
+        if agent is not None:
+            allowed_sas = tuple(m.RLAgentSpec.model_validate(agent["spec"]).approval.allowed_service_accounts)
+    target = approvals.Target(namespace=namespace, name=name, uid=body["metadata"].get("uid", ""),
+                              fingerprint=body["spec"]["fingerprint"], allowed_service_accounts=allowed_sas)
+    who = approvals.Requester(user=userinfo.get("username", ""), impersonator=approvals.impersonator(userinfo))
+    verdict = approvals.review(old_ann, new_ann, target, who, training.now(), _KEY["value"])
     if verdict.error:
         raise kopf.AdmissionError(verdict.error, code=400)
     if verdict.permission:

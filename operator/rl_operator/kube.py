@@ -6,7 +6,9 @@ Objects cross this boundary as plain JSON dicts, exactly as the API serves them.
 
 from __future__ import annotations
 
+import base64
 import logging
+import secrets
 from typing import Any
 
 from kubernetes import client, config
@@ -116,3 +118,29 @@ def subject_access_review(body: dict[str, Any]) -> tuple[bool, str]:
     """Ask the API server whether a user may do something. Returns ``(allowed, reason)``."""
     result = client.AuthorizationV1Api().create_subject_access_review(body)
     return bool(result.status.allowed), result.status.reason or ""
+
+
+def ensure_key_secret(namespace: str, name: str, field: str = "key", nbytes: int = 32) -> bytes:
+    """Read a random key from a Secret, creating the Secret with a new key if it is missing.
+
+    Returns the key's bytes. Two operators starting at once agree: the loser of the create
+    race (409) reads the winner's key.
+    """
+    core = client.CoreV1Api()
+    for _ in range(2):
+        try:
+            secret = core.read_namespaced_secret(name, namespace)
+            return base64.b64decode((secret.data or {})[field])
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": name, "namespace": namespace,
+                             "labels": {"app.kubernetes.io/managed-by": "rlops"}},
+                "data": {field: base64.b64encode(secrets.token_bytes(nbytes)).decode()}}
+        try:
+            core.create_namespaced_secret(namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    raise RuntimeError(f"secret {namespace}/{name} could not be read or created")

@@ -12,7 +12,7 @@ field's own terms (environment, episode, return, timesteps).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -25,6 +25,10 @@ API_VERSION = f"{GROUP}/{VERSION}"
 AGENT_LABEL = f"{GROUP}/agent"
 #: Label put on a training Job and its pods, naming the TrainingRun.
 RUN_LABEL = f"{GROUP}/training-run"
+
+#: The operator's identity (its ServiceAccount): the only user that creates TrainingRuns and Rollouts.
+OPERATOR_NAMESPACE = "rlops-system"
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:rlops-operator"
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/rlops/trainer:0.1.0"
 
@@ -114,12 +118,54 @@ class AlgorithmSpec(_Model):
     )
 
 
+def _positive_quantity(what: str) -> dict[str, Any]:
+    """CEL: the string is a Kubernetes quantity above zero (the Job would refuse anything else)."""
+    return {"x-kubernetes-validations": [
+        _cel("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
+             f"{what} must be a Kubernetes quantity above zero (e.g. 500m, 2, 4Gi)")]}
+
+
+#: A label value (Kubernetes: at most 63 characters, alphanumeric at both ends, ``-_.`` inside).
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+#: A label key: an optional DNS-subdomain prefix and ``/``, then a name of at most 63 characters.
+LABEL_KEY_CEL = (
+    "self.all(k, k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    "[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'))"
+)
+
+
 class ResourceSpec(_Model):
     """Compute for one training pod."""
 
     gpu: int = Field(1, ge=0, le=64, description="nvidia.com/gpu count (limit) for the training pod.")
-    cpu: str = Field("1", min_length=1, description="CPU request and limit (Kubernetes quantity).")
-    memory: str = Field("2Gi", min_length=1, description="Memory request and limit (Kubernetes quantity).")
+    cpu: str = Field("1", min_length=1, max_length=32, json_schema_extra=_positive_quantity("cpu"),
+                     description="CPU request and limit (Kubernetes quantity above zero, e.g. 500m or 2).")
+    memory: str = Field("2Gi", min_length=1, max_length=32, json_schema_extra=_positive_quantity("memory"),
+                        description="Memory request and limit (Kubernetes quantity above zero, e.g. 2Gi).")
+
+
+class Toleration(_Model):
+    """A pod toleration (core/v1 Toleration), copied into the training pod."""
+
+    model_config = ConfigDict(
+        **_WIRE,
+        extra="forbid",
+        json_schema_extra={"x-kubernetes-validations": [
+            _cel("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                 "value must be empty when operator is Exists", ".value"),
+            _cel("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                 "tolerationSeconds needs effect NoExecute", ".tolerationSeconds"),
+            _cel("has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+                 "an empty key needs operator Exists", ".key"),
+        ]},
+    )
+
+    key: str | None = Field(None, max_length=316, description="The taint key to tolerate (empty: all keys, with Exists).")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default Equal).")
+    value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE, description="The taint value (with Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="The taint effect to tolerate (empty: all effects).")
+    toleration_seconds: int | None = Field(None, ge=0, description="How long a NoExecute taint is tolerated (seconds).")
 
 
 class TrainingTemplate(_Model):
@@ -145,19 +191,23 @@ class TrainingTemplate(_Model):
         None, description="Stop early once a periodic evaluation's mean episodic return reaches this."
     )
     eval_interval: int = Field(10_240, ge=1, description="Environment steps between periodic evaluations.")
-    image: str = Field(DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer container image.")
+    image: str = Field(
+        DEFAULT_TRAINER_IMAGE, min_length=1, max_length=512, pattern=r"^[^\s]+$",
+        description="Trainer container image (a reference without whitespace).",
+    )
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     backoff_limit: int = Field(0, ge=0, le=10, description="Job backoffLimit: retries of a failed pod.")
     active_deadline_seconds: int = Field(
         3600, ge=60, le=7 * 24 * 3600, description="Job activeDeadlineSeconds (seconds)."
     )
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Added to the GPU node selector of the training pod."
+    node_selector: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Added to the GPU node selector of the training pod (label keys and values).",
+        json_schema_extra={"x-kubernetes-validations": [_cel(LABEL_KEY_CEL, "keys must be label keys")]},
     )
-    tolerations: list[dict[str, Any]] = Field(
-        default_factory=list,
-        description="Added to the nvidia.com/gpu toleration of the training pod.",
-        json_schema_extra={"items": FREE_FORM},
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Added to the nvidia.com/gpu toleration of the training pod."
     )
 
 
@@ -171,7 +221,7 @@ class EvaluationSpec(_Model):
 
 
 class AutoApproval(_Model):
-    """Thresholds for approving a trained policy without a human (seed 000: auto-approval policies).
+    """Thresholds for approving a trained policy without a human (auto-approval policies).
 
     Every threshold that is set must hold; unset thresholds are not checked. With a stable
     version serving, the relative checks compare against its evaluation.
@@ -186,6 +236,10 @@ class AutoApproval(_Model):
     )
 
 
+#: A ServiceAccount's user name in Kubernetes authentication.
+SERVICE_ACCOUNT_USER = r"^system:serviceaccount:[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
 class ApprovalPolicy(_Model):
     """How a trained policy is approved for rollout."""
 
@@ -194,6 +248,14 @@ class ApprovalPolicy(_Model):
         description="manual: kubectl annotate rollout/<name> rlops.dev/approve=<fingerprint>; auto: the thresholds below.",
     )
     auto: AutoApproval = Field(default_factory=AutoApproval)
+    allowed_service_accounts: list[Annotated[str, Field(pattern=SERVICE_ACCOUNT_USER, max_length=317)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "ServiceAccounts (system:serviceaccount:<namespace>:<name>) whose approvals count. Approvals by "
+            "any other ServiceAccount are refused, so that a workload cannot approve on a person's behalf."
+        ),
+    )
 
 
 class PauseStep(_Model):
@@ -230,8 +292,30 @@ def _default_steps() -> list[CanaryStep]:
     return steps + [CanaryStep(set_weight=100)]
 
 
+class RewardRange(_Model):
+    """The declared range of the feedback reward (``POST /<namespace>/<agent>/feedback``), in reward units."""
+
+    model_config = ConfigDict(
+        **_WIRE,
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [_cel("!has(self.min) || !has(self.max) || self.min < self.max",
+                 "rewardRange.min must be less than rewardRange.max")]
+        },
+    )
+
+    min: float = Field(
+        -1.0, allow_inf_nan=False, description="Lowest reward a feedback may carry; a lower one is refused (HTTP 400)."
+    )
+    max: float = Field(
+        1.0, allow_inf_nan=False, description="Highest reward a feedback may carry; a higher one is refused (HTTP 400)."
+    )
+
+
 class AnalysisSpec(_Model):
-    """Checks run against Prometheus while the canary takes traffic (defaults: seed 004's rollback conditions)."""
+    """Checks run against Prometheus while the canary takes traffic (defaults: the usual rollback conditions)."""
+
+    # Defaults: seed 004's rollback conditions (this comment stays out of the CRD description).
 
     interval_seconds: int = Field(5, ge=1, le=3600, description="Seconds between analysis queries.")
     window_seconds: int = Field(60, ge=5, le=3600, description="Longest look-back of each query (seconds).")
@@ -240,10 +324,22 @@ class AnalysisSpec(_Model):
     )
     max_error_rate: float = Field(0.05, ge=0, le=1, description="The canary fails above this error rate (fraction).")
     max_reward_drop: float = Field(
-        0.05, ge=0, description="The canary fails when its mean reward is below the stable's minus this."
+        0.05,
+        ge=0,
+        description=(
+            "The canary fails when its reward (the 10%-trimmed mean of its feedback rewards) is below the "
+            "stable's minus this (reward units)."
+        ),
     )
     max_negative_feedback_ratio: float = Field(
         2.0, ge=1, description="The canary fails when its negative-feedback rate exceeds this times the stable's."
+    )
+    reward_range: RewardRange = Field(
+        default_factory=RewardRange,
+        description=(
+            "The range of the feedback reward: the router refuses a reward outside it (HTTP 400), and the "
+            "analysis measures rewards within it."
+        ),
     )
 
 
@@ -410,7 +506,9 @@ class RolloutSpec(_Model):
 
 
 class Approval(_Status):
-    """Who approved which artifact, when, and under which policy (seed 000's approval registry)."""
+    """Who approved which artifact, when, and under which policy (the approval registry)."""
+
+    # Follows seed 000's operator approval registry (this comment stays out of the CRD).
 
     approved_by: str
     approved_at: datetime

@@ -159,6 +159,11 @@ def app_config(
     max_batch_size: int = 32,
     batch_wait_timeout_s: float = 0.002,
     import_path: str = IMPORT_PATH,
+    feedback_key: str | None = None,
+    reward_min: float = -1.0,
+    reward_max: float = 1.0,
+    feedback_ttl_seconds: int = 600,
+    artifact_root: str | None = None,
 ) -> dict[str, Any]:
     """The Serve application entry of one RLAgent (pure).
 
@@ -170,12 +175,23 @@ def app_config(
         route_prefix: default ``/<namespace>/<agent>``.
         max_batch_size, batch_wait_timeout_s: ``@serve.batch`` of the policy deployments.
         import_path: the application builder.
+        feedback_key: the application's request-id signing key (HMAC-SHA256), 32 to 256
+            lowercase hex digits (derive one per application). ``None``: the router refuses
+            every feedback with 503.
+        reward_min, reward_max: the declared range of the feedback reward (reward units,
+            finite, ``reward_min < reward_max``: ``spec.canary.analysis.rewardRange``).
+        feedback_ttl_seconds: feedback is accepted this many seconds after the answer
+            (integer in [1, 86400]).
+        artifact_root: when set, the serving replicas refuse any artifact URI that is not under
+            ``<artifact_root>/<namespace>/<agent>/`` (``args.artifactRoot``).
 
     Returns:
-        ``{"name", "route_prefix", "import_path", "args", "deployments": [router user_config]}``.
+        ``{"name", "route_prefix", "import_path", "args", "deployments": [router user_config]}``;
+        ``args.feedback`` is ``{"key"?, "rewardMin", "rewardMax", "ttlSeconds"}``.
 
     Raises:
-        ValueError: no versions, a malformed version entry, or invalid weights.
+        ValueError: no versions, a malformed version entry, invalid weights, or invalid
+            feedback settings (the key's value is never repeated in the message).
     """
     if not namespace or not agent:
         raise ValueError("namespace and agent are required")
@@ -183,6 +199,19 @@ def app_config(
         raise ValueError("versions: at least one version is required")
     entries = {str(v): _version_entry(str(v), spec) for v, spec in versions.items()}
     split = normalize_weights(weights, list(entries))
+    if feedback_key is not None and (not isinstance(feedback_key, str) or len(feedback_key) % 2
+                                     or not re.fullmatch(r"[0-9a-f]{32,256}", feedback_key)):
+        raise ValueError("feedback_key: must be an even number (32 to 256) of lowercase hex digits")
+    if not float("-inf") < reward_min < reward_max < float("inf"):  # also refuses NaN
+        raise ValueError(f"reward_min, reward_max: must be finite with reward_min < reward_max, "
+                         f"got {reward_min!r}, {reward_max!r}")
+    if isinstance(feedback_ttl_seconds, bool) or not isinstance(feedback_ttl_seconds, int) \
+            or not 1 <= feedback_ttl_seconds <= 86400:
+        raise ValueError(f"feedback_ttl_seconds: must be an integer in [1, 86400], got {feedback_ttl_seconds!r}")
+    feedback: dict[str, Any] = {"rewardMin": float(reward_min), "rewardMax": float(reward_max),
+                                "ttlSeconds": feedback_ttl_seconds}
+    if feedback_key is not None:
+        feedback["key"] = feedback_key
     return {
         "name": app_name(namespace, agent),
         "route_prefix": route_prefix or f"/{namespace}/{agent}",
@@ -193,6 +222,8 @@ def app_config(
             "versions": entries,
             "maxBatchSize": max_batch_size,
             "batchWaitTimeoutS": batch_wait_timeout_s,
+            "feedback": feedback,
+            **({"artifactRoot": artifact_root} if artifact_root else {}),
         },
         "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": {"weights": split}}],
     }

@@ -9,10 +9,12 @@ Annotations a human uses (on the Rollout):
 
 - ``rlops.dev/approve=<fingerprint>``: approve this exact artifact. The admission webhook refuses
   a wrong or stale fingerprint and a user without the ``approve`` verb, and records who approved
-  in ``rlops.dev/approved-by`` / ``rlops.dev/approved-at``.
-- ``rlops.dev/reject=<reason>``: reject.
-- ``rlops.dev/promote`` (any value): leave the current pause or analysis wait; ``=full``: go to 100%.
-- ``rlops.dev/abort=<reason>``: canary weight 0 at once; phase RolledBack.
+  in ``rlops.dev/approved-by`` / ``rlops.dev/approved-at``, signed in
+  ``rlops.dev/approval-signature``; without a valid signature the approval does not count.
+- ``rlops.dev/reject=<reason>``: reject (the ``approve`` verb).
+- ``rlops.dev/promote`` (any value): leave the current pause or analysis wait; ``=full``: go to
+  100% (the ``approve`` verb, enforced by a ValidatingAdmissionPolicy).
+- ``rlops.dev/abort=<reason>``: canary weight 0 at once; phase RolledBack (open to ``edit``).
 """
 
 from __future__ import annotations
@@ -24,16 +26,20 @@ from typing import Any
 from rl_operator import models as m
 from rl_operator.conditions import set_condition
 from rl_operator.training import Event, owner_reference
+from rl_operator.trust import service_account_refusal, signature_valid
 
 APPROVE = f"{m.GROUP}/approve"
 APPROVED_BY = f"{m.GROUP}/approved-by"
 APPROVED_AT = f"{m.GROUP}/approved-at"
 APPROVE_NOTES = f"{m.GROUP}/approve-notes"
+APPROVED_VIA = f"{m.GROUP}/approved-via"
+APPROVAL_SIGNATURE = f"{m.GROUP}/approval-signature"
 REJECT = f"{m.GROUP}/reject"
 PROMOTE = f"{m.GROUP}/promote"
 ABORT = f"{m.GROUP}/abort"
 
-TERMINAL = ("Promoted", "RolledBack", "Rejected")
+#: ``Ignored``: the Rollout is not in the operator's owner chain (``trust.rollout_untrusted``).
+TERMINAL = ("Promoted", "RolledBack", "Rejected", "Ignored")
 ACTIVE = ("Progressing", "Paused", "Promoting")
 
 
@@ -97,17 +103,44 @@ def check_manual_approval(annotations: dict[str, str], fingerprint: str) -> str 
     return None
 
 
-def manual_approval(annotations: dict[str, str], fingerprint: str) -> m.Approval | None:
-    """The approval recorded by the admission webhook's annotations, if it names this fingerprint."""
-    if annotations.get(APPROVE) != fingerprint or not annotations.get(APPROVED_BY):
-        return None
+def manual_approval(rollout: dict[str, Any], key: bytes | None,
+                    allowed_service_accounts: list[str]) -> tuple[m.Approval | None, str | None]:
+    """The approval the admission webhook recorded on this Rollout, if it still holds.
+
+    It holds when ``approve`` names the Rollout's fingerprint, and ``approved-by``/``approved-at``
+    carry the webhook's signature for exactly this Rollout (namespace, name, uid), fingerprint,
+    approver and time, and the approver is not a ServiceAccount that the agent's policy leaves out.
+
+    Returns:
+        ``(approval, None)``; or ``(None, why)`` when annotations claim an approval that does not
+        hold; or ``(None, None)`` when there is no approval.
+    """
+    ann = rollout["metadata"].get("annotations") or {}
+    meta = rollout["metadata"]
+    fingerprint = rollout["spec"]["fingerprint"]
+    if APPROVE not in ann and APPROVED_BY not in ann:
+        return None, None
+    if ann.get(APPROVE) != fingerprint:
+        return None, check_manual_approval(ann, fingerprint) or f"{APPROVED_BY} without {APPROVE}"
+    by, at = ann.get(APPROVED_BY), ann.get(APPROVED_AT)
+    if not by or not at:
+        return None, (f"{APPROVE} is set but not recorded by the rlops admission webhook (no {APPROVED_BY}): "
+                      "is the webhook registered? Annotation approvals count only through it")
+    if not signature_valid(key, ann.get(APPROVAL_SIGNATURE), meta["namespace"], meta["name"], meta["uid"],
+                           fingerprint, by, at):
+        return None, (f"the approval by {by!r} has no valid {APPROVAL_SIGNATURE}: it was not recorded by the "
+                      "rlops admission webhook for this Rollout, so it does not count")
+    refused = service_account_refusal(by, allowed_service_accounts)
+    if refused:
+        return None, refused
+    via = ann.get(APPROVED_VIA)
     return m.Approval(
-        approved_by=annotations[APPROVED_BY],
-        approved_at=annotations.get(APPROVED_AT) or datetime.now().astimezone(),
+        approved_by=by + (f" ({via})" if via else ""),
+        approved_at=at,
         fingerprint=fingerprint,
         policy="manual",
-        notes=annotations.get(APPROVE_NOTES),
-    )
+        notes=ann.get(APPROVE_NOTES),
+    ), None
 
 
 def auto_approval(
@@ -144,28 +177,94 @@ def auto_approval(
 
 @dataclass(frozen=True)
 class Measurement:
-    """What Prometheus saw over the analysis window (counts are increases over the window)."""
+    """What Prometheus saw over the analysis window (counts are increases over the window).
+
+    ``canary_reward_buckets`` / ``stable_reward_buckets``: the version's reward histogram
+    (``rlops_serve_feedback_reward_scaled``) as Prometheus returns it, ``(le, cumulative count)``
+    pairs; ``le`` is in units of the declared reward range (0 = ``rewardRange.min``,
+    1 = ``rewardRange.max``) and ``float("inf")`` for the last bucket.
+    """
 
     canary_requests: float
     canary_errors: float
     canary_feedback: float = 0.0
-    canary_reward_sum: float = 0.0
     canary_negative: float = 0.0
+    canary_reward_buckets: tuple[tuple[float, float], ...] = ()
     stable_feedback: float = 0.0
-    stable_reward_sum: float = 0.0
     stable_negative: float = 0.0
+    stable_reward_buckets: tuple[tuple[float, float], ...] = ()
     window_seconds: int = 0
+
+    #: Fraction of the feedback cut from each end of the reward distribution before averaging.
+    REWARD_TRIM = 0.1
+
+    @staticmethod
+    def trimmed_mean(buckets: Any, low: float, high: float, trim: float = 0.1) -> float | None:
+        """The ``trim``-trimmed mean of a reward histogram, in reward units; None without feedback.
+
+        Each bucket's feedback counts at the bucket's centre (the router's buckets are centred
+        on multiples of 1/20 of the range: exact for rewards on that grid, within 1/40 of the
+        range otherwise; the first and last buckets are taken to be as wide as their
+        neighbours, clipped to the range). Then a fraction ``trim`` of the total count is cut
+        from the low end and from the high end, and the rest is averaged. Fractional counts
+        (Prometheus' ``increase``) are fine; a cumulative count lower than the one before it
+        (counter resets) is treated as equal to it.
+
+        Args:
+            buckets: ``(le, cumulative count)`` pairs, ``le`` in units of the range, last ``inf``.
+            low, high: the declared reward range (reward units), ``low < high``.
+            trim: fraction in [0, 0.5) cut from each end.
+        """
+        inf = float("inf")
+        points = sorted((float(le), float(count)) for le, count in buckets)
+        finite = [le for le, _ in points if le != inf]
+        if len(finite) < 2:
+            return None
+        step = finite[1] - finite[0]
+        weights, centres, seen = [], [], 0.0
+        for i, (le, count) in enumerate(points):
+            weights.append(max(0.0, count - seen))
+            seen = max(seen, count)
+            if le == inf:
+                centre = points[i - 1][0] + step / 2 if i else 1.0
+            elif i == 0:
+                centre = le - step / 2
+            else:
+                centre = (points[i - 1][0] + le) / 2
+            centres.append(min(1.0, max(0.0, centre)))
+        total = sum(weights)
+        if total <= 0:
+            return None
+        for order in (range(len(weights)), range(len(weights) - 1, -1, -1)):
+            cut = trim * total
+            for i in order:
+                taken = min(weights[i], cut)
+                weights[i] -= taken
+                cut -= taken
+                if cut <= 0:
+                    break
+        kept = sum(weights)
+        if kept <= 0:
+            return None
+        scaled = sum(w * c for w, c in zip(weights, centres)) / kept
+        return low + scaled * (high - low)
 
 
 def judge(meas: Measurement, spec: m.AnalysisSpec, has_stable: bool) -> tuple[str, str, dict[str, Any]]:
     """The analysis verdict for one measurement: ``(phase, message, metrics)``.
 
     Checks (seed 004, "Rollback Conditions"): canary error rate above ``maxErrorRate`` fails; the
-    canary's mean reward below the stable's minus ``maxRewardDrop`` fails; the canary's
+    canary's reward below the stable's minus ``maxRewardDrop`` fails; the canary's
     negative-feedback rate above ``maxNegativeFeedbackRatio`` times the stable's (floored at 1%
     so that a stable with no negatives does not fail every canary on one) fails. Fewer than
     ``minSampleCount`` canary requests is Inconclusive. Reward and feedback checks need feedback
     on both versions (at least a tenth of ``minSampleCount`` each) and are skipped otherwise.
+
+    A version's reward is the 10%-trimmed mean (:meth:`Measurement.trimmed_mean`) of its
+    feedback rewards, which the router only accepts within ``rewardRange``: k feedbacks among
+    n, whatever their values, move it by at most k * (max - min) / (0.8 n), and while
+    k <= 0.1 n by at most k * d / (0.8 n), d the spread of the central values of the other
+    feedback (docs/rollouts.md), so a few extreme rewards weigh no more than central ones.
     """
     metrics: dict[str, Any] = {"canaryRequests": round(meas.canary_requests, 1), "windowSeconds": meas.window_seconds}
     if meas.canary_requests < spec.min_sample_count:
@@ -177,20 +276,27 @@ def judge(meas: Measurement, spec: m.AnalysisSpec, has_stable: bool) -> tuple[st
     min_feedback = max(1.0, spec.min_sample_count / 10)
     notes = [f"error rate {error_rate:.1%}"]
     if has_stable and meas.canary_feedback >= min_feedback and meas.stable_feedback >= min_feedback:
-        canary_reward = meas.canary_reward_sum / meas.canary_feedback
-        stable_reward = meas.stable_reward_sum / meas.stable_feedback
+        low, high, trim = spec.reward_range.min, spec.reward_range.max, Measurement.REWARD_TRIM
+        canary_reward = Measurement.trimmed_mean(meas.canary_reward_buckets, low, high, trim)
+        stable_reward = Measurement.trimmed_mean(meas.stable_reward_buckets, low, high, trim)
         canary_neg = meas.canary_negative / meas.canary_feedback
         stable_neg = meas.stable_negative / meas.stable_feedback
-        metrics.update(canaryMeanReward=round(canary_reward, 4), stableMeanReward=round(stable_reward, 4),
+        metrics.update(canaryFeedback=round(meas.canary_feedback, 1), stableFeedback=round(meas.stable_feedback, 1),
                        canaryNegativeRate=round(canary_neg, 4), stableNegativeRate=round(stable_neg, 4))
-        if canary_reward < stable_reward - spec.max_reward_drop:
-            return "Failed", (f"canary mean reward {canary_reward:.3f} < stable {stable_reward:.3f} - "
-                              f"{spec.max_reward_drop}"), metrics
+        if canary_reward is not None and stable_reward is not None:
+            metrics.update(canaryTrimmedMeanReward=round(canary_reward, 4),
+                           stableTrimmedMeanReward=round(stable_reward, 4))
+            if canary_reward < stable_reward - spec.max_reward_drop:
+                return "Failed", (f"canary reward {canary_reward:.3f} < stable {stable_reward:.3f} - "
+                                  f"{spec.max_reward_drop} (10%-trimmed means)"), metrics
         limit = max(spec.max_negative_feedback_ratio * stable_neg, 0.01)
         if canary_neg > limit:
             return "Failed", (f"canary negative-feedback rate {canary_neg:.1%} > "
                               f"{spec.max_negative_feedback_ratio}x stable {stable_neg:.1%}"), metrics
-        notes.append(f"mean reward {canary_reward:.3f} vs stable {stable_reward:.3f}")
+        if canary_reward is not None and stable_reward is not None:
+            notes.append(f"reward {canary_reward:.3f} vs stable {stable_reward:.3f} (10%-trimmed means)")
+        else:
+            notes.append("reward check skipped: no reward histogram")
     else:
         notes.append("reward/feedback checks skipped: not enough feedback")
     return "Successful", "; ".join(notes), metrics
@@ -217,6 +323,11 @@ class Observed:
     blocking_rollout: str | None = None
     #: The latest analysis verdict (phase, message, metrics), if the handler ran one.
     analysis: tuple[str, str, dict[str, Any]] | None = None
+    #: The key the admission webhook signs approvals with (None: not loaded; no annotation
+    #: approval then counts).
+    approval_key: bytes | None = None
+    #: Why the Rollout is outside the operator's owner chain (``trust.rollout_untrusted``), or None.
+    untrusted: str | None = None
 
 
 @dataclass
@@ -273,6 +384,18 @@ def _abort(st: m.RolloutStatus, spec: m.RolloutSpec, reason: str, at: datetime, 
     return st, acts
 
 
+def _untrusted(st: m.RolloutStatus, spec: m.RolloutSpec, why: str, at: datetime,
+               acts: Actions) -> tuple[m.RolloutStatus, Actions]:
+    """A Rollout the operator must not act on: roll it back if it had traffic, else ignore it."""
+    if st.phase in ACTIVE:
+        return _abort(st, spec, f"no longer trusted: {why}", at, acts)
+    st.phase, st.completed_at = "Ignored", at
+    st.message = f"ignored: {why}"
+    set_condition(st.conditions, "Trusted", "False", "NotInOwnerChain", why, at)
+    acts.events.append(Event("Warning", "Ignored", f"the operator ignores this Rollout: {why}"))
+    return st, acts
+
+
 def abort(rollout: dict[str, Any], reason: str, at: datetime) -> tuple[m.RolloutStatus, Actions]:
     """Abort a Rollout (annotation, failed analysis or a firing alert): canary weight 0 at once."""
     st = m.RolloutStatus.model_validate(rollout.get("status") or {})
@@ -304,6 +427,13 @@ def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
     if st.phase in TERMINAL:
         return st, acts
 
+    # 0. trust: only a Rollout in the operator's owner chain, with an approval for its own artifact
+    if obs.untrusted is not None:
+        return _untrusted(st, spec, obs.untrusted, at, acts)
+    if st.approval is not None and st.approval.fingerprint != spec.fingerprint:
+        return _untrusted(st, spec, f"status.approval names {st.approval.fingerprint}, not this Rollout's "
+                                    f"artifact {spec.fingerprint}", at, acts)
+
     # 1. abort, whatever the phase
     if ABORT in ann:
         return _abort(st, spec, f"aborted by annotation: {ann[ABORT] or 'no reason given'}", at, acts)
@@ -316,9 +446,11 @@ def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
             set_condition(st.conditions, "Approved", "False", "Rejected", ann[REJECT], at)
             acts.events.append(Event("Warning", "Rejected", st.message))
             return st, acts
-        approval = manual_approval(ann, spec.fingerprint)
-        why = check_manual_approval(ann, spec.fingerprint) or "waiting for kubectl annotate rollout/" \
+        approval, refused = manual_approval(rollout, obs.approval_key, obs.agent_spec.approval.allowed_service_accounts)
+        why = refused or "waiting for kubectl annotate rollout/" \
             f"{rollout['metadata']['name']} {APPROVE}={spec.fingerprint}"
+        if refused and not any(c.type == "Approved" and c.message == refused for c in st.conditions):
+            acts.events.append(Event("Warning", "ApprovalRefused", refused))
         if approval is None:
             approval, auto_why = auto_approval(spec, obs.agent_spec.approval, obs.active_model, at)
             if obs.agent_spec.approval.mode == "auto":

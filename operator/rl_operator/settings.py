@@ -59,6 +59,11 @@ class OperatorSettings:
     """``namespace/name`` of the Secret whose ``token`` key Alertmanager sends as bearer token.
     Env: ``RLOPS_ALERT_TOKEN_SECRET``."""
 
+    approval_key_secret: str = "rlops-system/rlops-approval-key"
+    """``namespace/name`` of the Secret (key ``key``) that holds the operator's signing key: the
+    admission webhook signs the approvals it records with it, and per-application feedback keys
+    are derived from it. Created with a random key when missing. Env: ``RLOPS_APPROVAL_KEY_SECRET``."""
+
     extra_env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for training pods, from ``RLOPS_TRAINER_ENV_<NAME>=value``
     (e.g. a Python path or a CUDA setting the cluster needs)."""
@@ -82,5 +87,6 @@ class OperatorSettings:
             cert_dir=env.get("RLOPS_CERT_DIR", cls.cert_dir),
             alert_receiver=env.get("RLOPS_ALERT_RECEIVER", cls.alert_receiver) or None,
             alert_token_secret=env.get("RLOPS_ALERT_TOKEN_SECRET", cls.alert_token_secret),
+            approval_key_secret=env.get("RLOPS_APPROVAL_KEY_SECRET", cls.approval_key_secret),
             extra_env={k[len(prefix):]: v for k, v in env.items() if k.startswith(prefix)},
         )

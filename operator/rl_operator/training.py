@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from rl_operator import models as m
-from rl_operator.conditions import set_condition
+from rl_operator.conditions import get_condition, set_condition
 from rl_operator.settings import OperatorSettings
 
 TRAINER_CONTAINER = "trainer"
@@ -225,6 +225,33 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
     }
 
 
+def failed_status(run: dict[str, Any], reason: str, message: str, at: datetime) -> tuple[m.TrainingRunStatus, list[Event]]:
+    """A terminal ``Failed`` status (and its Event) for a run the operator cannot carry out, e.g.
+    a Job the API server refuses (``JobRejected``) or a Job name taken by an object it does not
+    own (``JobNotOwned``): the run says why, instead of retrying for ever."""
+    status = m.TrainingRunStatus.model_validate(run.get("status") or {})
+    if status.phase in ("Succeeded", "Failed"):
+        return status, []
+    status.phase, status.failure_reason, status.failure_message = "Failed", reason, message[:1024]
+    status.completion_time = at
+    set_condition(status.conditions, "Failed", "True", reason, status.failure_message, at)
+    return status, [Event("Warning", "TrainingFailed", f"{reason}: {status.failure_message}")]
+
+
+def note_ignored_pods(status: m.TrainingRunStatus, ignored: str, at: datetime) -> list[Event]:
+    """Record pods that carry the run's label but are not its Job's own (a ``PodsIgnored``
+    condition), and return a Warning Event when that set changes."""
+    cond = get_condition(status.conditions, "PodsIgnored")
+    if not ignored:
+        if cond is not None and cond.status == "True":
+            set_condition(status.conditions, "PodsIgnored", "False", "None", "", at)
+        return []
+    if cond is not None and cond.status == "True" and cond.message == ignored[:1024]:
+        return []
+    set_condition(status.conditions, "PodsIgnored", "True", "NotOwnedByJob", ignored[:1024], at)
+    return [Event("Warning", "PodIgnored", f"pods that do not speak for this run: {ignored}"[:1024])]
+
+
 # ----------------------------------------------------------------------------- Job + pods -> TrainingRun status
 
 
@@ -261,15 +288,19 @@ def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def observe_run(
-    run: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], at: datetime
+    run: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], at: datetime,
+    assigned_artifact_uri: str | None = None,
 ) -> tuple[m.TrainingRunStatus, list[Event]]:
     """Derive a TrainingRun's status from its Job and pods, and the Events its change warrants.
 
     Args:
         run: the TrainingRun object; its current ``status`` is the previous observation.
         job: its Job, or None if not created yet.
-        pods: the Job's pods (any order).
+        pods: the Job's own pods (any order; the caller drops pods that are not the Job's,
+            ``trust.pod_untrusted``).
         at: the observation time (stamped on changed conditions).
+        assigned_artifact_uri: where the operator told the trainer to write; a summary naming
+            any other artifact URI fails the run (``ArtifactOutsideAssignedRoot``).
     Returns:
         ``(status, events)``. A terminal status (Succeeded/Failed) is returned unchanged: runs
         are immutable once finished.
@@ -296,7 +327,13 @@ def observe_run(
             None,
         )
         status.completion_time = job_status.get("completionTime") or complete.get("lastTransitionTime")
-        if summary and summary.get("fingerprint") and summary.get("artifactURI"):
+        if summary and summary.get("artifactURI") and assigned_artifact_uri is not None \
+                and summary["artifactURI"] != assigned_artifact_uri:
+            status.phase = "Failed"
+            status.failure_reason = "ArtifactOutsideAssignedRoot"
+            status.failure_message = (f"the trainer reported artifact {summary['artifactURI']!r}, not the one the "
+                                      f"operator assigned to this run ({assigned_artifact_uri!r})")[:1024]
+        elif summary and summary.get("fingerprint") and summary.get("artifactURI"):
             status.phase = "Succeeded"
             status.metrics = summary.get("metrics") or {}
             status.artifact_uri = summary["artifactURI"]

@@ -18,6 +18,18 @@ where ``rel_path`` is the file path relative to the artifact root with ``/`` sep
 ``json.dumps(summary, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
 allow_nan=False)`` encoded as UTF-8. The operator recomputes it with
 :func:`compute_fingerprint`.
+
+Every file under the root except ``fingerprint.json`` is hashed: there is no separate
+manifest, so a file added, removed, renamed or changed after approval changes the
+fingerprint (``fingerprint.json`` is a record for humans and is never loaded).
+
+Read-once loading: :func:`read_artifact` reads each file exactly once into an
+:class:`ArtifactSnapshot`; the fingerprint is computed from those bytes and loaders take
+their bytes from the same snapshot (:meth:`ArtifactSnapshot.file`), so what is verified is
+what is loaded, even if the storage changes in between. A file name that the artifact's own
+metadata gives (``policy.json`` ``stateDict``, ``metadata.json`` ``files``) must be a
+relative ``/``-separated path inside the root, without ``.``/``..`` components, naming a
+hashed file; anything else raises :class:`UnsafeArtifactReference`.
 """
 
 from __future__ import annotations
@@ -25,7 +37,9 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from typing import Any
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import fsspec
 
@@ -34,7 +48,12 @@ __all__ = [
     "FINGERPRINT_FILE",
     "FINGERPRINT_VERSION",
     "ArtifactError",
+    "ArtifactSnapshot",
     "ArtifactStore",
+    "FingerprintMismatch",
+    "UnsafeArtifactReference",
+    "check_reference",
+    "read_artifact",
     "canonical_json",
     "compute_fingerprint",
     "fingerprint_digest",
@@ -57,6 +76,29 @@ _CHUNK = 1 << 20
 
 class ArtifactError(Exception):
     """The artifact is missing, unreadable or malformed (message names the file)."""
+
+
+class FingerprintMismatch(ArtifactError):
+    """The fingerprint of the bytes read is not the expected (approved) one.
+
+    Attributes:
+        uri: the artifact.
+        expected: the fingerprint it had to have (``"sha256:<hex>"``).
+        actual: the fingerprint of the bytes that were read.
+        changed: files whose digest differs from ``fingerprint.json``'s record (``+name``:
+            not in the record, ``-name``: in the record but absent); empty when there is no
+            usable record. Diagnostic only: the record itself is not trusted.
+    """
+
+    def __init__(self, uri: str, expected: str, actual: str, changed: list[str], note: str) -> None:
+        self.uri, self.expected, self.actual, self.changed = uri, expected, actual, changed
+        super().__init__(
+            f"artifact {uri}: fingerprint {actual} does not match the expected {expected}; {note}")
+
+
+class UnsafeArtifactReference(ArtifactError):
+    """A file name given by the artifact's own metadata is absolute, contains ``.``/``..``
+    components, or names a file outside the hashed set (message names the field and path)."""
 
 
 def canonical_json(data: Any) -> bytes:
@@ -181,6 +223,192 @@ def _finite(data: Any) -> Any:
     return data
 
 
+_SCHEME_OR_DRIVE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def check_reference(rel: Any, hashed: Mapping[str, Any], *, uri: str, where: str) -> str:
+    """Check a file name that artifact metadata gives, e.g. ``policy.json`` ``stateDict``.
+
+    Args:
+        rel: the name as found in the metadata.
+        hashed: the hashed files of the artifact (relative path -> anything).
+        uri: the artifact (for the message).
+        where: the field that gave the name, e.g. ``"policy.json stateDict"``.
+
+    Returns:
+        ``rel``, a relative ``/``-separated path naming a hashed file.
+
+    Raises:
+        UnsafeArtifactReference: not a non-empty string; absolute (``/x``, ``C:x``,
+            ``s3://x``) or with backslashes; with empty, ``.`` or ``..`` components; or not
+            one of the hashed files (``fingerprint.json`` never is).
+    """
+    prefix = f"{uri}: {where} names"
+    if not isinstance(rel, str) or not rel:
+        raise UnsafeArtifactReference(f"{prefix} {rel!r}: must be a non-empty relative file path")
+    if rel.startswith("/") or "\\" in rel or _SCHEME_OR_DRIVE.match(rel):
+        raise UnsafeArtifactReference(
+            f"{prefix} {rel!r}: absolute paths and URIs are refused (name a file relative to the artifact root)")
+    parts = rel.split("/")
+    if ".." in parts:
+        raise UnsafeArtifactReference(f"{prefix} {rel!r}: '..' components are refused")
+    if any(p in ("", ".") for p in parts):
+        raise UnsafeArtifactReference(f"{prefix} {rel!r}: empty or '.' path components are refused")
+    if rel not in hashed:
+        raise UnsafeArtifactReference(
+            f"{prefix} {rel!r}: unknown file, not one of the artifact's fingerprinted files "
+            f"({', '.join(sorted(hashed)) or 'none'})")
+    return rel
+
+
+@dataclass(frozen=True)
+class ArtifactSnapshot:
+    """Every file of an artifact, each read once, with its sha256 (see :func:`read_artifact`).
+
+    Attributes:
+        uri: the artifact root.
+        files: relative path -> bytes, every file except :data:`FINGERPRINT_FILE`.
+        digests: relative path -> lowercase hex sha256 of those bytes.
+        record: the bytes of :data:`FINGERPRINT_FILE` (``None`` when absent): not hashed,
+            never loaded, only used to say which file changed on a mismatch.
+    """
+
+    uri: str
+    files: Mapping[str, bytes]
+    digests: Mapping[str, str]
+    record: bytes | None = field(default=None, repr=False)
+
+    def file(self, rel: Any, where: str | None = None) -> bytes:
+        """The bytes of a hashed file.
+
+        Args:
+            rel: relative path; when it comes from artifact metadata, pass ``where`` (the
+                field that named it) so the message says where the name came from.
+
+        Raises:
+            UnsafeArtifactReference: ``rel`` is absolute, has ``.``/``..`` components,
+                or is not a hashed file (when ``where`` is given).
+            ArtifactError: ``rel`` is not in the artifact (``"<uri>: <rel> not found"``).
+        """
+        if where is None and isinstance(rel, str) and rel not in self.files:
+            raise ArtifactError(f"{self.uri}: {rel} not found")
+        return self.files[check_reference(rel, self.files, uri=self.uri, where=where or "the loader")]
+
+    def json(self, rel: Any, where: str | None = None) -> Any:
+        """:meth:`file` parsed as JSON. Raises :class:`ArtifactError` when not valid JSON."""
+        data = self.file(rel, where)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ArtifactError(f"{self.uri}: {rel} is not valid JSON: {err}") from err
+
+    def summary(self) -> dict[str, Any]:
+        """The ``"summary"`` object of ``evaluation.json``.
+
+        Raises:
+            ArtifactError: ``evaluation.json`` is missing, not JSON, or has no ``summary`` object.
+        """
+        evaluation = self.json("evaluation.json")
+        summary = evaluation.get("summary") if isinstance(evaluation, dict) else None
+        if not isinstance(summary, dict):
+            raise ArtifactError(f"{self.uri}: evaluation.json has no 'summary' object")
+        return summary
+
+    def fingerprint(self) -> str:
+        """The fingerprint of exactly these bytes: ``"sha256:<64 hex>"`` (module docstring).
+
+        Raises:
+            ArtifactError: no usable ``evaluation.json`` summary.
+        """
+        return fingerprint_digest(dict(self.digests), self.summary())
+
+    def verify(self, expected: str) -> str:
+        """Check that these bytes have the fingerprint ``expected``; returns it.
+
+        Raises:
+            FingerprintMismatch: they do not; the message names the artifact, both
+                fingerprints and the files that differ from ``fingerprint.json``'s record.
+            ArtifactError: no usable ``evaluation.json`` summary.
+        """
+        actual = self.fingerprint()
+        if actual == expected:
+            return actual
+        changed, note = self._changes()
+        raise FingerprintMismatch(self.uri, expected, actual, changed, note)
+
+    def _changes(self) -> tuple[list[str], str]:
+        try:
+            recorded = json.loads(self.record or b"null")
+            recorded = recorded.get("files") if isinstance(recorded, dict) else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            recorded = None
+        if not isinstance(recorded, dict):
+            return [], (f"no {FINGERPRINT_FILE} record tells which file changed "
+                        f"(fingerprinted files: {', '.join(sorted(self.files))})")
+        changed = sorted(
+            [rel for rel, d in self.digests.items() if rel in recorded and recorded[rel] != d]
+            + [f"+{rel}" for rel in self.digests if rel not in recorded]
+            + [f"-{rel}" for rel in recorded if rel not in self.digests])
+        if not changed:
+            return [], (f"every file matches {FINGERPRINT_FILE}'s record, so the record was rewritten too "
+                        f"or the artifact is not the one approved")
+        return changed, (f"files differing from {FINGERPRINT_FILE}'s record "
+                         f"(+ added, - removed): {', '.join(changed)}")
+
+    def check_metadata_references(self) -> None:
+        """Check every file name in ``metadata.json`` ``files`` (when present) with
+        :func:`check_reference`; ``{"fingerprint": "fingerprint.json"}`` is the one name
+        allowed outside the hashed set.
+
+        Raises:
+            UnsafeArtifactReference: naming the key and the path.
+            ArtifactError: ``metadata.json`` is not valid JSON.
+        """
+        if "metadata.json" not in self.files:
+            return
+        metadata = self.json("metadata.json")
+        files = metadata.get("files") if isinstance(metadata, dict) else None
+        if files is None:
+            return
+        if not isinstance(files, dict):
+            raise UnsafeArtifactReference(f"{self.uri}: metadata.json files: must be an object name -> path")
+        for key, rel in sorted(files.items()):
+            if key == "fingerprint" and rel == FINGERPRINT_FILE:
+                continue
+            check_reference(rel, self.files, uri=self.uri, where=f"metadata.json files.{key}")
+
+
+def read_artifact(uri: str) -> ArtifactSnapshot:
+    """Read every file of the artifact once, into memory, and hash it.
+
+    Each file is opened and read exactly once; everything derived from the snapshot (the
+    fingerprint, the loaded policy) comes from those bytes. Memory: the artifact's size.
+
+    Args:
+        uri: artifact root (any fsspec URI or a local path).
+
+    Returns:
+        An :class:`ArtifactSnapshot`.
+
+    Raises:
+        ArtifactError: the URI cannot be opened, has no files, or a listed file vanished.
+    """
+    store = ArtifactStore(uri)
+    rels = store.list_files()
+    files: dict[str, bytes] = {}
+    record: bytes | None = None
+    for rel in rels:
+        data = store.read_bytes(rel)
+        if rel == FINGERPRINT_FILE:
+            record = data
+        else:
+            files[rel] = data
+    if not files:
+        raise ArtifactError(f"{uri}: no artifact files found")
+    digests = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+    return ArtifactSnapshot(uri, files, digests, record)
+
+
 def file_digests(uri: str) -> dict[str, str]:
     """sha256 hex digest of every file of the artifact except :data:`FINGERPRINT_FILE`.
 
@@ -213,8 +441,10 @@ def evaluation_summary(uri: str) -> dict[str, Any]:
 def compute_fingerprint(uri: str) -> str:
     """Recompute the fingerprint of the artifact stored at ``uri``.
 
-    Reads every file under ``uri`` except ``fingerprint.json`` and the evaluation summary
-    (see the module docstring for the exact definition).
+    Reads every file under ``uri`` except ``fingerprint.json`` once (:func:`read_artifact`)
+    and hashes those bytes with the evaluation summary parsed from the same bytes (see the
+    module docstring for the exact definition). The trainer and the serving replica use
+    this same code path, so they agree on the same bytes.
 
     Args:
         uri: artifact root, e.g. ``file:///tmp/x/run-1`` or ``s3://bucket/runs/run-1``.
@@ -225,4 +455,4 @@ def compute_fingerprint(uri: str) -> str:
     Raises:
         ArtifactError: the artifact or its ``evaluation.json`` is missing or malformed.
     """
-    return fingerprint_digest(file_digests(uri), evaluation_summary(uri))
+    return read_artifact(uri).fingerprint()

@@ -5,22 +5,32 @@ rl_engine.train`` (``policy.json`` + ``model.pt``, see ``docs/trainer.md``) and 
 a numpy-in, numpy-out deterministic policy: ``Policy.act(observations)`` is the argmax of
 the actor's logits, the policy the trainer evaluated.
 
+``load_verified_policy(uri, fingerprint)`` is what serving uses: it reads every file of the
+artifact once (:func:`rl_engine.artifacts.read_artifact`), checks the fingerprint of those
+bytes, and builds the policy from the same in-memory bytes, so no file is read twice and a
+file swapped on the storage after the check is never loaded. Both loaders take bytes only
+from the snapshot, refuse file names in the artifact's metadata that are absolute, contain
+``..`` or are not fingerprinted, build only allow-listed network classes
+(:data:`rl_engine.networks.NETWORK_CLASSES`) and load weights with ``weights_only=True``.
+
 A policy whose outputs are not finite (e.g. NaN weights) raises :class:`NonFinitePolicyOutput`
 instead of returning the argmax of NaNs (which would silently be action 0).
 """
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Any
 
 import numpy as np
 import torch
 
-from .artifacts import ArtifactError, ArtifactStore
-from .networks import load_agent
+from .artifacts import ArtifactError, ArtifactSnapshot, read_artifact
+from .networks import network_from_spec
 
-__all__ = ["Policy", "PolicyError", "InvalidObservation", "NonFinitePolicyOutput", "load_policy", "default_device"]
+__all__ = ["Policy", "PolicyError", "InvalidObservation", "NonFinitePolicyOutput", "load_policy",
+           "load_verified_policy", "policy_from_snapshot", "default_device"]
 
 
 class PolicyError(RuntimeError):
@@ -50,14 +60,17 @@ class Policy:
         observation_shape: the environment's observation shape (``(D,)`` for CartPole).
         num_actions: number of discrete actions ``A``.
         metadata: the artifact's ``metadata.json`` (``{}`` when absent).
+        fingerprint: the fingerprint of the bytes the policy was built from (``None`` when
+            the artifact has no ``evaluation.json`` summary, so none can be computed).
     """
 
     def __init__(self, agent: torch.nn.Module, device: torch.device, uri: str,
                  observation_shape: tuple[int, ...] | None = None,
-                 metadata: dict[str, Any] | None = None) -> None:
+                 metadata: dict[str, Any] | None = None, fingerprint: str | None = None) -> None:
         self.agent = agent
         self.device = device
         self.uri = uri
+        self.fingerprint = fingerprint
         self.obs_dim = int(agent.obs_dim)
         self.num_actions = int(agent.num_actions)
         shape = tuple(int(s) for s in observation_shape) if observation_shape else (self.obs_dim,)
@@ -130,8 +143,54 @@ class Policy:
         return self.logits(observations).argmax(axis=-1).astype(np.int64)
 
 
+def policy_from_snapshot(snapshot: ArtifactSnapshot, device: str | torch.device | None = None) -> Policy:
+    """Build the policy from the bytes of an artifact already read (no file is read here).
+
+    Uses ``policy.json`` (network class from the allow-list and its constructor arguments),
+    the weights file it names in ``stateDict`` (default ``model.pt``; loaded with
+    ``torch.load(..., weights_only=True)``) and ``metadata.json`` when present.
+
+    Args:
+        snapshot: from :func:`rl_engine.artifacts.read_artifact`.
+        device: torch device; ``None`` picks CUDA when present, else CPU.
+
+    Returns:
+        A :class:`Policy` in eval mode.
+
+    Raises:
+        rl_engine.artifacts.UnsafeArtifactReference: ``stateDict`` or a ``metadata.json``
+            ``files`` entry is absolute, has ``..``, or names a file that is not fingerprinted.
+        rl_engine.artifacts.ArtifactError: ``policy.json`` or the weights are missing or
+            unreadable, the class is not allow-listed, or the weights do not fit the network.
+    """
+    dev = default_device() if device is None else torch.device(device)
+    uri = snapshot.uri
+    snapshot.check_metadata_references()
+    spec = snapshot.json("policy.json")
+    if not isinstance(spec, dict):
+        raise ArtifactError(f"{uri}: policy.json must be an object")
+    weights = snapshot.file(spec.get("stateDict", "model.pt"), where="policy.json stateDict")
+    try:
+        network = network_from_spec(spec)
+        state = torch.load(io.BytesIO(weights), map_location=dev, weights_only=True)
+        network.load_state_dict(state)
+        agent = network.to(dev).eval()
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types (UnpicklingError, RuntimeError, ...)
+        raise ArtifactError(f"{uri}: cannot load the policy: {type(err).__name__}: {err}") from err
+    metadata = snapshot.json("metadata.json") if "metadata.json" in snapshot.files else {}
+    if not isinstance(metadata, dict):
+        metadata = {}
+    shape = metadata.get("observationShape")
+    try:
+        fingerprint: str | None = snapshot.fingerprint()
+    except ArtifactError:
+        fingerprint = None
+    return Policy(agent, dev, uri, tuple(shape) if shape else None, metadata, fingerprint)
+
+
 def load_policy(uri: str, device: str | torch.device | None = None) -> Policy:
-    """Load the policy of the artifact at ``uri`` (any fsspec URI).
+    """Load the policy of the artifact at ``uri`` (any fsspec URI), without checking a
+    fingerprint. Each file is read once (:func:`rl_engine.artifacts.read_artifact`).
 
     Args:
         uri: artifact root, e.g. ``file:///data/runs/cartpole-1``.
@@ -141,20 +200,33 @@ def load_policy(uri: str, device: str | torch.device | None = None) -> Policy:
         A :class:`Policy` in eval mode.
 
     Raises:
-        rl_engine.artifacts.ArtifactError: ``policy.json`` or ``model.pt`` is missing or
-            unreadable, or the weights do not fit the network ``policy.json`` describes.
+        rl_engine.artifacts.ArtifactError: as :func:`policy_from_snapshot`, or the artifact
+            has no files.
     """
-    dev = default_device() if device is None else torch.device(device)
-    try:
-        agent = load_agent(uri, device=dev)
-    except ArtifactError:
-        raise
-    except Exception as err:  # noqa: BLE001 - torch.load raises many types (UnpicklingError, RuntimeError, ...)
-        raise ArtifactError(f"{uri}: cannot load the policy: {type(err).__name__}: {err}") from err
-    store = ArtifactStore(uri)
-    try:
-        metadata = store.read_json("metadata.json")
-    except ArtifactError:
-        metadata = {}
-    shape = metadata.get("observationShape") if isinstance(metadata, dict) else None
-    return Policy(agent, dev, uri, tuple(shape) if shape else None, metadata if isinstance(metadata, dict) else {})
+    return policy_from_snapshot(read_artifact(uri), device)
+
+
+def load_verified_policy(uri: str, fingerprint: str, device: str | torch.device | None = None) -> Policy:
+    """Read the artifact once, check its fingerprint, and build the policy from those bytes.
+
+    Every file under ``uri`` (except ``fingerprint.json``) is read exactly once; the
+    fingerprint is computed over those bytes and the policy is built from them, so the
+    policy served is the one whose fingerprint was checked, whatever happens to the storage.
+
+    Args:
+        uri: artifact root, e.g. ``file:///data/runs/cartpole-1``.
+        fingerprint: the approved fingerprint, ``"sha256:<64 hex>"``.
+        device: torch device; ``None`` picks CUDA when present, else CPU.
+
+    Returns:
+        A :class:`Policy` in eval mode, with ``policy.fingerprint == fingerprint``.
+
+    Raises:
+        rl_engine.artifacts.FingerprintMismatch: the bytes read have another fingerprint
+            (the message names the artifact, both fingerprints, and the changed files).
+        rl_engine.artifacts.ArtifactError: as :func:`policy_from_snapshot`, or no usable
+            ``evaluation.json`` summary.
+    """
+    snapshot = read_artifact(uri)
+    snapshot.verify(fingerprint)
+    return policy_from_snapshot(snapshot, device)

@@ -39,8 +39,7 @@ from .artifacts import (
     ArtifactError,
     ArtifactStore,
     canonical_json,
-    compute_fingerprint,
-    file_digests,
+    read_artifact,
 )
 from .config import DQNHyperparameters, RunConfig, load_run_config
 from .dqn import DQNConfig, DQNTrainer
@@ -511,9 +510,11 @@ def run_training(
     })
 
     stage.name = "computing the fingerprint"
-    digests = file_digests(artifact_uri)
-    fingerprint = compute_fingerprint(artifact_uri)
-    stored_summary = store.read_json("evaluation.json")["summary"]
+    # Read back once: the same code path (and bytes) the serving replica fingerprints.
+    snapshot = read_artifact(artifact_uri)
+    digests = dict(snapshot.digests)
+    fingerprint = snapshot.fingerprint()
+    stored_summary = snapshot.summary()
     store.write_json(FINGERPRINT_FILE, {
         "version": FINGERPRINT_VERSION,
         "fingerprint": fingerprint,

@@ -269,3 +269,42 @@ def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace, 
     (RESULTS / "alert_to_weight0.json").write_text(json.dumps({
         "alertmanager_to_weight0_seconds": round(latency, 3),
         "errors_before_weight0": len(errors_before), "requests": len(load.records)}))
+
+
+CRAFTED_AGENT = """apiVersion: rlops.dev/v1alpha1
+kind: RLAgent
+metadata: {name: crafted}
+spec:
+  environment: {id: CartPole-v1}
+  training: {nodeSelector: {rlops.dev/test-pool: none}}
+  approval: {mode: auto}
+"""
+
+
+def test_crafted_rollout_never_reaches_ray_serve(cluster, stack, namespace):
+    """A Rollout the tenant crafts is refused by the API server; one made outside the operator's
+    owner chain anyway (cluster-admin acting as the operator) is Ignored: Serve's config does not
+    change, although the agent's policy would auto-approve it."""
+    ray = stack["ray"]
+    before = rayserve.get_applications(ray.dashboard)["applications"]
+    cluster.kubectl("create", "rolebinding", "mallory-edit", "-n", namespace, "--clusterrole=edit", "--user=mallory")
+    assert cluster.apply(CRAFTED_AGENT, namespace).returncode == 0
+    crafted = json.dumps({
+        "apiVersion": "rlops.dev/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": "crafted-9", "labels": {"rlops.dev/agent": "crafted"}},
+        "spec": {"agentRef": {"name": "crafted"}, "trainingRunRef": {"name": "crafted-1"}, "version": "crafted-9",
+                 "artifactURI": "file:///tmp/mallory/policy", "fingerprint": "sha256:" + "9" * 64,
+                 "evaluation": {"meanReturn": 1e9}},
+    })
+    proc = cluster.kubectl("create", "-n", namespace, "-f", "-", "--as=mallory", input=crafted, check=False)
+    assert proc.returncode != 0 and "forbidden" in proc.stderr, proc.stderr
+    proc = cluster.kubectl("create", "-n", namespace, "-f", "-",
+                           "--as=system:serviceaccount:rlops-system:rlops-operator", input=crafted, check=False)
+    assert proc.returncode == 0, proc.stderr
+    status = wait_phase(cluster, namespace, "rollout", "crafted-9", ("Ignored",), 60)
+    assert status.get("approval") is None and "not controlled by TrainingRun" in status["message"]
+    time.sleep(2 * float(os.environ.get("RLOPS_ROLLOUT_INTERVAL_SECONDS", "2")))
+    after = rayserve.get_applications(ray.dashboard)["applications"]
+    assert rayserve.app_name(namespace, "crafted") not in after
+    assert {k: v.get("deployed_app_config") for k, v in after.items()} == \
+        {k: v.get("deployed_app_config") for k, v in before.items()}

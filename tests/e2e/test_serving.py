@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from rl_engine.artifacts import compute_fingerprint
+from rl_engine.serving import config as sc
 from rl_engine.serving.testing import poison_artifact
 from rl_operator import rayserve
 
@@ -34,6 +35,7 @@ NAMESPACE, AGENT = "e2e", "cartpole"
 APP = rayserve.app_name(NAMESPACE, AGENT)
 STABLE, CANARY, BAD = "cartpole-1", "cartpole-2", "cartpole-3"
 OBS = [0.01, -0.02, 0.03, 0.04]
+FEEDBACK_KEY = "7e" * 32  # the application's request-id signing key (the operator derives one per application)
 DEPLOY_TIMEOUT = 240
 BYSTANDER = {
     "name": "bystander",
@@ -51,6 +53,8 @@ M = {  # exported Prometheus series (see docs/serving.md)
     "reward_pos": "ray_rlops_serve_feedback_reward_positive_total",
     "reward_neg": "ray_rlops_serve_feedback_reward_negative_total",
     "negative": "ray_rlops_serve_negative_feedback_total",
+    "reward_scaled_count": "ray_rlops_serve_feedback_reward_scaled_count",
+    "reward_scaled_sum": "ray_rlops_serve_feedback_reward_scaled_sum",
 }
 
 
@@ -172,7 +176,7 @@ def _split(responses: list[httpx.Response]) -> collections.Counter:
 
 def test_deploy_stable_and_canary_through_the_adapter(ray_head, artifacts, bystander, client):
     config = rayserve.app_config(NAMESPACE, AGENT, {STABLE: artifacts[STABLE], CANARY: artifacts[CANARY]},
-                                 {STABLE: 90, CANARY: 10})
+                                 {STABLE: 90, CANARY: 10}, feedback_key=FEEDBACK_KEY)
     assert config["route_prefix"] == f"/{NAMESPACE}/{AGENT}" and config["name"] == APP
     rayserve.apply_application(ray_head.dashboard, config)
     summary = rayserve.wait_running(ray_head.dashboard, APP, DEPLOY_TIMEOUT, expect=config)
@@ -260,26 +264,48 @@ def test_feedback_credits_the_version_that_answered(ray_head, client):
     sent = collections.Counter()
     for body in responses:
         version = body["version"]
-        reward, negative = (1.0, False) if version == STABLE else (-0.5, True)
+        reward, negative = (1.0, False) if version == STABLE else (-0.5, True)  # within the default [-1, 1]
         resp = client.feedback({"request_id": body["request_id"], "reward": reward, "negative": negative})
         assert resp.status_code == 200 and resp.json()["version"] == version, resp.text
         sent[version] += 1
     assert sent[STABLE] and sent[CANARY], sent
 
+    # At most one feedback per answer: a second one for the same id is refused and not counted.
+    replay = client.feedback({"request_id": responses[0]["request_id"], "reward": 1.0})
+    assert replay.status_code == 409 and "already received" in replay.json()["error"], replay.text
+
+    fresh = [r.json()["request_id"] for r in client.many(4)]  # real ids that got no feedback yet
+    version, issued, nonce, signature = fresh[0].rsplit(".", 3)
+    other = STABLE if version == CANARY else CANARY
+    key = bytes.fromhex(FEEDBACK_KEY)
     for body, fragment in (
         (b"{", "not valid JSON"),
         ([1, 2], "JSON object"),
         ({"reward": 1.0}, "request_id"),
-        ({"request_id": "nodot", "reward": 1.0}, "request_id"),
-        ({"request_id": f"{STABLE}.{'0' * 32}"}, "reward"),
-        ({"request_id": f"{STABLE}.{'0' * 32}", "reward": "high"}, "reward"),
-        ({"request_id": f"{STABLE}.{'0' * 32}", "reward": 1, "negative": "yes"}, "negative"),
-        ({"request_id": f"other-version.{'0' * 32}", "reward": 1.0}, "does not serve"),
-        ({"request_id": f"{STABLE}.{'0' * 32}", "reward": 1, "extra": 1}, "extra"),
+        ({"request_id": "nodot", "reward": 1.0}, "request_id: malformed"),
+        ({"request_id": f"{STABLE}.{'0' * 32}", "reward": 1.0}, "request_id: malformed"),  # the old, unsigned form
+        ({"request_id": f"{STABLE}.{int(time.time())}.{'0' * 16}.{'0' * 32}", "reward": 1.0}, "invalid signature"),
+        ({"request_id": f"{other}.{issued}.{nonce}.{signature}", "reward": 1.0}, "invalid signature"),
+        ({"request_id": f"{version}.{int(issued) + 100}.{nonce}.{signature}", "reward": 1.0}, "invalid signature"),
+        ({"request_id": sc.make_request_id(STABLE, key, scope=f"{NAMESPACE}/{AGENT}", issued_at=time.time() - 3600),
+          "reward": 1.0}, "expired"),
+        ({"request_id": sc.make_request_id("other-version", key, scope=f"{NAMESPACE}/{AGENT}"), "reward": 1.0},
+         "does not serve"),
+        ({"request_id": fresh[1]}, "reward"),
+        ({"request_id": fresh[1], "reward": "high"}, "reward"),
+        ({"request_id": fresh[1], "reward": 1e300}, "outside the declared reward range [-1, 1]"),
+        ({"request_id": fresh[1], "reward": -1e300}, "outside the declared reward range [-1, 1]"),
+        (b'{"request_id": "%s", "reward": NaN}' % fresh[1].encode(), "finite"),
+        (b'{"request_id": "%s", "reward": Infinity}' % fresh[1].encode(), "finite"),
+        ({"request_id": fresh[1], "reward": 1, "negative": "yes"}, "negative"),
+        ({"request_id": fresh[1], "reward": 1, "extra": 1}, "extra"),
     ):
         resp = client.feedback(body)
         assert resp.status_code == 400, (body, resp.text)
         assert fragment in resp.json()["error"], (body, resp.text)
+    info = client.info()["feedback"]
+    assert info == {"configured": True, "rewardMin": -1.0, "rewardMax": 1.0, "ttlSeconds": 600,
+                    "remembered": sum(sent.values())}, info
 
     labels = {"namespace": NAMESPACE, "agent": AGENT}
     ray_head.wait_metric(M["feedback"], sent[STABLE], version=STABLE, **labels)
@@ -287,6 +313,11 @@ def test_feedback_credits_the_version_that_answered(ray_head, client):
     ray_head.wait_metric(M["reward_pos"], 1.0 * sent[STABLE], version=STABLE, **labels)
     ray_head.wait_metric(M["reward_neg"], 0.5 * sent[CANARY], version=CANARY, **labels)
     ray_head.wait_metric(M["negative"], sent[CANARY], version=CANARY, **labels)
+    # The reward histogram the analysis reads: rewards as a fraction of [-1, 1] (1.0 -> 1, -0.5 -> 0.25).
+    ray_head.wait_metric(M["reward_scaled_count"], sent[STABLE], version=STABLE, **labels)
+    ray_head.wait_metric(M["reward_scaled_count"], sent[CANARY], version=CANARY, **labels)
+    ray_head.wait_metric(M["reward_scaled_sum"], 1.0 * sent[STABLE], version=STABLE, **labels)
+    ray_head.wait_metric(M["reward_scaled_sum"], 0.25 * sent[CANARY], version=CANARY, **labels)
     assert ray_head.metric(M["negative"], version=STABLE, **labels) is None
     assert ray_head.metric(M["reward_pos"], version=CANARY, **labels) is None
     # Every request so far was routed and counted; none failed.
@@ -299,7 +330,7 @@ def test_feedback_credits_the_version_that_answered(ray_head, client):
 
 def test_nan_canary_fails_with_500_until_its_weight_is_0(ray_head, artifacts, client, bystander):
     config = rayserve.app_config(NAMESPACE, AGENT, {STABLE: artifacts[STABLE], BAD: artifacts[BAD]},
-                                 {STABLE: 50, BAD: 50})
+                                 {STABLE: 50, BAD: 50}, feedback_key=FEEDBACK_KEY)
     rayserve.apply_application(ray_head.dashboard, config)
     rayserve.wait_running(ray_head.dashboard, APP, DEPLOY_TIMEOUT, expect=config)
     bystander.assert_intact()

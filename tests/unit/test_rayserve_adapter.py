@@ -46,10 +46,39 @@ def test_app_config_layout():
         "route_prefix": "/default/cartpole",
         "import_path": "rl_engine.serving.app:build_app",
         "args": {"agent": "cartpole", "namespace": "default", "versions": VERSIONS,
-                 "maxBatchSize": 32, "batchWaitTimeoutS": 0.002},
+                 "maxBatchSize": 32, "batchWaitTimeoutS": 0.002,
+                 "feedback": {"rewardMin": -1.0, "rewardMax": 1.0, "ttlSeconds": 600}},
         "deployments": [{"name": "router", "user_config": {"weights": {"v1": 90, "v2": 10}}}],
     }
     assert rs.app_name("default", "cartpole") == "default.cartpole"
+
+
+def test_app_config_feedback_args_are_what_the_router_accepts():
+    from rl_engine.serving.config import FeedbackConfig, parse_args
+
+    key = "3c" * 32
+    cfg = rs.app_config("default", "cartpole", VERSIONS, {"v1": 100}, feedback_key=key, reward_min=0, reward_max=5,
+                        feedback_ttl_seconds=120)
+    assert cfg["args"]["feedback"] == {"key": key, "rewardMin": 0.0, "rewardMax": 5.0, "ttlSeconds": 120}
+    assert parse_args(cfg["args"]).feedback == FeedbackConfig(bytes.fromhex(key), 0.0, 5.0, 120)
+    # Without a key the router refuses all feedback (503): the args say so by having no key.
+    assert parse_args(rs.app_config("default", "cartpole", VERSIONS, {"v1": 100})["args"]).feedback.key is None
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"feedback_key": "not-hex" * 8}, "feedback_key: must be"),
+    ({"feedback_key": "ab" * 8}, "feedback_key: must be"),
+    ({"feedback_key": "AB" * 32}, "feedback_key: must be"),
+    ({"reward_min": 1.0, "reward_max": 1.0}, "reward_min < reward_max"),
+    ({"reward_max": float("nan")}, "reward_min < reward_max"),
+    ({"reward_min": float("-inf")}, "reward_min < reward_max"),
+    ({"feedback_ttl_seconds": 0}, "feedback_ttl_seconds"),
+    ({"feedback_ttl_seconds": 60.0}, "feedback_ttl_seconds"),
+])
+def test_app_config_refuses_invalid_feedback_settings(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment) as exc:
+        rs.app_config("default", "cartpole", VERSIONS, {"v1": 100}, **kwargs)
+    assert "not-hex" not in str(exc.value)  # the key is never repeated
 
 
 def test_app_config_options_missing_weights_and_tuple_versions():
@@ -208,3 +237,21 @@ def test_failure_message_keeps_the_reason_not_the_traceback():
                     "sha256:1, expected sha256:2")
     assert rs.failure_message({"message": "", "deployments": {}}) == "(no message)"
     assert len(rs.failure_message({"message": "x" * 5000}, limit=100)) == 100
+
+
+def test_app_config_pins_artifacts_under_the_operators_root():
+    """The operator passes its artifact root; the serving side refuses URIs outside it."""
+    from rl_engine.serving.config import ServingConfigError, parse_args
+
+    entry = {"artifactURI": "file:///var/lib/rlops/artifacts/ml/pole/pole-2-0a1b2c3d",
+             "fingerprint": "sha256:" + "a" * 64}
+    cfg = rs.app_config("ml", "pole", {"pole-2": entry}, {"pole-2": 100},
+                              artifact_root="file:///var/lib/rlops/artifacts")
+    assert cfg["args"]["artifactRoot"] == "file:///var/lib/rlops/artifacts"
+    parse_args(cfg["args"])
+    outside = {**entry, "artifactURI": "file:///var/lib/rlops/artifacts/other/pole/pole-2-0a1b2c3d"}
+    bad = rs.app_config("ml", "pole", {"pole-2": outside}, {"pole-2": 100},
+                              artifact_root="file:///var/lib/rlops/artifacts")
+    with pytest.raises(ServingConfigError, match="pole-2"):
+        parse_args(bad["args"])
+    assert "artifactRoot" not in rs.app_config("ml", "pole", {"pole-2": entry}, {"pole-2": 100})["args"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import os
+import re
 import subprocess
 import sys
 import uuid
@@ -14,10 +17,15 @@ from rl_engine.artifacts import (
     FINGERPRINT_FILE,
     ArtifactError,
     ArtifactStore,
+    FingerprintMismatch,
+    UnsafeArtifactReference,
+    check_reference,
     compute_fingerprint,
     file_digests,
+    read_artifact,
 )
 from rl_engine.termination import encode_termination_message, write_termination_message
+from support import count_opens as _count_opens
 
 SUMMARY = {"episodes": 3, "meanReturn": 12.5, "stdReturn": 0.5, "randomMeanReturn": 2.0}
 
@@ -124,3 +132,116 @@ def test_termination_message_is_truncated_below_4096_bytes(tmp_path):
     assert write_termination_message(payload, str(path))
     assert path.stat().st_size < 4096
     assert not write_termination_message(payload, str(tmp_path / "no" / "such" / "dir"))
+
+
+# ----------------------------------------------------------------- read-once snapshot
+
+
+def test_read_artifact_reads_each_file_once_and_hashes_what_it_read(tmp_path, monkeypatch):
+    uri = _make_artifact(tmp_path)
+    approved = compute_fingerprint(uri)
+    opens = _count_opens(monkeypatch, swap={"model.pt": b"tampered"})
+    snap = read_artifact(uri)
+    assert dict(opens) == {"model.pt": 1, "metadata.json": 1, "extra.txt": 1, "evaluation.json": 1}
+    assert (tmp_path / "model.pt").read_bytes() == b"tampered"  # the swap happened
+    assert snap.file("model.pt") == b"\x00\x01weights"          # the bytes hashed are the bytes kept
+    assert snap.digests["model.pt"] == hashlib.sha256(b"\x00\x01weights").hexdigest()
+    assert snap.fingerprint() == approved == snap.verify(approved)
+    assert dict(opens) == {"model.pt": 1, "metadata.json": 1, "extra.txt": 1, "evaluation.json": 1}
+    monkeypatch.undo()
+    assert compute_fingerprint(uri) != approved
+
+
+def _record(root, uri) -> None:
+    (root / FINGERPRINT_FILE).write_text(json.dumps({"files": file_digests(uri)}))
+
+
+def test_fingerprint_mismatch_names_the_artifact_both_fingerprints_and_the_files(tmp_path):
+    uri = _make_artifact(tmp_path)
+    approved = compute_fingerprint(uri)
+    _record(tmp_path, uri)
+    (tmp_path / "model.pt").write_bytes(b"other weights")
+    (tmp_path / "sub" / "new.bin").write_bytes(b"")
+    (tmp_path / "metadata.json").unlink()
+    snap = read_artifact(uri)
+    with pytest.raises(FingerprintMismatch) as exc:
+        snap.verify(approved)
+    err = exc.value
+    assert isinstance(err, ArtifactError)
+    assert (err.expected, err.actual) == (approved, compute_fingerprint(uri))
+    assert err.changed == ["+sub/new.bin", "-metadata.json", "model.pt"]
+    for part in (uri, approved, err.actual, "model.pt", "+sub/new.bin", "-metadata.json"):
+        assert part in str(err)
+
+
+def test_fingerprint_mismatch_without_record_lists_the_files(tmp_path):
+    uri = _make_artifact(tmp_path)
+    approved = compute_fingerprint(uri)
+    (tmp_path / "evaluation.json").write_text(json.dumps({"summary": {**SUMMARY, "meanReturn": 99}}))
+    with pytest.raises(FingerprintMismatch, match="no fingerprint.json record") as exc:
+        read_artifact(uri).verify(approved)
+    assert approved in str(exc.value) and uri in str(exc.value)
+    assert "evaluation.json, metadata.json, model.pt, sub/extra.txt" in str(exc.value)
+
+
+def test_fingerprint_json_is_neither_hashed_nor_loadable(tmp_path):
+    uri = _make_artifact(tmp_path)
+    (tmp_path / FINGERPRINT_FILE).write_text("{}")
+    snap = read_artifact(uri)
+    assert FINGERPRINT_FILE not in snap.files and snap.record == b"{}"
+    with pytest.raises(UnsafeArtifactReference, match="unknown file"):
+        snap.file(FINGERPRINT_FILE, where="policy.json stateDict")
+    with pytest.raises(ArtifactError, match="fingerprint.json not found"):
+        snap.file(FINGERPRINT_FILE)
+
+
+@pytest.mark.parametrize("rel, fragment", [
+    ("/etc/passwd", "absolute paths"),
+    ("C:/weights.pt", "absolute paths"),
+    ("s3://bucket/model.pt", "absolute paths"),
+    ("file:///tmp/model.pt", "absolute paths"),
+    ("sub\\..\\model.pt", "absolute paths"),
+    ("../other/model.pt", "'..' components"),
+    ("sub/../model.pt", "'..' components"),
+    ("./model.pt", "'.' path components"),
+    ("sub//extra.txt", "empty or '.'"),
+    ("missing.pt", "unknown file"),
+    (FINGERPRINT_FILE, "unknown file"),
+    ("", "non-empty relative"),
+    (None, "non-empty relative"),
+])
+def test_unsafe_references_are_refused(tmp_path, rel, fragment):
+    uri = _make_artifact(tmp_path)
+    (tmp_path / FINGERPRINT_FILE).write_text("{}")
+    snap = read_artifact(uri)
+    with pytest.raises(UnsafeArtifactReference, match=re.escape(fragment)) as exc:
+        snap.file(rel, where="policy.json stateDict")
+    assert "policy.json stateDict" in str(exc.value) and uri in str(exc.value)
+
+
+def test_safe_references_are_the_hashed_bytes(tmp_path):
+    uri = _make_artifact(tmp_path)
+    snap = read_artifact(uri)
+    assert snap.file("sub/extra.txt", where="metadata.json files.extra") == b"x"
+    assert check_reference("model.pt", snap.files, uri=uri, where="w") == "model.pt"
+
+
+@pytest.mark.parametrize("files, fragment", [
+    ({"model": "/abs/model.pt"}, "files.model names '/abs/model.pt': absolute"),
+    ({"history": "../run-0/training_history.json"}, "files.history names"),
+    ({"config": "config_snapshot.yaml"}, "unknown file"),
+    ({"evaluation": FINGERPRINT_FILE}, "unknown file"),
+    (["model.pt"], "must be an object"),
+])
+def test_metadata_file_references_are_checked(tmp_path, files, fragment):
+    uri = _make_artifact(tmp_path)
+    (tmp_path / "metadata.json").write_text(json.dumps({"files": files}))
+    with pytest.raises(UnsafeArtifactReference, match=re.escape(fragment)):
+        read_artifact(uri).check_metadata_references()
+
+
+def test_metadata_file_references_as_the_trainer_writes_them_pass(tmp_path):
+    uri = _make_artifact(tmp_path)
+    (tmp_path / "metadata.json").write_text(json.dumps(
+        {"files": {"model": "model.pt", "evaluation": "evaluation.json", "fingerprint": FINGERPRINT_FILE}}))
+    read_artifact(uri).check_metadata_references()

@@ -4,6 +4,7 @@
 rollout can be stepped through reconcile by reconcile.
 """
 
+import random
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from rl_operator import approvals
 from rl_operator import models as m
 from rl_operator import rollout as r
+from rl_operator import trust
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 FP = "sha256:" + "c" * 64
@@ -20,7 +22,8 @@ STABLE = m.ActiveModel(version="cp-1", fingerprint=OLD_FP, artifact_uri="file://
 
 def make_rollout(annotations=None, status=None, mean=500.0):
     return {
-        "metadata": {"name": "cp-2", "namespace": "ml", "generation": 1, "annotations": annotations or {}},
+        "metadata": {"name": "cp-2", "namespace": "ml", "uid": UID, "generation": 1,
+                     "annotations": annotations or {}},
         "spec": m.RolloutSpec(agent_ref=m.ObjectRef(name="cp"), training_run_ref=m.ObjectRef(name="cp-2"),
                               version="cp-2", artifact_uri="file:///a/cp-2", fingerprint=FP,
                               evaluation=m.EvaluationSummary(mean_return=mean)).wire(),
@@ -32,7 +35,17 @@ def agent_spec(**kw):
     return m.RLAgentSpec.model_validate({"environment": {"id": "CartPole-v1"}, **kw})
 
 
-APPROVED = {r.APPROVE: FP, r.APPROVED_BY: "alice", r.APPROVED_AT: "2026-11-22T12:00:00Z"}
+UID = "0f6c1c52-0000-4000-8000-000000000002"
+KEY = b"k" * 32
+
+
+def signed(by="alice", at="2026-11-22T12:00:00Z", fp=FP, uid=UID, key=KEY):
+    """Annotations as the admission webhook records an approval by ``by``."""
+    return {r.APPROVE: fp, r.APPROVED_BY: by, r.APPROVED_AT: at,
+            r.APPROVAL_SIGNATURE: trust.signature(key, "ml", "cp-2", uid, fp, by, at)}
+
+
+APPROVED = signed()
 
 
 class World:
@@ -51,7 +64,7 @@ class World:
         obs = r.Observed(now=self.now, annotations=dict(ro["metadata"]["annotations"]), agent_spec=self.spec,
                          active_model=self.stable, serving_versions=self.versions,
                          serving_weights=self.weights, app_status="RUNNING" if self.versions else None,
-                         blocking_rollout=blocking, analysis=analysis)
+                         blocking_rollout=blocking, analysis=analysis, approval_key=KEY)
         status, acts = r.reconcile(ro, obs)
         if acts.set_weights is not None:
             self.weights = dict(acts.set_weights)
@@ -222,36 +235,231 @@ def test_auto_approval_policy(auto, mean, approved):
 SPEC = m.AnalysisSpec()
 
 
+def rewards_histogram(rewards, low=-1.0, high=1.0):
+    """The reward histogram Prometheus returns for these feedback rewards: ``(le, cumulative count)``
+    over the router's buckets (``rlops_serve_feedback_reward_scaled``, rewards scaled to [low, high])."""
+    from rl_engine.serving.config import REWARD_BUCKETS, FeedbackConfig
+
+    scale = FeedbackConfig(reward_min=low, reward_max=high).scaled
+    scaled = sorted(scale(x) for x in rewards)
+    bounds = list(REWARD_BUCKETS) + [float("inf")]
+    return tuple((le, float(sum(1 for x in scaled if x <= le))) for le in bounds)
+
+
+def feedback(canary, stable, canary_negative=0, stable_negative=0, **kw):
+    """A measurement with 1000 canary requests and these feedback rewards on each version."""
+    return r.Measurement(canary_requests=1000, canary_errors=0,
+                         canary_feedback=len(canary), canary_reward_buckets=rewards_histogram(canary, **kw),
+                         canary_negative=canary_negative,
+                         stable_feedback=len(stable), stable_reward_buckets=rewards_histogram(stable, **kw),
+                         stable_negative=stable_negative)
+
+
 @pytest.mark.parametrize(("meas", "phase", "words"), [
     (r.Measurement(canary_requests=50, canary_errors=0), "Inconclusive", "minSampleCount"),
     (r.Measurement(canary_requests=1000, canary_errors=60), "Failed", "error rate 6.0%"),
     (r.Measurement(canary_requests=1000, canary_errors=40), "Successful", "skipped"),
-    (r.Measurement(canary_requests=1000, canary_errors=0, canary_feedback=100, canary_reward_sum=80,
-                   stable_feedback=100, stable_reward_sum=90), "Failed", "mean reward 0.800 < stable 0.900"),
-    (r.Measurement(canary_requests=1000, canary_errors=0, canary_feedback=100, canary_reward_sum=88,
-                   stable_feedback=100, stable_reward_sum=90), "Successful", "mean reward 0.880"),
-    (r.Measurement(canary_requests=1000, canary_errors=0, canary_feedback=100, canary_reward_sum=90,
-                   canary_negative=9, stable_feedback=100, stable_reward_sum=90, stable_negative=4),
-     "Failed", "negative-feedback rate 9.0%"),
+    (feedback([0.8] * 100, [0.9] * 100), "Failed", "canary reward 0.800 < stable 0.900 - 0.05 (10%-trimmed means)"),
+    (feedback([0.9] * 70 + [0.8] * 30, [0.9] * 100), "Successful", "reward 0.875 vs stable 0.900"),
+    (feedback([0.9] * 100, [0.9] * 100, canary_negative=9, stable_negative=4), "Failed", "negative-feedback rate 9.0%"),
 ])
 def test_judge_follows_seed_004(meas, phase, words):
     verdict, message, _ = r.judge(meas, SPEC, has_stable=True)
-    assert verdict == phase and words in message
+    assert verdict == phase and words in message, message
+
+
+def honest(mean, n=1000, sd=0.1, seed=0):
+    """n feedback rewards around ``mean`` (a normal distribution clipped to the default range [-1, 1])."""
+    rng = random.Random(seed)
+    return [min(1.0, max(-1.0, rng.gauss(mean, sd))) for _ in range(n)]
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+# Sample sizes: 1000 honest feedbacks per version; the attacker adds k = 100 (9.1% of the
+# 1100 in the window), every one at an end of the declared range [-1, 1].
+ATTACK = 100
+
+
+def test_extreme_feedback_cannot_make_a_bad_canary_pass(monkeypatch):
+    stable, canary = honest(0.5, seed=1), honest(0.42, seed=2)
+    assert r.judge(feedback(canary, stable), SPEC, True)[0] == "Failed"
+    poisoned = canary + [1.0] * ATTACK
+    assert mean(poisoned) > mean(stable) - SPEC.max_reward_drop, "the attack would fool a plain mean"
+    verdict, message, metrics = r.judge(feedback(poisoned, stable), SPEC, True)
+    assert verdict == "Failed" and "canary reward" in message, message
+    assert metrics["canaryTrimmedMeanReward"] < 0.45
+    monkeypatch.setattr(r.Measurement, "REWARD_TRIM", 0.0)  # without the trimming, the attack works
+    assert r.judge(feedback(poisoned, stable), SPEC, True)[0] == "Successful"
+
+
+def test_extreme_feedback_cannot_make_a_good_canary_fail(monkeypatch):
+    stable, canary = honest(0.5, seed=1), honest(0.5, seed=3)
+    assert r.judge(feedback(canary, stable), SPEC, True)[0] == "Successful"
+    poisoned = canary + [-1.0] * ATTACK
+    assert mean(poisoned) < mean(stable) - SPEC.max_reward_drop, "the attack would fool a plain mean"
+    verdict, message, metrics = r.judge(feedback(poisoned, stable), SPEC, True)
+    assert verdict == "Successful" and "reward" in message, message
+    monkeypatch.setattr(r.Measurement, "REWARD_TRIM", 0.0)
+    assert r.judge(feedback(poisoned, stable), SPEC, True)[0] == "Failed"
+
+
+@pytest.mark.parametrize("k", [1, 10, 50, 100])
+def test_trimmed_mean_moves_at_most_as_documented(k):
+    # docs/rollouts.md: k of n feedbacks, whatever their values in [min, max], move the 10%-trimmed
+    # mean by at most k * (max - min) / (0.8 n), and, for k <= 0.1 n, by at most k * d / (0.8 n)
+    # (d: spread of the other feedback's central values; here all of it lies in [-0.2, 0.4]).
+    n, rng = 1000, random.Random(k)
+    base = [rng.choice([-0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4]) for _ in range(n)]  # on the bucket grid
+    t0 = r.Measurement.trimmed_mean(rewards_histogram(base), -1.0, 1.0, 0.1)
+    assert t0 == pytest.approx(mean(sorted(base)[100:900]))  # exact on the grid
+    for extreme in (-1.0, 1.0):
+        t1 = r.Measurement.trimmed_mean(rewards_histogram(base[k:] + [extreme] * k), -1.0, 1.0, 0.1)
+        assert abs(t1 - t0) <= k * 2.0 / (0.8 * n) + 1e-9
+        assert abs(t1 - t0) <= k * 0.6 / (0.8 * n) + 1e-9
+        assert abs(t1 - t0) < abs(extreme - t0) * k / n or k == 0  # less than a plain mean moves
+
+
+def test_trimmed_mean_reads_prometheus_buckets():
+    assert r.Measurement.trimmed_mean((), -1, 1) is None
+    assert r.Measurement.trimmed_mean(rewards_histogram([]), -1, 1) is None
+    # Rewards on the grid of 1/20 of the range come back exactly, in reward units (range [1, 5]: stars).
+    assert r.Measurement.trimmed_mean(rewards_histogram([1, 2, 3, 4, 5] * 20, 1, 5), 1, 5) == pytest.approx(3.0)
+    assert r.Measurement.trimmed_mean(rewards_histogram([1] * 10, 1, 5), 1, 5) == pytest.approx(1.0)
+    assert r.Measurement.trimmed_mean(rewards_histogram([5] * 10, 1, 5), 1, 5) == pytest.approx(5.0)
+    # Elsewhere within 1/40 of the range; fractional counts (increase()) and resets are tolerated.
+    assert r.Measurement.trimmed_mean(rewards_histogram([0.33] * 10), -1, 1) == pytest.approx(0.33, abs=0.05)
+    buckets = [(le, 0.9 * count) for le, count in rewards_histogram([-1.0] * 25 + [0.0] * 50 + [0.9] * 25)]
+    assert buckets[14] == (0.725, 67.5)
+    buckets[14] = (0.725, 60.0)  # one bucket's increase() came out lower than the one before it
+    assert r.Measurement.trimmed_mean(buckets, -1, 1, 0.0) == pytest.approx((-22.5 + 0.9 * 22.5) / 90)
+
+
+def test_measure_reads_the_reward_histogram_by_bucket(monkeypatch):
+    from rl_operator import analysis
+
+    asked = []
+    canary = rewards_histogram([0.4] * 30 + [-1.0] * 3)
+
+    class Resp:
+        status_code = 200
+
+        def __init__(self, result):
+            self.result = result
+
+        def json(self):
+            return {"data": {"resultType": "vector", "result": self.result}}
+
+    def get(url, params, timeout):
+        q = params["query"]
+        asked.append(q)
+        if "reward_scaled_bucket" in q:
+            rows = canary if 'version="cp-2"' in q else ()
+            return Resp([{"metric": {"le": "+Inf" if le == float("inf") else repr(le)}, "value": [0, str(c)]}
+                         for le, c in reversed(rows)])
+        return Resp([{"metric": {}, "value": [0, "33" if "feedback_total" in q else "1000"]}])
+
+    monkeypatch.setattr(analysis.httpx, "get", get)
+    meas = analysis.measure("http://prom", "ml", "cp", "cp-2", "cp-1", 60)
+    assert 'sum by (le)(increase(ray_rlops_serve_feedback_reward_scaled_bucket{namespace="ml",agent="cp",' \
+           'version="cp-2"}[60s]))' in asked
+    assert meas.canary_reward_buckets == canary and meas.stable_reward_buckets == ()
+    assert meas.canary_feedback == 33 and meas.canary_requests == 1000
+    assert r.Measurement.trimmed_mean(meas.canary_reward_buckets, -1, 1) == pytest.approx(0.4)
+
+
+def test_reward_range_default_and_rule():
+    assert (SPEC.reward_range.min, SPEC.reward_range.max) == (-1.0, 1.0)
+    spec = m.AnalysisSpec.model_validate({"rewardRange": {"min": 1, "max": 5}})
+    assert spec.wire()["rewardRange"] == {"min": 1.0, "max": 5.0}
+    rules = m.RewardRange.model_json_schema()["x-kubernetes-validations"]
+    assert len(rules) == 1 and rules[0]["rule"].endswith("self.min < self.max")
+    assert rules[0]["message"] == "rewardRange.min must be less than rewardRange.max"
+    with pytest.raises(ValueError):
+        m.RewardRange.model_validate({"min": float("-inf")})
+
+
+TARGET = approvals.Target(namespace="ml", name="cp-2", uid=UID, fingerprint=FP)
+
+
+def review(old, new, user, target=TARGET, key=KEY, impersonator=None):
+    return approvals.review(old, new, target, approvals.Requester(user, impersonator), T0, key)
 
 
 def test_review_of_approval_annotations():
-    at = T0
-    ok = approvals.review({}, {r.APPROVE: FP}, FP, "alice", at)
+    ok = review({}, {r.APPROVE: FP}, "alice")
     assert ok.error is None and ok.permission == "approve"
-    assert ok.annotations == {r.APPROVED_BY: "alice", r.APPROVED_AT: "2026-11-22T12:00:00Z"}
-    stale = approvals.review({}, {r.APPROVE: OLD_FP}, FP, "alice", at)
+    assert {r.APPROVE: FP, **ok.annotations} == signed()
+    stale = review({}, {r.APPROVE: OLD_FP}, "alice")
     assert "stale or wrong fingerprint" in stale.error
-    forged = approvals.review({}, {r.APPROVED_BY: "root"}, FP, "mallory", at)
+    forged = review({}, {r.APPROVED_BY: "root"}, "mallory")
     assert "recorded by the rlops admission webhook" in forged.error
-    reject = approvals.review({}, {r.REJECT: "no"}, FP, "bob", at)
+    forged_sig = review({}, {r.APPROVAL_SIGNATURE: "v1:00"}, "mallory")
+    assert "recorded by the rlops admission webhook" in forged_sig.error
+    reject = review({}, {r.REJECT: "no"}, "bob")
     assert reject.error is None and reject.permission == "approve"
-    unrelated = approvals.review(APPROVED, {**APPROVED, "kopf.zalando.org/last": "{}"}, FP, "operator", at)
+    unrelated = review(APPROVED, {**APPROVED, "kopf.zalando.org/last": "{}"}, "operator")
     assert unrelated.error is None and unrelated.permission is None
+    assert "signing key" in review({}, {r.APPROVE: FP}, "alice", key=None).error
+    via = review({}, {r.APPROVE: FP}, "alice", impersonator="admin")
+    assert via.annotations[r.APPROVED_VIA] == "impersonated by admin"
+
+
+def test_service_account_approvals_need_the_policy_to_name_them():
+    robot = "system:serviceaccount:ml:ci"
+    refused = review({}, {r.APPROVE: FP}, robot)
+    assert "is a ServiceAccount" in refused.error and "allowedServiceAccounts" in refused.error
+    allowed = review({}, {r.APPROVE: FP}, robot,
+                     target=approvals.Target("ml", "cp-2", UID, FP, allowed_service_accounts=(robot,)))
+    assert allowed.error is None and allowed.annotations[r.APPROVED_BY] == robot
+    # the operator re-checks on reconcile: a signed approval by an unlisted ServiceAccount does not count
+    st, acts = World().step(make_rollout(signed(by=robot)))
+    assert st.phase == "AwaitingApproval" and "is a ServiceAccount" in st.message
+    assert [e.reason for e in acts.events] == ["ApprovalRefused"]
+    st, _ = World(spec=agent_spec(approval={"allowedServiceAccounts": [robot]})).step(make_rollout(signed(by=robot)))
+    assert st.approval is not None and st.approval.approved_by == robot
+
+
+@pytest.mark.parametrize(("annotations", "words"), [
+    ({r.APPROVE: FP, r.APPROVED_BY: "alice", r.APPROVED_AT: "2026-11-22T12:00:00Z"}, "no valid"),
+    ({**signed(), r.APPROVED_BY: "bob"}, "no valid"),                        # approver swapped after signing
+    ({**signed(), r.APPROVED_AT: "2027-01-01T00:00:00Z"}, "no valid"),       # time swapped
+    (signed(uid="another-uid"), "no valid"),                                # copied from another Rollout
+    (signed(key=b"x" * 32), "no valid"),                                    # signed with another key
+    ({r.APPROVE: FP}, "not recorded by the rlops admission webhook"),        # webhook disabled or unregistered
+    ({r.APPROVED_BY: "alice"}, "without"),
+])
+def test_unsigned_or_altered_approvals_never_count(annotations, words):
+    st, _ = World().step(make_rollout(annotations))
+    assert st.approval is None and st.phase == "AwaitingApproval"
+    assert words in st.message
+
+
+def test_approval_for_another_artifact_in_status_is_not_trusted():
+    ro = make_rollout(APPROVED)
+    world = World()
+    world.step(ro)
+    ro["status"]["approval"]["fingerprint"] = OLD_FP
+    st, acts = world.step(ro)
+    assert st.phase == "RolledBack" and "status.approval names" in st.abort_reason
+    assert r.same_split(world.weights, {"cp-1": 100}) and world.versions == {"cp-1": OLD_FP}
+
+
+def test_untrusted_rollout_is_ignored_or_rolled_back():
+    world = World()
+    st, _ = world.step(make_rollout(APPROVED))
+    obs = r.Observed(now=T0, annotations=APPROVED, agent_spec=agent_spec(), active_model=STABLE,
+                     untrusted="it is not controlled by TrainingRun 'cp-2'")
+    fresh, acts = r.reconcile(make_rollout(APPROVED), obs)
+    assert fresh.phase == "Ignored" and fresh.approval is None and acts.deploy is None and acts.set_weights is None
+    assert [e.reason for e in acts.events] == ["Ignored"]
+    ro = make_rollout(APPROVED)
+    ro["status"] = st.wire()
+    assert st.phase in r.ACTIVE
+    later, acts = r.reconcile(ro, obs)
+    assert later.phase == "RolledBack" and acts.set_weights == {"cp-1": 100, "cp-2": 0}
     sar = approvals.sar_body({"username": "bob", "groups": ["devs"]}, "ml", "cp-2")
     assert sar["spec"]["resourceAttributes"] == {"group": "rlops.dev", "resource": "rollouts", "verb": "approve",
                                                  "namespace": "ml", "name": "cp-2"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
 from typing import Any
 
@@ -23,8 +24,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .config import (
+    REWARD_BUCKETS,
     ROUTER_DEPLOYMENT,
     BadRequest,
+    DuplicateFeedback,
+    FeedbackLedger,
+    FeedbackUnavailable,
     ServingConfig,
     WeightedDeck,
     make_request_id,
@@ -35,7 +40,8 @@ from .config import (
     policy_deployment_name,
 )
 
-__all__ = ["build_app", "build_policy_app", "Router", "PolicyDeployment", "METRIC_NAMES", "LATENCY_BUCKETS_S"]
+__all__ = ["build_app", "build_policy_app", "Router", "PolicyDeployment", "METRIC_NAMES", "LATENCY_BUCKETS_S",
+           "REWARD_BUCKETS"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,6 +55,7 @@ METRIC_NAMES = {
     "reward_positive": "rlops_serve_feedback_reward_positive",
     "reward_negative": "rlops_serve_feedback_reward_negative",
     "negative_feedback": "rlops_serve_negative_feedback",
+    "reward_scaled": "rlops_serve_feedback_reward_scaled",
 }
 #: Latency histogram bucket bounds (seconds).
 LATENCY_BUCKETS_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -110,8 +117,10 @@ class PolicyDeployment:
     Args:
         namespace, agent, version: identity (for errors and ``info``).
         artifact_uri: the artifact to load (fsspec URI).
-        fingerprint: when set, the artifact's recomputed fingerprint must equal it, or the
-            replica refuses to start (the application then shows DEPLOY_FAILED).
+        fingerprint: when set, the replica reads every artifact file once, and the
+            fingerprint of those bytes must equal it, or the replica refuses to start (the
+            application then shows DEPLOY_FAILED); the policy is built from the same bytes
+            (:func:`rl_engine.policy.load_verified_policy`), never from a second read.
         max_batch_size, batch_wait_timeout_s: ``@serve.batch`` parameters.
     """
 
@@ -119,18 +128,18 @@ class PolicyDeployment:
                  max_batch_size: int = 32, batch_wait_timeout_s: float = 0.002) -> None:
         import torch
 
-        from ..artifacts import compute_fingerprint
-        from ..policy import load_policy
+        from ..artifacts import ArtifactError
+        from ..policy import load_policy, load_verified_policy
 
         torch.set_num_threads(int(os.environ.get("RLOPS_TORCH_THREADS", "1")))
-        if fingerprint:
-            actual = compute_fingerprint(artifact_uri)
-            if actual != fingerprint:
-                raise RuntimeError(
-                    f"version {version}: artifact {artifact_uri} has fingerprint {actual}, expected {fingerprint}")
+        try:
+            # Read once, verify, build from the same bytes: no time-of-check/time-of-use gap.
+            policy = load_verified_policy(artifact_uri, fingerprint) if fingerprint else load_policy(artifact_uri)
+        except ArtifactError as err:
+            raise RuntimeError(f"version {version}: {err}") from err
         self.namespace, self.agent, self.version = namespace, agent, version
         self.fingerprint = fingerprint
-        self.policy = load_policy(artifact_uri)
+        self.policy = policy
         self._batched.set_max_batch_size(int(max_batch_size))
         self._batched.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
         self.batches = 0
@@ -199,8 +208,15 @@ class Router:
     HTTP (below the application's route prefix):
 
     * ``POST /`` ``{"observation": [...]}`` -> ``{"action", "version", "request_id"}``
-    * ``POST /feedback`` ``{"request_id", "reward", "negative"?}`` -> ``{"ok", "version"}``
+    * ``POST /feedback`` ``{"request_id", "reward", "negative"?}`` -> ``{"ok", "version"}``;
+      400 for a malformed, forged, altered or expired ``request_id`` or a reward outside
+      the declared range, 409 for a second feedback on the same ``request_id`` (this
+      replica remembers credited ids until they expire, and refuses ids issued before it
+      started), 503 when no feedback key is configured
     * ``GET /`` -> the router's identity (pid, replica id) and current weights
+
+    Request ids are signed with ``args.feedback.key`` (HMAC-SHA256, bound to the version, the
+    issue time and ``<namespace>/<agent>``; :func:`rl_engine.serving.config.make_request_id`).
 
     ``user_config``: ``{"weights": {"<version>": percent}}`` (see
     :func:`rl_engine.serving.config.parse_weights`), applied by :meth:`reconfigure` in place.
@@ -219,6 +235,11 @@ class Router:
         self.deck = WeightedDeck(self.weights)
         self.reconfigurations = 0
         self.started_at = time.time()
+        self.scope = f"{self.config.namespace}/{self.config.agent}"
+        # Without a configured key, ids are still issued (signed with a key nobody else has)
+        # but every feedback is refused with 503: nothing unsigned reaches the metrics.
+        self.id_key = self.config.feedback.key or secrets.token_bytes(32)
+        self.ledger = FeedbackLedger()
         default_tags = {"namespace": self.config.namespace, "agent": self.config.agent}
         self.m_requests = metrics.Counter(METRIC_NAMES["requests"], "Requests routed to a policy version.", _TAGS)
         self.m_errors = metrics.Counter(METRIC_NAMES["errors"], "Requests a policy version failed (HTTP 5xx).", _TAGS)
@@ -231,8 +252,12 @@ class Router:
                                             "Sum of the magnitudes of the negative feedback rewards of a version.", _TAGS)
         self.m_negative = metrics.Counter(METRIC_NAMES["negative_feedback"],
                                           "Feedback flagged negative for a version.", _TAGS)
+        self.m_reward_scaled = metrics.Histogram(
+            METRIC_NAMES["reward_scaled"],
+            "Feedback reward of a version as a fraction of the declared range: (reward - min) / (max - min).",
+            boundaries=list(REWARD_BUCKETS), tag_keys=_TAGS)
         for m in (self.m_requests, self.m_errors, self.m_latency, self.m_feedback, self.m_reward_pos,
-                  self.m_reward_neg, self.m_negative):
+                  self.m_reward_neg, self.m_negative, self.m_reward_scaled):
             m.set_default_tags(default_tags)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -244,9 +269,12 @@ class Router:
         logger.info("router %s/%s weights %s", self.config.namespace, self.config.agent, weights)
 
     def info(self) -> dict[str, Any]:
+        fb = self.config.feedback
         return {"namespace": self.config.namespace, "agent": self.config.agent, "versions": self.versions,
                 "weights": self.weights, "pid": os.getpid(), "replica": _replica_id(),
-                "reconfigurations": self.reconfigurations, "startedAt": self.started_at}
+                "reconfigurations": self.reconfigurations, "startedAt": self.started_at,
+                "feedback": {"configured": fb.key is not None, "rewardMin": fb.reward_min, "rewardMax": fb.reward_max,
+                             "ttlSeconds": fb.ttl_seconds, "remembered": len(self.ledger)}}
 
     async def __call__(self, request: Request) -> JSONResponse:
         path = _subpath(request)
@@ -271,7 +299,7 @@ class Router:
         version = self.deck.draw()
         if version is None:
             return _error(503, "no version has traffic (all weights are 0)")
-        request_id = make_request_id(version)
+        request_id = make_request_id(version, self.id_key, scope=self.scope)
         tags = {"version": version}
         try:
             result = await self.policies[version].remote(obs)
@@ -287,8 +315,19 @@ class Router:
         return JSONResponse({"action": result["action"], "version": version, "request_id": request_id})
 
     async def feedback(self, request: Request) -> JSONResponse:
+        """Credit one feedback to the version its (verified, unexpired, not yet credited)
+        request id names. 400 / 409 / 503 as in the class docstring; nothing is counted then."""
+        cfg = self.config.feedback
         try:
-            fb = parse_feedback(await _json_body(request), self.config.versions)
+            body = await _json_body(request)
+            now = time.time()
+            fb = parse_feedback(body, self.config.versions, cfg, scope=self.scope, now=now)
+            # No await between the check and the record: one event loop, so no double credit.
+            self.ledger.credit(fb.request_id, fb.issued_at + cfg.ttl_seconds, now, issued_at=fb.issued_at)
+        except FeedbackUnavailable as err:
+            return _error(503, str(err))
+        except DuplicateFeedback as err:
+            return _error(409, str(err))
         except BadRequest as err:
             return _error(400, str(err))
         tags = {"version": fb.version}
@@ -297,6 +336,7 @@ class Router:
             self.m_reward_pos.inc(fb.reward, tags)
         elif fb.reward < 0:
             self.m_reward_neg.inc(-fb.reward, tags)
+        self.m_reward_scaled.observe(cfg.scaled(fb.reward), tags)
         if fb.negative:
             self.m_negative.inc(1, tags)
         return JSONResponse({"ok": True, "version": fb.version, "request_id": fb.request_id})

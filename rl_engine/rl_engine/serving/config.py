@@ -4,8 +4,10 @@
   :class:`ServingConfig`.
 * :func:`parse_weights`: the router's ``user_config`` -> ``{version: percent}``.
 * :func:`make_request_id` / :func:`parse_request_id`: request ids that name the version
-  that answered (``<version>.<32 hex>``), so feedback needs no state shared across replicas.
+  that answered and when, signed with the application's feedback key (HMAC-SHA256), so that
+  feedback can be credited without state shared across replicas and cannot be forged.
 * :func:`parse_observation`, :func:`parse_feedback`: HTTP bodies, with 400-worthy errors.
+* :class:`FeedbackLedger`: the ids already credited, so each is credited at most once.
 * :class:`WeightedDeck`: the traffic splitter.
 
 Every error raised here is a :class:`ServingConfigError` or :class:`BadRequest` (both
@@ -14,10 +16,14 @@ Every error raised here is a :class:`ServingConfigError` or :class:`BadRequest` 
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+import hmac
 import math
 import random
 import re
-import uuid
+import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -27,15 +33,21 @@ __all__ = [
     "VERSION_RE",
     "ServingConfigError",
     "BadRequest",
+    "DuplicateFeedback",
+    "FeedbackUnavailable",
     "VersionSpec",
+    "FeedbackConfig",
+    "REWARD_BUCKETS",
     "ServingConfig",
     "parse_args",
     "parse_weights",
     "make_request_id",
     "parse_request_id",
+    "RequestId",
     "parse_observation",
     "Feedback",
     "parse_feedback",
+    "FeedbackLedger",
     "WeightedDeck",
     "policy_deployment_name",
     "ROUTER_DEPLOYMENT",
@@ -45,8 +57,10 @@ __all__ = [
 ROUTER_DEPLOYMENT = "router"
 #: A version name: letters, digits, ``.``, ``_``, ``-``; starts and ends alphanumeric; <= 63.
 VERSION_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_ARGS_KEYS = {"agent", "namespace", "versions", "maxBatchSize", "batchWaitTimeoutS", "policyNumCpus", "policyNumGpus"}
+_KEY_RE = re.compile(r"^[0-9a-f]{32,256}$")
+_FEEDBACK_KEYS = {"key", "rewardMin", "rewardMax", "ttlSeconds"}
+_ARGS_KEYS = {"agent", "namespace", "versions", "maxBatchSize", "batchWaitTimeoutS", "policyNumCpus", "policyNumGpus",
+              "artifactRoot", "feedback"}
 _VERSION_KEYS = {"artifactURI", "fingerprint"}
 _FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -57,6 +71,15 @@ class ServingConfigError(ValueError):
 
 class BadRequest(ValueError):
     """A malformed HTTP request body (answered with 400); the message names the field."""
+
+
+class DuplicateFeedback(ValueError):
+    """Feedback for a request id that was already credited (answered with 409)."""
+
+
+class FeedbackUnavailable(RuntimeError):
+    """Feedback cannot be taken at all (answered with 503): no feedback key is configured,
+    or the ledger of credited ids is full."""
 
 
 def policy_deployment_name(version: str) -> str:
@@ -73,6 +96,48 @@ class VersionSpec:
     fingerprint: str | None = None
 
 
+#: How long after an answer its feedback is accepted, by default (seconds; ``args.feedback.ttlSeconds``).
+DEFAULT_FEEDBACK_TTL_S = 600
+#: Longest ``args.feedback.ttlSeconds`` (seconds).
+MAX_FEEDBACK_TTL_S = 86400
+#: A request id issued up to this many seconds "in the future" is accepted (clock differences
+#: between router replicas on different nodes).
+CLOCK_SKEW_S = 60
+#: Upper bounds of the ``rlops_serve_feedback_reward_scaled`` histogram, in units of the
+#: declared reward range (0 = ``rewardMin``, 1 = ``rewardMax``): 0.025, 0.075, ..., 0.975.
+#: With the ``+Inf`` bucket that is 21 buckets, each centred on a multiple of 1/20 of the
+#: range (0, 0.05, ..., 1), so a reward on that grid (the ends, the middle, quarters, fifths,
+#: tenths of the range) is recovered exactly from its bucket, whatever the exporter does with
+#: a value on a bucket bound; any other reward is off by at most 1/40 of the range.
+REWARD_BUCKETS: tuple[float, ...] = tuple((2 * i + 1) / 40 for i in range(20))
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """``args.feedback``: how request ids are signed and which feedback is accepted.
+
+    Attributes:
+        key: the HMAC-SHA256 key of this application's request ids (the bytes of
+            ``args.feedback.key``, 32 to 256 hex digits). ``None``: no key was configured,
+            and every feedback is refused with 503 (fail closed: unsigned feedback would let
+            anyone who reaches the endpoint steer the canary analysis).
+        reward_min, reward_max: the declared range of the feedback reward (reward units,
+            ``min < max``, both finite); a reward outside it is refused with 400.
+        ttl_seconds: feedback is accepted for this many seconds after the answer.
+    """
+
+    key: bytes | None = field(default=None, repr=False)
+    reward_min: float = -1.0
+    reward_max: float = 1.0
+    ttl_seconds: int = DEFAULT_FEEDBACK_TTL_S
+
+    def scaled(self, reward: float) -> float:
+        """The reward's position in the declared range, ``(reward - min) / (max - min)``,
+        clipped to [0, 1] (unitless; the value observed by the reward histogram)."""
+        x = (float(reward) - self.reward_min) / (self.reward_max - self.reward_min)
+        return min(1.0, max(0.0, x))
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     """The parsed application ``args``.
@@ -85,6 +150,10 @@ class ServingConfig:
         policy_num_cpus: ``ray_actor_options.num_cpus`` of each policy replica.
         policy_num_gpus: ``ray_actor_options.num_gpus`` of each policy replica (Ray hides
             GPUs from actors that request none, so set it > 0 to serve on CUDA).
+        artifact_root: ``args.artifactRoot`` (``None`` when not given): every version's
+            artifact URI is under ``<artifact_root>/<namespace>/<agent>/``.
+        feedback: ``args.feedback`` (:class:`FeedbackConfig`; without it, no key: feedback
+            is refused with 503).
     """
 
     agent: str
@@ -94,6 +163,77 @@ class ServingConfig:
     batch_wait_timeout_s: float = 0.002
     policy_num_cpus: float = 0.0
     policy_num_gpus: float = 0.0
+    artifact_root: str | None = None
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+
+
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
+
+
+def _uri_parts(uri: str) -> tuple[str, list[str]]:
+    """``(scheme, path components)`` of an fsspec URI or absolute local path, for prefix checks.
+
+    A plain path is scheme ``file``; the scheme is lower-cased; one trailing ``/`` is dropped.
+    Raises ValueError (the reason) for chained URIs (``::``), a ``file://host/...`` URI, a
+    relative local path, and empty, ``.`` or ``..`` path components.
+    """
+    if "::" in uri:
+        raise ValueError("chained URIs ('::') are refused")
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        if not _SCHEME_RE.match(scheme):
+            raise ValueError(f"invalid scheme {scheme!r}")
+        scheme = scheme.lower()
+        if scheme == "file" and not rest.startswith("/"):
+            raise ValueError("a file URI must be file:///<absolute path>")
+    else:
+        scheme, rest = "file", uri
+        if not rest.startswith("/"):
+            raise ValueError("a local path must be absolute")
+    if rest.startswith("/"):  # the root of the file system (file:///x, memory:///x)
+        rest = rest[1:]
+    if rest.endswith("/"):
+        rest = rest[:-1]
+    parts = rest.split("/") if rest else []
+    if ".." in parts:
+        raise ValueError("'..' path components are refused")
+    if any(p in ("", ".") for p in parts):
+        raise ValueError("empty or '.' path components are refused")
+    return scheme, parts
+
+
+def _check_under_root(errors: list[str], args: Mapping[str, Any], versions: Mapping[str, VersionSpec]) -> str | None:
+    root = args.get("artifactRoot")
+    if root is None:
+        return None
+    if not isinstance(root, str) or not root:
+        errors.append(f"args.artifactRoot: must be a non-empty fsspec URI, got {root!r}")
+        return None
+    try:
+        root_scheme, root_parts = _uri_parts(root)
+    except ValueError as err:
+        errors.append(f"args.artifactRoot: {root!r}: {err}")
+        return None
+    namespace, agent = args.get("namespace"), args.get("agent")
+    if not isinstance(namespace, str) or not isinstance(agent, str) or not namespace or not agent:
+        return root  # reported above
+    for key, value in (("namespace", namespace), ("agent", agent)):
+        if "/" in value or "\\" in value or value in (".", ".."):
+            errors.append(f"args.{key}: must be a single path segment when artifactRoot is set, got {value!r}")
+            return root
+    expected = root.rstrip("/") + f"/{namespace}/{agent}/"
+    prefix = root_parts + [namespace, agent]
+    for name, spec in versions.items():
+        path = f"args.versions.{name}.artifactURI"
+        try:
+            scheme, parts = _uri_parts(spec.artifact_uri)
+        except ValueError as err:
+            errors.append(f"{path}: {spec.artifact_uri!r}: {err}")
+            continue
+        if scheme != root_scheme or len(parts) <= len(prefix) or parts[:len(prefix)] != prefix:
+            errors.append(f"{path}: {spec.artifact_uri!r} is outside this agent's artifact directory: "
+                          f"version {name} must be under {expected!r}")
+    return root
 
 
 def _number(value: Any, path: str, *, integer: bool = False) -> float:
@@ -104,6 +244,39 @@ def _number(value: Any, path: str, *, integer: bool = False) -> float:
     return value
 
 
+def _parse_feedback_args(errors: list[str], raw: Any) -> FeedbackConfig:
+    """``args.feedback`` -> :class:`FeedbackConfig` (absent: no key, default range and TTL)."""
+    if raw is None:
+        return FeedbackConfig()
+    if not isinstance(raw, Mapping):
+        errors.append(f"args.feedback: must be an object with key, rewardMin, rewardMax, ttlSeconds, got {raw!r}")
+        return FeedbackConfig()
+    bad = len(errors)
+    for k in sorted(set(raw) - _FEEDBACK_KEYS, key=str):
+        errors.append(f"args.feedback.{k}: unknown field")
+    key = raw.get("key")
+    if key is not None and (not isinstance(key, str) or not _KEY_RE.match(key) or len(key) % 2):
+        # Never echo the value: it is a secret.
+        errors.append("args.feedback.key: must be an even number (32 to 256) of lowercase hex digits")
+    values: dict[str, float] = {}
+    for name, default, integer in (("rewardMin", -1.0, False), ("rewardMax", 1.0, False),
+                                   ("ttlSeconds", DEFAULT_FEEDBACK_TTL_S, True)):
+        try:
+            values[name] = _number(raw.get(name, default), f"args.feedback.{name}", integer=integer)
+        except ServingConfigError as err:
+            errors.append(str(err))
+    if "rewardMin" in values and "rewardMax" in values and not values["rewardMin"] < values["rewardMax"]:
+        errors.append(f"args.feedback: rewardMin ({values['rewardMin']}) must be less than rewardMax "
+                      f"({values['rewardMax']})")
+    if "ttlSeconds" in values and not 1 <= values["ttlSeconds"] <= MAX_FEEDBACK_TTL_S:
+        errors.append(f"args.feedback.ttlSeconds: must be in [1, {MAX_FEEDBACK_TTL_S}], got {values['ttlSeconds']!r}")
+    if len(errors) > bad:
+        return FeedbackConfig()
+    return FeedbackConfig(key=bytes.fromhex(key) if key is not None else None,
+                          reward_min=float(values["rewardMin"]), reward_max=float(values["rewardMax"]),
+                          ttl_seconds=int(values["ttlSeconds"]))
+
+
 def parse_args(args: Mapping[str, Any]) -> ServingConfig:
     """Validate the application ``args``.
 
@@ -111,10 +284,24 @@ def parse_args(args: Mapping[str, Any]) -> ServingConfig:
 
         {"agent": "cartpole", "namespace": "default",
          "versions": {"cartpole-1": {"artifactURI": "file:///...", "fingerprint": "sha256:..."}},
-         "maxBatchSize": 32, "batchWaitTimeoutS": 0.002}
+         "maxBatchSize": 32, "batchWaitTimeoutS": 0.002,
+         "artifactRoot": "file:///var/lib/rlops/artifacts",
+         "feedback": {"key": "<64 hex>", "rewardMin": -1.0, "rewardMax": 1.0, "ttlSeconds": 600}}
+
+    ``artifactRoot`` (optional, an fsspec URI): when given, each version's ``artifactURI``
+    must have the same scheme and sit strictly under ``<artifactRoot>/<namespace>/<agent>/``,
+    compared by path components (one trailing ``/`` ignored); URIs with ``..``, ``.`` or
+    empty components, chained URIs (``::``) and ``file://host/`` URIs are refused.
+
+    ``feedback`` (optional, :class:`FeedbackConfig`): ``key`` (32 to 256 hex digits: the
+    HMAC-SHA256 key of the request ids; without it every feedback is refused with 503),
+    ``rewardMin`` < ``rewardMax`` (finite, reward units; default -1 and 1), ``ttlSeconds``
+    (integer in [1, 86400], default 600). Error messages never repeat the key.
 
     Raises:
-        ServingConfigError: naming the field, e.g. ``args.versions.v1.artifactURI: required``.
+        ServingConfigError: naming the field, e.g. ``args.versions.v1.artifactURI: required``,
+            or ``args.versions.v1.artifactURI: ... version v1 must be under
+            'file:///var/lib/rlops/artifacts/default/cartpole/'``.
     """
     if not isinstance(args, Mapping):
         raise ServingConfigError(f"args: must be an object, got {type(args).__name__}")
@@ -166,9 +353,12 @@ def parse_args(args: Mapping[str, Any]) -> ServingConfig:
             errors.append(f"args.{key}: must be in [{lo}, {hi}], got {raw!r}")
             continue
         values[attr] = v
+    artifact_root = _check_under_root(errors, args, versions)
+    feedback = _parse_feedback_args(errors, args.get("feedback"))
     if errors:
         raise ServingConfigError("; ".join(errors))
-    return ServingConfig(agent=args["agent"], namespace=args["namespace"], versions=versions, **values)
+    return ServingConfig(agent=args["agent"], namespace=args["namespace"], versions=versions,
+                         artifact_root=artifact_root, feedback=feedback, **values)
 
 
 def parse_weights(user_config: Any, versions: Any) -> dict[str, int]:
@@ -207,19 +397,78 @@ def parse_weights(user_config: Any, versions: Any) -> dict[str, int]:
     return out
 
 
-def make_request_id(version: str) -> str:
-    """``<version>.<uuid4 hex>``: the id names the version that answered."""
-    return f"{version}.{uuid.uuid4().hex}"
+_REQUEST_ID_DOMAIN = "rlops.request-id.v1"
+_ISSUED_RE = re.compile(r"^(0|[1-9][0-9]{0,11})$")
+_NONCE_RE = re.compile(r"^[0-9a-f]{16}$")
+_SIGNATURE_RE = re.compile(r"^[0-9a-f]{32}$")
+_REQUEST_ID_FORMAT = "'<version>.<issued>.<nonce>.<signature>', as returned by a predict call"
 
 
-def parse_request_id(request_id: Any) -> str:
-    """The version a request id names. Raises :class:`BadRequest` when malformed."""
+def _signature(key: bytes, scope: str, version: str, issued: str, nonce: str) -> str:
+    message = "\x00".join((_REQUEST_ID_DOMAIN, scope, version, issued, nonce)).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:32]
+
+
+def make_request_id(version: str, key: bytes, *, scope: str = "", issued_at: float | None = None) -> str:
+    """A signed request id: ``<version>.<issued>.<nonce>.<signature>``.
+
+    ``issued`` is the Unix time in whole seconds (decimal), ``nonce`` 16 random hex digits,
+    ``signature`` the first 32 hex digits (128 bits) of HMAC-SHA256 under ``key`` of
+    ``scope``, ``version``, ``issued`` and ``nonce``. The id names the version that answered
+    and when, and only a holder of the key can make one.
+
+    Args:
+        version: the version that answered.
+        key: the application's feedback key (bytes).
+        scope: binds the id to one application (the router uses ``<namespace>/<agent>``).
+        issued_at: Unix time in seconds (default: now).
+    """
+    issued = str(int(time.time() if issued_at is None else issued_at))
+    nonce = secrets.token_hex(8)
+    return f"{version}.{issued}.{nonce}.{_signature(key, scope, version, issued, nonce)}"
+
+
+@dataclass(frozen=True)
+class RequestId:
+    """A verified request id: the version that answered, and when (Unix seconds)."""
+
+    version: str
+    issued_at: int
+
+
+def parse_request_id(request_id: Any, key: bytes, *, scope: str = "", ttl_seconds: float = DEFAULT_FEEDBACK_TTL_S,
+                     now: float | None = None) -> RequestId:
+    """Verify a request id made by :func:`make_request_id` with the same ``key`` and ``scope``.
+
+    Args:
+        request_id: the id as the client sent it.
+        key, scope: as given to :func:`make_request_id`.
+        ttl_seconds: the id is accepted until this many seconds after it was issued.
+        now: Unix time in seconds (default: now).
+
+    Raises:
+        BadRequest: not a string or malformed; a signature that does not match (a forged
+            or altered id); issued more than ``CLOCK_SKEW_S`` (60) seconds in the future;
+            or expired (issued more than ``ttl_seconds`` ago).
+    """
     if not isinstance(request_id, str):
         raise BadRequest(f"request_id: required, a string, got {request_id!r}")
-    version, dot, tail = request_id.rpartition(".")
-    if not dot or not VERSION_RE.match(version) or not _HEX32.match(tail):
-        raise BadRequest(f"request_id: malformed {request_id[:200]!r} (expected '<version>.<32 hex digits>')")
-    return version
+    parts = request_id.rsplit(".", 3) if len(request_id) <= 160 else []
+    if (len(parts) != 4 or not VERSION_RE.match(parts[0]) or not _ISSUED_RE.match(parts[1])
+            or not _NONCE_RE.match(parts[2]) or not _SIGNATURE_RE.match(parts[3])):
+        raise BadRequest(f"request_id: malformed {request_id[:200]!r} (expected {_REQUEST_ID_FORMAT})")
+    version, issued, nonce, signature = parts
+    if not hmac.compare_digest(signature, _signature(key, scope, version, issued, nonce)):
+        raise BadRequest("request_id: invalid signature: not an id issued by this application (forged or "
+                         "altered); send the request_id of a predict answer unchanged")
+    now = time.time() if now is None else now
+    age = now - int(issued)
+    if age < -CLOCK_SKEW_S:
+        raise BadRequest(f"request_id: issued {-age:.0f} s in the future (clock difference between router replicas?)")
+    if age > ttl_seconds:
+        raise BadRequest(f"request_id: expired: issued {age:.0f} s ago; feedback is accepted for {ttl_seconds:g} s "
+                         "after the answer")
+    return RequestId(version, int(issued))
 
 
 def parse_observation(body: Any, max_values: int = 1 << 16) -> np.ndarray:
@@ -264,38 +513,119 @@ def _has_bool(values: list) -> bool:
 
 @dataclass(frozen=True)
 class Feedback:
-    """A parsed ``POST <route>/feedback`` body."""
+    """A parsed ``POST <route>/feedback`` body (``issued_at``: when the id was issued, Unix seconds)."""
 
     request_id: str
     version: str
     reward: float
     negative: bool = False
+    issued_at: int = 0
 
 
-def parse_feedback(body: Any, versions: Any) -> Feedback:
+def parse_feedback(body: Any, versions: Any, config: FeedbackConfig, *, scope: str = "",
+                   now: float | None = None) -> Feedback:
     """Validate ``{"request_id": str, "reward": number, "negative": bool (optional)}``.
 
+    Args:
+        body: the decoded JSON body.
+        versions: the versions this application serves.
+        config: the application's :class:`FeedbackConfig` (key, reward range, TTL).
+        scope: as given to :func:`make_request_id` (the router uses ``<namespace>/<agent>``).
+        now: Unix time in seconds (default: now).
+
     Raises:
-        BadRequest: naming the field; also when the request id names a version this
-            application does not serve (so clients cannot create metric series at will).
+        FeedbackUnavailable: ``config`` has no key (nothing is accepted: fail closed).
+        BadRequest: naming the field: a malformed, forged, altered or expired request id
+            (:func:`parse_request_id`), one that names a version this application does not
+            serve (so clients cannot create metric series at will), a reward that is not a
+            finite number within [``reward_min``, ``reward_max``], a non-boolean
+            ``negative``, an unknown field.
     """
+    if config.key is None:
+        raise FeedbackUnavailable("feedback is not configured for this application (no feedback key in "
+                                  "args.feedback): no feedback is accepted")
     if not isinstance(body, Mapping):
         raise BadRequest('body: must be a JSON object {"request_id": ..., "reward": ...}')
-    unknown = sorted(set(body) - {"request_id", "reward", "negative"})
+    unknown = sorted(set(body) - {"request_id", "reward", "negative"}, key=str)
     if unknown:
         raise BadRequest(f"{unknown[0]}: unknown field")
-    version = parse_request_id(body.get("request_id"))
-    if version not in versions:
-        raise BadRequest(f"request_id: names version {version!r}, which this application does not serve")
+    rid = parse_request_id(body.get("request_id"), config.key, scope=scope, ttl_seconds=config.ttl_seconds, now=now)
+    if rid.version not in versions:
+        raise BadRequest(f"request_id: names version {rid.version!r}, which this application does not serve")
     reward = body.get("reward")
     if isinstance(reward, bool) or not isinstance(reward, (int, float)):
         raise BadRequest(f"reward: required, a number, got {reward!r}")
-    if not math.isfinite(reward):
-        raise BadRequest("reward: must be finite")
+    if isinstance(reward, float) and not math.isfinite(reward):
+        raise BadRequest(f"reward: must be a finite number within the declared reward range "
+                         f"[{config.reward_min:g}, {config.reward_max:g}], got {reward!r}")
+    if not config.reward_min <= reward <= config.reward_max:  # exact for ints of any size too
+        raise BadRequest(f"reward: {reward!r} is outside the declared reward range [{config.reward_min:g}, "
+                         f"{config.reward_max:g}] (spec.canary.analysis.rewardRange)")
     negative = body.get("negative", False)
     if not isinstance(negative, bool):
         raise BadRequest(f"negative: must be a boolean, got {negative!r}")
-    return Feedback(body["request_id"], version, float(reward), negative)
+    return Feedback(body["request_id"], rid.version, float(reward), negative, rid.issued_at)
+
+
+#: Default capacity of a :class:`FeedbackLedger` (unexpired ids per router replica).
+LEDGER_MAX_ENTRIES = 250_000
+
+
+class FeedbackLedger:
+    """The request ids already credited, each kept until it expires: at most one feedback per
+    request id within its TTL.
+
+    Memory is bounded: expired ids are dropped on every call (a heap ordered by expiry), and
+    with ``max_entries`` unexpired ids held, further feedback is refused (:class:`FeedbackUnavailable`,
+    503) rather than forgetting an id that could then be credited a second time.
+
+    The ledger lives in one router replica: with several router replicas, each keeps its own,
+    and the same id could be credited once per replica. (The application runs one router.)
+    A new replica (a restart, a redeploy) starts with an empty ledger, so it refuses ids issued
+    before it started (``started_at``, Unix seconds): the replica it replaced may have credited them.
+    """
+
+    def __init__(self, max_entries: int = LEDGER_MAX_ENTRIES, started_at: float | None = None) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries: must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self.started_at = time.time() if started_at is None else started_at
+        self._expiry: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._expiry
+
+    def _purge(self, now: float) -> None:
+        while self._heap and self._heap[0][0] < now:
+            _, rid = heapq.heappop(self._heap)
+            self._expiry.pop(rid, None)
+
+    def credit(self, request_id: str, expires_at: float, now: float | None = None, *,
+               issued_at: float | None = None) -> None:
+        """Record ``request_id`` as credited until ``expires_at`` (Unix seconds).
+
+        Raises:
+            DuplicateFeedback: it was already credited and has not expired, or it was issued
+                (``issued_at``, Unix seconds) in a whole second before this ledger started.
+            FeedbackUnavailable: ``max_entries`` unexpired ids are held.
+        """
+        self._purge(time.time() if now is None else now)
+        if issued_at is not None and issued_at < int(self.started_at):
+            raise DuplicateFeedback("request_id: issued before this router replica started: the replica it "
+                                    "replaced may already have received its feedback (at most one feedback per "
+                                    "answer)")
+        if request_id in self._expiry:
+            raise DuplicateFeedback(f"request_id: feedback for {request_id[:200]!r} was already received "
+                                    "(at most one feedback per answer)")
+        if len(self._expiry) >= self.max_entries:
+            raise FeedbackUnavailable(f"feedback: {len(self._expiry)} answers already received feedback within "
+                                      "the TTL, the most this router replica remembers; retry later")
+        self._expiry[request_id] = expires_at
+        heapq.heappush(self._heap, (expires_at, request_id))
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from ..artifacts import ArtifactStore, compute_fingerprint
+from ..artifacts import ArtifactStore, read_artifact
 
 __all__ = ["poison_artifact", "build_echo_app"]
 
@@ -43,11 +43,12 @@ def poison_artifact(src_uri: str, dst_uri: str, layer: str | None = None) -> str
     buf = io.BytesIO()
     torch.save(state, buf)
     dst.write_bytes("model.pt", buf.getvalue())
-    fingerprint = compute_fingerprint(dst_uri)
+    snapshot = read_artifact(dst_uri)
+    fingerprint = snapshot.fingerprint()
     # Keep fingerprint.json truthful for the copy (it is not covered by the fingerprint).
     record = src.read_json("fingerprint.json") if "fingerprint.json" in src.list_files() else {}
     if isinstance(record, dict):
-        record = {**record, "fingerprint": fingerprint, "poisonedLayer": key}
+        record = {**record, "fingerprint": fingerprint, "files": dict(snapshot.digests), "poisonedLayer": key}
         dst.write_json("fingerprint.json", record)
     return fingerprint
 

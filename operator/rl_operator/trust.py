@@ -1,0 +1,177 @@
+"""What the operator trusts: its own owner chain, its own pods, and approvals it recorded. Pure.
+
+A tenant with ``edit`` can create pods and Jobs, label anything, and patch the metadata of
+Rollouts and TrainingRuns (their specs are immutable, and only the operator creates them). So
+the operator acts on a Rollout only when every link below holds, checked by uid and not by
+label or name alone:
+
+- Rollout --controller--> TrainingRun (``spec.trainingRunRef``) --controller--> RLAgent
+  (``spec.agentRef``);
+- the Rollout's spec (version, artifact URI, fingerprint, evaluation) equals what the run's
+  status says, and the run Succeeded;
+- the run's artifact URI is the one the operator assigned to that namespace, agent and run;
+- the run's status came from the run's own Job and that Job's own pods: controller
+  ownerReferences by uid, and a pod whose trainer container is the Job's template (image,
+  command, arguments, environment, mounts), so that a hand-made pod adopted by the Job can't
+  speak for the trainer.
+
+Approvals by annotation count only with the signature that the admission webhook wrote
+(``approvals.sign``), so a hand-written ``approved-by`` is never honoured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+from rl_operator import models as m
+
+
+def controller_of(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The controller ownerReference of ``obj``, or None."""
+    return next((r for r in obj.get("metadata", {}).get("ownerReferences") or [] if r.get("controller")), None)
+
+
+def controlled_by(obj: dict[str, Any], owner: dict[str, Any], kind: str) -> bool:
+    """Whether ``owner`` (of ``kind``) is ``obj``'s controller, by uid."""
+    ref = controller_of(obj)
+    return (ref is not None and ref.get("kind") == kind and ref.get("uid") == owner["metadata"]["uid"]
+            and ref.get("name") == owner["metadata"]["name"])
+
+
+def run_untrusted(run: dict[str, Any], agent: dict[str, Any] | None) -> str | None:
+    """Why the operator must not act on this TrainingRun, or None when it is its own."""
+    if agent is None:
+        return f"its RLAgent {run['spec']['agentRef']['name']!r} does not exist"
+    if not controlled_by(run, agent, m.RLAgent.KIND):
+        return (f"it is not controlled by RLAgent {agent['metadata']['name']!r} (uid {agent['metadata']['uid']}): "
+                "TrainingRuns are made by the operator from an RLAgent")
+    return None
+
+
+def rollout_untrusted(rollout: dict[str, Any], run: dict[str, Any] | None, agent: dict[str, Any] | None,
+                      assigned_artifact_uri: str | None) -> str | None:
+    """Why the operator must not act on this Rollout, or None when it sits in its owner chain.
+
+    Args:
+        rollout, run, agent: the Rollout, the TrainingRun its spec names, and that run's RLAgent
+            (None when absent).
+        assigned_artifact_uri: the artifact URI the operator assigned to the run
+            (``training.artifact_uri``), or None to skip that check.
+    """
+    spec = rollout["spec"]
+    if run is None:
+        return f"its TrainingRun {spec['trainingRunRef']['name']!r} does not exist"
+    if not controlled_by(rollout, run, m.TrainingRun.KIND):
+        return (f"it is not controlled by TrainingRun {run['metadata']['name']!r} (uid {run['metadata']['uid']}): "
+                "Rollouts are made by the operator from a Succeeded TrainingRun")
+    if run["spec"]["agentRef"]["name"] != spec["agentRef"]["name"]:
+        return f"spec.agentRef {spec['agentRef']['name']!r} is not its TrainingRun's agent"
+    why = run_untrusted(run, agent)
+    if why:
+        return f"its TrainingRun {run['metadata']['name']!r} is not trusted: {why}"
+    status = m.TrainingRunStatus.model_validate(run.get("status") or {})
+    if status.phase != "Succeeded":
+        return f"its TrainingRun {run['metadata']['name']!r} has not succeeded"
+    expected = {
+        "version": run["metadata"]["name"],
+        "artifactURI": status.artifact_uri,
+        "fingerprint": status.fingerprint,
+    }
+    for key, want in expected.items():
+        if spec.get(key) != want:
+            return f"spec.{key} {spec.get(key)!r} is not its TrainingRun's {want!r}"
+    mean = status.metrics.get("meanReturn")
+    if (spec.get("evaluation") or {}).get("meanReturn") != mean:
+        return f"spec.evaluation.meanReturn is not its TrainingRun's {mean!r}"
+    if assigned_artifact_uri is not None and status.artifact_uri != assigned_artifact_uri:
+        return f"its artifact {status.artifact_uri!r} is not where the operator assigned ({assigned_artifact_uri!r})"
+    return None
+
+
+#: Trainer-container fields that must equal the Job template's for a pod to speak for the run.
+_CONTAINER_FIELDS = ("image", "command", "args", "env", "envFrom", "workingDir")
+#: Volumes the API server adds to every pod (the ServiceAccount token), not part of the template.
+_INJECTED_VOLUME_PREFIX = "kube-api-access-"
+
+
+def _mounts(container: dict[str, Any]) -> list[Any]:
+    return sorted((v for v in container.get("volumeMounts") or []
+                   if not v.get("name", "").startswith(_INJECTED_VOLUME_PREFIX)), key=lambda v: v.get("mountPath", ""))
+
+
+def _volumes(pod_spec: dict[str, Any]) -> list[Any]:
+    return sorted((v for v in pod_spec.get("volumes") or []
+                   if not v.get("name", "").startswith(_INJECTED_VOLUME_PREFIX)), key=lambda v: v.get("name", ""))
+
+
+def pod_untrusted(pod: dict[str, Any], job: dict[str, Any], container_name: str) -> str | None:
+    """Why this pod can't speak for the Job's trainer, or None when it is the Job's own.
+
+    Compared with the Job's pod template: the controller (by uid), the set of containers and
+    init containers, the trainer container's image, command, args, env, envFrom, workingDir and
+    mounts, and the pod's volumes (less the ServiceAccount token volume the API server injects).
+    """
+    if not controlled_by(pod, job, "Job"):
+        return f"pod {pod['metadata']['name']} is not controlled by Job {job['metadata']['name']} (uid)"
+    want = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    have = pod.get("spec") or {}
+    names = lambda spec, key: sorted(c.get("name") for c in spec.get(key) or [])  # noqa: E731
+    for key in ("containers", "initContainers"):
+        if names(have, key) != names(want, key):
+            return f"pod {pod['metadata']['name']}: {key} {names(have, key)} differ from the Job's {names(want, key)}"
+    w = next((c for c in want.get("containers") or [] if c.get("name") == container_name), None)
+    h = next((c for c in have.get("containers") or [] if c.get("name") == container_name), None)
+    if w is None or h is None:
+        return f"pod {pod['metadata']['name']} has no {container_name} container"
+    for key in _CONTAINER_FIELDS:
+        if (h.get(key) or None) != (w.get(key) or None):
+            return f"pod {pod['metadata']['name']}: the {container_name} container's {key} differs from the Job's"
+    if _mounts(h) != _mounts(w):
+        return f"pod {pod['metadata']['name']}: the {container_name} container's volumeMounts differ from the Job's"
+    if _volumes(have) != _volumes(want):
+        return f"pod {pod['metadata']['name']}: volumes differ from the Job's"
+    return None
+
+
+# ----------------------------------------------------------------------------- approvals
+
+SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
+
+
+def service_account_refusal(user: str, allowed: tuple[str, ...] | list[str]) -> str | None:
+    """Why an approval by ``user`` is refused under separation of duties, or None.
+
+    A ServiceAccount approves only when the agent's ``spec.approval.allowedServiceAccounts``
+    names it: a workload must not approve on a person's behalf.
+    """
+    if user.startswith(SERVICE_ACCOUNT_PREFIX) and user not in allowed:
+        return (f"{user} is a ServiceAccount; approvals by ServiceAccounts count only when the agent's "
+                "spec.approval.allowedServiceAccounts names them")
+    return None
+
+
+def signature(key: bytes, namespace: str, name: str, uid: str, fingerprint: str, approved_by: str,
+              approved_at: str) -> str:
+    """The approval signature the admission webhook records: ``v1:`` + hex HMAC-SHA256.
+
+    Covers the Rollout's namespace, name and uid (so it can't be copied to another Rollout or to a
+    re-created one of the same name), the approved fingerprint, the approver and the time.
+    """
+    payload = "\n".join(("rlops-approval-v1", namespace, name, uid, fingerprint, approved_by, approved_at))
+    return "v1:" + hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()
+
+
+def signature_valid(key: bytes | None, value: str | None, namespace: str, name: str, uid: str, fingerprint: str,
+                    approved_by: str, approved_at: str) -> bool:
+    """Whether ``value`` is the webhook's signature for exactly this approval (constant-time)."""
+    if not key or not value:
+        return False
+    want = signature(key, namespace, name, uid, fingerprint, approved_by, approved_at)
+    return hmac.compare_digest(value.encode(), want.encode())
+
+
+def derive_key(key: bytes, purpose: str) -> bytes:
+    """A key for one purpose (e.g. ``feedback:<app>``), derived from the operator's key (HMAC-SHA256)."""
+    return hmac.new(key, f"rlops-derive-v1\n{purpose}".encode(), hashlib.sha256).digest()

@@ -1,0 +1,323 @@
+"""The approval gate against a hostile tenant, on the real API server (docs/security.md).
+
+``mallory`` holds the built-in ``edit`` role in the namespace (which aggregates ``rlops-edit``),
+and so can write RLAgents, pods, Jobs, Secrets and ServiceAccounts, but lacks the ``approve``
+verb. ``bob`` holds ``rlops-approver``. ``ci`` is a ServiceAccount that also holds
+``rlops-approver``. Every path that mallory tries is refused (the message is asserted) or is
+harmless with a visible condition; bob succeeds, with his identity recorded and signed.
+
+The ValidatingAdmissionPolicies (``manifests/base/admission-policies.yaml``) are enforced by the
+API server itself; the approval webhook and the operator's own checks run in the operator.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from support import OPERATOR_USER, stage_chain, wait_for
+
+FP = "sha256:" + "d" * 64
+OTHER_FP = "sha256:" + "e" * 64
+MALLORY, BOB = "mallory", "bob"
+
+AGENT = """apiVersion: rlops.dev/v1alpha1
+kind: RLAgent
+metadata: {{name: {name}}}
+spec:
+  environment: {{id: CartPole-v1}}
+  training: {{totalTimesteps: 20480, nodeSelector: {{rlops.dev/test-pool: none}}}}
+  serving: {{enabled: false}}
+{extra}"""
+
+
+@pytest.fixture
+def tenant(cluster, operator, namespace):
+    """A namespace where mallory has `edit`, bob has `rlops-approver`, and agent `gate` exists."""
+    cluster.kubectl("create", "rolebinding", "mallory-edit", "-n", namespace, "--clusterrole=edit", f"--user={MALLORY}")
+    cluster.kubectl("create", "rolebinding", "bob-approve", "-n", namespace, "--clusterrole=rlops-approver",
+                    f"--user={BOB}")
+    cluster.kubectl("create", "serviceaccount", "ci", "-n", namespace)
+    cluster.kubectl("create", "rolebinding", "ci-approve", "-n", namespace, "--clusterrole=rlops-approver",
+                    f"--serviceaccount={namespace}:ci")
+    proc = cluster.kubectl("apply", "-n", namespace, "-f", "-", f"--as={MALLORY}", check=False,
+                           input=AGENT.format(name="gate", extra=""))
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: cluster.get("mutatingwebhookconfiguration", "rlops.dev"), 60, "webhook configuration")
+    return namespace
+
+
+def as_user(cluster, user, *args, input=None):
+    return cluster.kubectl(*args, f"--as={user}", check=False, input=input)
+
+
+def refused(proc, *words):
+    assert proc.returncode != 0, f"accepted: {proc.stdout}"
+    for word in words:
+        assert word in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def rollout_status(cluster, namespace, name):
+    return (cluster.get("rollout", name, "-n", namespace) or {}).get("status") or {}
+
+
+# ----------------------------------------------------------------------------- 1. only the operator creates
+
+
+def _crafted_rollout(name="gate-9"):
+    return json.dumps({
+        "apiVersion": "rlops.dev/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": name, "labels": {"rlops.dev/agent": "gate"}},
+        "spec": {"agentRef": {"name": "gate"}, "trainingRunRef": {"name": "gate-1"}, "version": name,
+                 "artifactURI": "file:///tmp/mallory/weights", "fingerprint": FP,
+                 "evaluation": {"meanReturn": 1e9}},
+    })
+
+
+def test_tenant_cannot_create_rollouts_or_training_runs(cluster, tenant):
+    assert as_user(cluster, MALLORY, "auth", "can-i", "create", "rollouts.rlops.dev", "-n", tenant).stdout.strip() == "no"
+    refused(as_user(cluster, MALLORY, "create", "-n", tenant, "-f", "-", input=_crafted_rollout()),
+            "forbidden")
+    run = cluster.get("trainingrun", "gate-1", "-n", tenant) or wait_for(
+        lambda: cluster.get("trainingrun", "gate-1", "-n", tenant), 60, "gate-1")
+    crafted = {"apiVersion": "rlops.dev/v1alpha1", "kind": "TrainingRun",
+               "metadata": {"name": "gate-50"}, "spec": {**run["spec"]}}
+    refused(as_user(cluster, MALLORY, "create", "-n", tenant, "-f", "-", input=json.dumps(crafted)), "forbidden")
+
+
+def test_rbac_drift_does_not_reopen_create(cluster, tenant):
+    """Even with `create` granted by mistake, the API server's own policy refuses it."""
+    cluster.kubectl("create", "role", "too-much", "-n", tenant, "--verb=create",
+                    "--resource=rollouts.rlops.dev,trainingruns.rlops.dev")
+    cluster.kubectl("create", "rolebinding", "too-much", "-n", tenant, "--role=too-much", f"--user={MALLORY}")
+    wait_for(lambda: as_user(cluster, MALLORY, "auth", "can-i", "create", "rollouts.rlops.dev", "-n", tenant)
+             .stdout.strip() == "yes", 30, "RBAC drift in place")
+    refused(as_user(cluster, MALLORY, "create", "-n", tenant, "-f", "-", input=_crafted_rollout()),
+            "only the rlops operator creates rollouts", MALLORY)
+    assert cluster.get("rollout", "gate-9", "-n", tenant) is None
+
+
+def test_rollout_outside_the_owner_chain_is_ignored(cluster, tenant):
+    """A Rollout made by anyone but the operator (here cluster-admin impersonating the operator,
+    which no tenant can do) is not acted on: Ignored, with a condition and an Event."""
+    cluster.kubectl("patch", "rlagent", "gate", "-n", tenant, "--type=merge",
+                    "-p", '{"spec": {"approval": {"mode": "auto"}}}')
+    proc = as_user(cluster, OPERATOR_USER, "create", "-n", tenant, "-f", "-", input=_crafted_rollout())
+    assert proc.returncode == 0, proc.stderr
+    status = wait_for(lambda: rollout_status(cluster, tenant, "gate-9").get("phase") == "Ignored"
+                      and rollout_status(cluster, tenant, "gate-9"), 60, "Ignored")
+    assert status.get("approval") is None
+    trusted = next(c for c in status["conditions"] if c["type"] == "Trusted")
+    assert trusted["status"] == "False" and "not controlled by TrainingRun" in trusted["message"]
+    events = cluster.get("events", "-n", tenant, "--field-selector", "involvedObject.name=gate-9")["items"]
+    assert any(e["reason"] == "Ignored" for e in events)
+
+
+# ----------------------------------------------------------------------------- 2. policy changes need the verb
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"approval": {"mode": "auto"}}, "spec.approval"),
+    ({"approval": {"allowedServiceAccounts": ["system:serviceaccount:x:ci"]}}, "spec.approval"),
+    ({"canary": {"steps": [{"setWeight": 100}]}}, "spec.canary"),
+    ({"canary": {"analysis": {"maxErrorRate": 1.0}}}, "spec.canary"),
+    ({"canary": {"analysis": {"minSampleCount": 1000000000}}}, "spec.canary"),
+], ids=["auto-approval", "service-accounts", "skip-steps", "error-threshold", "sample-count"])
+def test_policy_changes_need_the_approve_verb(cluster, tenant, patch, field):
+    proc = as_user(cluster, MALLORY, "patch", "rlagent", "gate", "-n", tenant, "--type=merge",
+                   "-p", json.dumps({"spec": patch}))
+    refused(proc, f"changing {field}", "'approve' verb on rlagents.rlops.dev", MALLORY)
+    proc = as_user(cluster, BOB, "patch", "rlagent", "gate", "-n", tenant, "--type=merge",
+                   "-p", json.dumps({"spec": patch}))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_new_agent_gets_the_default_policy_without_the_verb(cluster, tenant):
+    refused(as_user(cluster, MALLORY, "apply", "-n", tenant, "-f", "-",
+                    input=AGENT.format(name="sneaky", extra="  approval: {mode: auto}\n")),
+            "a spec.approval other than the default", MALLORY)
+    refused(as_user(cluster, MALLORY, "apply", "-n", tenant, "-f", "-",
+                    input=AGENT.format(name="sneaky", extra="  canary: {steps: [{setWeight: 100}]}\n")),
+            "a spec.canary other than the default")
+    # spelling the defaults out is fine
+    ok = as_user(cluster, MALLORY, "apply", "-n", tenant, "-f", "-",
+                 input=AGENT.format(name="plain", extra="  approval: {mode: manual}\n"
+                                                        "  canary: {analysis: {maxErrorRate: 0.05}}\n"))
+    assert ok.returncode == 0, ok.stderr
+    # other spec changes stay open to edit (a retrain)
+    ok = as_user(cluster, MALLORY, "patch", "rlagent", "plain", "-n", tenant, "--type=merge",
+                 "-p", '{"spec": {"training": {"totalTimesteps": 40960}}}')
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_tenant_cannot_remove_the_operators_finalizer(cluster, tenant):
+    wait_for(lambda: "rlops.dev/finalizer" in (cluster.get("rlagent", "gate", "-n", tenant)["metadata"]
+                                                .get("finalizers") or []), 60, "finalizer on the agent")
+    refused(as_user(cluster, MALLORY, "patch", "rlagent", "gate", "-n", tenant, "--type=merge",
+                    "-p", '{"metadata": {"finalizers": null}}'), "only the rlops operator removes")
+
+
+# ----------------------------------------------------------------------------- approvals on a real chain
+
+
+@pytest.fixture
+def staged(cluster, operator, tenant):
+    ro = stage_chain(cluster, tenant, "gate", "gate-7", operator.artifact_root, FP)
+    wait_for(lambda: rollout_status(cluster, tenant, "gate-7").get("phase") == "AwaitingApproval", 60,
+             "AwaitingApproval")
+    return ro
+
+
+def annotate(cluster, namespace, user, *pairs):
+    return cluster.kubectl("annotate", "rollout", "gate-7", "-n", namespace, f"--as={user}", "--overwrite",
+                           *pairs, check=False)
+
+
+def test_operator_made_rollout_is_trusted(cluster, tenant, staged):
+    run = cluster.get("trainingrun", "gate-7", "-n", tenant)
+    assert staged["metadata"]["ownerReferences"][0]["uid"] == run["metadata"]["uid"]
+    assert staged["spec"]["artifactURI"] == run["status"]["artifactURI"]
+
+
+@pytest.mark.parametrize(("pairs", "words"), [
+    ((f"rlops.dev/approve={FP}",), "may not approve rollouts.rlops.dev"),
+    (("rlops.dev/reject=nope",), "may not approve rollouts.rlops.dev"),
+    (("rlops.dev/promote=full",), "setting rlops.dev/promote"),
+    (("rlops.dev/promote=yes",), "setting rlops.dev/promote"),
+    (("rlops.dev/approved-by=bob",), "recorded by the rlops admission webhook"),
+    (("rlops.dev/approval-signature=v1:00",), "recorded by the rlops admission webhook"),
+], ids=["approve", "reject", "promote-full", "promote", "forged-approver", "forged-signature"])
+def test_tenant_annotations_that_decide_promotion_are_refused(cluster, tenant, staged, pairs, words):
+    refused(annotate(cluster, tenant, MALLORY, *pairs), words)
+    assert rollout_status(cluster, tenant, "gate-7").get("approval") is None
+
+
+def test_abort_stays_open_to_edit(cluster, tenant, staged):
+    """Abort only sends traffic back to the approved stable version (docs/security.md)."""
+    assert annotate(cluster, tenant, MALLORY, "rlops.dev/abort=looks wrong").returncode == 0
+
+
+def test_approver_succeeds_with_identity_recorded_and_signed(cluster, tenant, staged):
+    refused(annotate(cluster, tenant, BOB, f"rlops.dev/approve={OTHER_FP}"), "stale or wrong fingerprint", FP)
+    proc = annotate(cluster, tenant, BOB, f"rlops.dev/approve={FP}", "rlops.dev/approve-notes=reviewed")
+    assert proc.returncode == 0, proc.stderr
+    ann = cluster.get("rollout", "gate-7", "-n", tenant)["metadata"]["annotations"]
+    assert ann["rlops.dev/approved-by"] == BOB and ann["rlops.dev/approval-signature"].startswith("v1:")
+    status = wait_for(lambda: rollout_status(cluster, tenant, "gate-7").get("approval")
+                      and rollout_status(cluster, tenant, "gate-7"), 60, "status.approval")
+    assert status["approval"]["approvedBy"] == BOB and status["approval"]["fingerprint"] == FP
+    assert status["phase"] == "Approved"
+    # the recorded approval can't be re-attributed afterwards, not even by an approver
+    refused(annotate(cluster, tenant, BOB, "rlops.dev/approved-by=alice"), "recorded by the rlops admission webhook")
+
+
+def test_approver_may_reject(cluster, tenant, staged):
+    assert annotate(cluster, tenant, BOB, "rlops.dev/reject=reward hacking").returncode == 0
+    wait_for(lambda: rollout_status(cluster, tenant, "gate-7").get("phase") == "Rejected", 60, "Rejected")
+
+
+def test_service_account_approval_needs_the_policy(cluster, tenant, staged):
+    ci = f"system:serviceaccount:{tenant}:ci"
+    refused(annotate(cluster, tenant, ci, f"rlops.dev/approve={FP}"), "is a ServiceAccount", "allowedServiceAccounts")
+    proc = as_user(cluster, BOB, "patch", "rlagent", "gate", "-n", tenant, "--type=merge",
+                   "-p", json.dumps({"spec": {"approval": {"allowedServiceAccounts": [ci]}}}))
+    assert proc.returncode == 0, proc.stderr
+    assert annotate(cluster, tenant, ci, f"rlops.dev/approve={FP}").returncode == 0
+    status = wait_for(lambda: rollout_status(cluster, tenant, "gate-7").get("approval")
+                      and rollout_status(cluster, tenant, "gate-7"), 60, "status.approval")
+    assert status["approval"]["approvedBy"] == ci
+
+
+def test_no_trust_without_the_webhook(cluster, tenant, staged):
+    """With the webhook unregistered, an approver's hand-written approval is accepted by the API
+    server (the policies still check the verb and the name) but the operator does not honour it."""
+    saved = cluster.get("mutatingwebhookconfiguration", "rlops.dev")
+    cluster.kubectl("delete", "mutatingwebhookconfiguration", "rlops.dev")
+    try:
+        refused(annotate(cluster, tenant, MALLORY, f"rlops.dev/approve={FP}", "rlops.dev/approved-by=mallory",
+                         "rlops.dev/approved-at=2026-12-02T00:00:00Z"), "approve")
+        refused(annotate(cluster, tenant, BOB, f"rlops.dev/approve={FP}", "rlops.dev/approved-by=alice",
+                         "rlops.dev/approved-at=2026-12-02T00:00:00Z"), "must name the user who sets")
+        proc = annotate(cluster, tenant, BOB, f"rlops.dev/approve={FP}", "rlops.dev/approved-by=bob",
+                        "rlops.dev/approved-at=2026-12-02T00:00:00Z")
+        assert proc.returncode == 0, proc.stderr
+        status = wait_for(lambda: "approval-signature" in (rollout_status(cluster, tenant, "gate-7").get("message") or "")
+                          and rollout_status(cluster, tenant, "gate-7"), 60, "refusal of the unsigned approval")
+        assert status["phase"] == "AwaitingApproval" and status.get("approval") is None
+        assert "not recorded by the rlops admission webhook" in status["message"]
+    finally:
+        for key in ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields"):
+            saved["metadata"].pop(key, None)
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(saved))
+
+
+# ----------------------------------------------------------------------------- the run's own Job and pods
+
+
+def test_job_name_squatting_fails_the_run_with_a_reason(cluster, tenant):
+    squat = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "gate-2"},
+             "spec": {"template": {"spec": {"restartPolicy": "Never", "nodeSelector": {"rlops.dev/test-pool": "none"},
+                                            "containers": [{"name": "trainer", "image": "evil"}]}}}}
+    assert as_user(cluster, MALLORY, "create", "-n", tenant, "-f", "-", input=json.dumps(squat)).returncode == 0
+    assert as_user(cluster, MALLORY, "patch", "rlagent", "gate", "-n", tenant, "--type=merge",
+                   "-p", '{"spec": {"training": {"totalTimesteps": 40960}}}').returncode == 0
+    status = wait_for(lambda: (cluster.get("trainingrun", "gate-2", "-n", tenant) or {}).get("status", {})
+                      .get("phase") == "Failed" and cluster.get("trainingrun", "gate-2", "-n", tenant)["status"],
+                      60, "gate-2 Failed")
+    assert status["failureReason"] == "JobNotOwned" and "not controlled by this TrainingRun" in status["failureMessage"]
+
+
+def test_a_pod_that_claims_the_runs_label_is_ignored(cluster, tenant):
+    job = wait_for(lambda: cluster.get("job", "gate-1", "-n", tenant), 60, "Job gate-1")
+    # the Job's own selector labels too, so that the Job controller keeps (adopts) the pod
+    labels = {**job["spec"]["template"]["metadata"]["labels"], "rlops.dev/training-run": "gate-1"}
+    forged = {"apiVersion": "v1", "kind": "Pod",
+              "metadata": {"name": "gate-1-forged", "labels": labels,
+                           "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "gate-1",
+                                                "uid": job["metadata"]["uid"], "controller": True}]},
+              "spec": {"restartPolicy": "Never", "nodeSelector": {"rlops.dev/test-pool": "none"},
+                       "containers": [{"name": "trainer", "image": "mallory/forger"}]}}
+    proc = as_user(cluster, MALLORY, "create", "-n", tenant, "-f", "-", input=json.dumps(forged))
+    assert proc.returncode == 0, proc.stderr
+    cond = wait_for(lambda: next((c for c in (cluster.get("trainingrun", "gate-1", "-n", tenant).get("status") or {})
+                                  .get("conditions", []) if c["type"] == "PodsIgnored" and c["status"] == "True"), None),
+                    60, "PodsIgnored condition")
+    assert "gate-1-forged" in cond["message"] and "image" in cond["message"]
+
+
+# ----------------------------------------------------------------------------- 7. admission catches what the Job would refuse
+
+
+@pytest.mark.parametrize(("extra", "field", "why"), [
+    ("  training: {resources: {cpu: lots}}", "spec.training.resources.cpu", "Kubernetes quantity"),
+    ("  training: {resources: {memory: '-1Gi'}}", "spec.training.resources.memory", "above zero"),
+    ("  training: {image: 'evil image'}", "spec.training.image", "should match"),
+    ("  training: {nodeSelector: {'bad key!': x}}", "spec.training.nodeSelector", "label keys"),
+    ("  training: {nodeSelector: {pool: 'not a label value'}}", "spec.training.nodeSelector", "should match"),
+    ("  training: {tolerations: [{operator: Sometimes}]}", "spec.training.tolerations[0].operator",
+     "Unsupported value"),
+    ("  training: {tolerations: [{key: a, tolerationSeconds: 5}]}", "spec.training.tolerations[0].tolerationSeconds",
+     "needs effect NoExecute"),
+], ids=["cpu", "memory", "image", "selector-key", "selector-value", "toleration-operator", "toleration-seconds"])
+def test_values_copied_into_the_job_are_checked_at_admission(cluster, tenant, extra, field, why):
+    manifest = f"""apiVersion: rlops.dev/v1alpha1
+kind: RLAgent
+metadata: {{name: bad}}
+spec:
+  environment: {{id: CartPole-v1}}
+{extra}
+"""
+    refused(as_user(cluster, MALLORY, "apply", "-n", tenant, "-f", "-", input=manifest), field, why)
+
+
+def test_a_job_the_api_server_refuses_fails_the_run_with_a_reason(cluster, operator, tenant):
+    cluster.kubectl("create", "quota", "no-jobs", "-n", tenant, "--hard=count/jobs.batch=0")
+    assert as_user(cluster, MALLORY, "apply", "-n", tenant, "-f", "-",
+                   input=AGENT.format(name="quota", extra="")).returncode == 0
+    status = wait_for(lambda: ((cluster.get("trainingrun", "quota-1", "-n", tenant) or {}).get("status") or {})
+                      .get("phase") == "Failed" and cluster.get("trainingrun", "quota-1", "-n", tenant)["status"],
+                      60, "quota-1 Failed")
+    assert status["failureReason"] == "JobRejected" and "quota" in status["failureMessage"]
+    assert "Traceback" not in operator.log().split("quota-1", 1)[-1]
