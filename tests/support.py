@@ -145,7 +145,7 @@ OPERATOR_USER = "system:serviceaccount:rlops-system:rlops-operator"
 
 
 def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact_root: str,
-                fingerprint: str, mean_return: float = 500.0) -> dict[str, Any]:
+                fingerprint: str | Callable[[str], str], mean_return: float = 500.0) -> dict[str, Any]:
     """A Succeeded TrainingRun without training, and the Rollout that the operator makes from it.
 
     For admission and approval tests that need a Rollout in the operator's owner chain but not a
@@ -153,7 +153,10 @@ def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact
     test's admin) with the operator's controller ownerReference; once the operator has seen it
     (Pending: the agent's pods must be unschedulable), its status is set to Succeeded with the
     artifact URI the operator assigns (``<root>/<namespace>/<agent>/<run>-<uid8>``). The operator
-    then creates the Rollout itself (on the next event of the run's Job). Returns that Rollout. The e2e tier trains for real.
+    then creates the Rollout itself (on the next event of the run's Job). Returns that Rollout.
+    ``fingerprint`` may be a function that writes the artifact at the assigned URI and returns its
+    fingerprint (e.g. a deliberately faulty policy for a rollback test). The run's own Job is
+    deleted once the status is set, so that no training runs beside the test. The e2e tier trains for real.
     """
     owner = cluster.get("rlagent", agent, "-n", namespace)
     ref = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": agent,
@@ -165,14 +168,17 @@ def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact
                      **{k: spec[k] for k in ("environment", "algorithm", "training", "evaluation")}}}
     cluster.kubectl("create", "-n", namespace, "-f", "-", f"--as={OPERATOR_USER}", input=json.dumps(body))
     tr = wait_for(lambda: (r := cluster.get("trainingrun", run, "-n", namespace)) and
-                  (r.get("status") or {}).get("phase") == "Pending" and r, 60, f"TrainingRun {run} Pending")
+                  (r.get("status") or {}).get("phase") in ("Pending", "Running") and r, 60, f"TrainingRun {run} seen")
     uri = f"{artifact_root.rstrip('/')}/{namespace}/{agent}/{run}-{tr['metadata']['uid'][:8]}"
+    if callable(fingerprint):
+        fingerprint = fingerprint(uri)
     status = {"status": {"phase": "Succeeded", "artifactURI": uri, "fingerprint": fingerprint,
                          "metrics": {"meanReturn": mean_return}}}
     cluster.kubectl("patch", "trainingrun", run, "-n", namespace, "--subresource=status", "--type=merge",
                     "-p", json.dumps(status))
     # the operator re-reads a run on its Job's events: touch the Job so that it sees Succeeded
     cluster.kubectl("annotate", "job", run, "-n", namespace, "rlops-test/staged=true", "--overwrite")
+    cluster.kubectl("delete", "job", run, "-n", namespace, "--cascade=foreground", "--wait=false")
     return wait_for(lambda: cluster.get("rollout", run, "-n", namespace), 60, f"Rollout {run} from the operator")
 
 

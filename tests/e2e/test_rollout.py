@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from support import REPO, free_ports, wait_for
+from support import REPO, free_ports, stage_chain, wait_for
 from rl_engine.serving.testing import poison_artifact
 from rl_operator import rayserve
 
@@ -220,14 +220,12 @@ def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace, 
     # minimum), so that the alert path alone acts. A canary-plan change does not retrain.
     assert cluster.apply(AGENT_YAML.format(seed=2, min_samples=100000000), namespace).returncode == 0
     stable_uri = cluster.get("rollout", "pole-2", "-n", namespace)["spec"]["artifactURI"]
-    bad_uri = stable_uri.rstrip("/") + "-poisoned"
-    bad_fp = poison_artifact(stable_uri, bad_uri)
-    bad = {"apiVersion": "rlops.dev/v1alpha1", "kind": "Rollout",
-           "metadata": {"name": "pole-bad", "labels": {"rlops.dev/agent": AGENT}},
-           "spec": {"agentRef": {"name": AGENT}, "trainingRunRef": {"name": "pole-2"}, "version": "pole-bad",
-                    "artifactURI": bad_uri, "fingerprint": bad_fp, "evaluation": {"meanReturn": 500.0}}}
     with Load(url) as load:
-        assert cluster.apply(json.dumps(bad), namespace).returncode == 0
+        # a run whose artifact is the stable one, NaN-poisoned: made through the operator's own
+        # chain (only the operator creates Rollouts), then approved like any other
+        stage_chain(cluster, namespace, AGENT, "pole-bad", stack["operator"].artifact_root,
+                    lambda uri: poison_artifact(stable_uri, uri))
+        wait_phase(cluster, namespace, "rollout", "pole-bad", ("AwaitingApproval",), 60)
         approve(cluster, namespace, "pole-bad")
         wait_for(lambda: rollout_status(cluster, namespace, "pole-bad").get("canaryWeight") == 10, 300,
                  "faulty canary at 10%", interval=0.5)
@@ -253,7 +251,8 @@ def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace, 
     assert errors_before, "the poisoned canary never failed a request: the fault was not injected"
     assert not errors_after, f"{len(errors_after)} client requests failed after the canary weight reached 0"
     assert cluster.get("rlagent", AGENT, "-n", namespace)["status"]["activeModel"]["version"] == "pole-2"
-    assert len(cluster.get("trainingruns", "-n", namespace)["items"]) == 2  # no retraining for plan changes
+    # no retraining for plan changes: pole-1, pole-2 and the staged pole-bad
+    assert len(cluster.get("trainingruns", "-n", namespace)["items"]) == 3
     # The receiver refuses what is not an Alertmanager payload, and survives it.
     receiver = f"http://127.0.0.1:{stack['operator'].receiver_port}/api/v1/alerts"
     auth = {"Authorization": f"Bearer {stack['token']}"}
