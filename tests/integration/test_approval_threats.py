@@ -270,14 +270,19 @@ def test_job_name_squatting_fails_the_run_with_a_reason(cluster, tenant):
 
 
 def test_a_pod_that_claims_the_runs_label_is_ignored(cluster, tenant):
+    """Mallory's pod carries the Job's selector labels and a controller reference to the Job, so
+    the Job controller adopts it. It is bound to a node (``nodeName``) while the real trainer pod
+    is still unscheduled, so the Job controller, which deletes unassigned pods first when it has
+    one pod too many, keeps mallory's pod and deletes its own: the forged pod stands in for the
+    trainer. (Unbound, it would be the newer of two pending pods and be deleted within
+    milliseconds, before the operator could look at it.) The operator still does not count it."""
     job = wait_for(lambda: cluster.get("job", "gate-1", "-n", tenant), 60, "Job gate-1")
-    # the Job's own selector labels too, so that the Job controller keeps (adopts) the pod
     labels = {**job["spec"]["template"]["metadata"]["labels"], "rlops.dev/training-run": "gate-1"}
     forged = {"apiVersion": "v1", "kind": "Pod",
               "metadata": {"name": "gate-1-forged", "labels": labels,
                            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "gate-1",
                                                 "uid": job["metadata"]["uid"], "controller": True}]},
-              "spec": {"restartPolicy": "Never", "nodeSelector": {"rlops.dev/test-pool": "none"},
+              "spec": {"restartPolicy": "Never", "nodeName": "kwok-gpu-0",
                        "containers": [{"name": "trainer", "image": "mallory/forger"}]}}
     proc = as_user(cluster, MALLORY, "create", "-n", tenant, "-f", "-", input=json.dumps(forged))
     assert proc.returncode == 0, proc.stderr
@@ -285,6 +290,9 @@ def test_a_pod_that_claims_the_runs_label_is_ignored(cluster, tenant):
                                   .get("conditions", []) if c["type"] == "PodsIgnored" and c["status"] == "True"), None),
                     60, "PodsIgnored condition")
     assert "gate-1-forged" in cond["message"] and "image" in cond["message"]
+    assert cluster.get("pod", "gate-1-forged", "-n", tenant) is not None, "the Job controller kept the forged pod"
+    run = cluster.get("trainingrun", "gate-1", "-n", tenant)
+    assert run["status"]["phase"] in ("Pending", "Running") and not run["status"].get("fingerprint")
 
 
 # ----------------------------------------------------------------------------- 7. admission catches what the Job would refuse
