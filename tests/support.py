@@ -206,3 +206,48 @@ def count_opens(monkeypatch, swap: dict[str, bytes] | None = None) -> "collectio
 
     monkeypatch.setattr(LocalFileSystem, "_open", counting_open)
     return opens
+
+
+def start_training(workdir: Path, namespace: str, agent: str, run: str, seed: int,
+                   total_timesteps: int = 4096) -> subprocess.Popen:
+    """``python -m rl_engine.train`` for a short CartPole PPO run, writing ``file://<workdir>/<run>``
+    (the trainer as the Job runs it, without the Job). ``finish_training`` waits for it."""
+    config = {
+        "agent": agent, "namespace": namespace, "run": run,
+        "environment": {"id": "CartPole-v1", "numEnvs": 4},
+        "algorithm": {"name": "PPO"},
+        "training": {"totalTimesteps": total_timesteps, "seed": seed},
+        "evaluation": {"episodes": 5},
+    }
+    path = workdir / f"{run}.json"
+    path.write_text(json.dumps(config))
+    return subprocess.Popen(
+        [sys.executable, "-m", "rl_engine.train", "--config", str(path), "--artifact-uri", f"file://{workdir / run}"],
+        env={**os.environ, "RLOPS_TERMINATION_MESSAGE_PATH": str(workdir / f"{run}.term")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+
+
+def finish_training(workdir: Path, run: str, proc: subprocess.Popen) -> dict[str, str]:
+    """Wait for ``start_training``'s run; its ``{"artifactURI", "fingerprint"}``."""
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((workdir / f"{run}.term").read_text())
+    return {"artifactURI": summary["artifactURI"], "fingerprint": summary["fingerprint"]}
+
+
+def prometheus_up(state: Path, scrape_target: str, webhook_url: str, token: str) -> dict[str, Any]:
+    """Prometheus + Alertmanager (``hack/prom-up.sh``) on free ports with their state in ``state``,
+    scraping ``scrape_target`` (host:port) and sending alerts to ``webhook_url`` with ``token``.
+    Returns ``{"prometheus": url, "alertmanager": url, "env": env}``; ``prometheus_down(env)`` stops them."""
+    prom, am = free_ports(2)
+    (state / "token").write_text(token)
+    env = {**os.environ, "RLOPS_STATE_DIR": str(state), "RLOPS_PROMETHEUS_PORT": str(prom),
+           "RLOPS_ALERTMANAGER_PORT": str(am), "RLOPS_SCRAPE_TARGETS": scrape_target,
+           "RLOPS_ALERT_WEBHOOK_URL": webhook_url, "RLOPS_ALERT_TOKEN_FILE": str(state / "token")}
+    subprocess.run(["bash", str(REPO / "hack" / "prom-up.sh")], env=env, check=True, timeout=180)
+    return {"prometheus": f"http://127.0.0.1:{prom}", "alertmanager": f"http://127.0.0.1:{am}", "env": env}
+
+
+def prometheus_down(env: dict[str, str]) -> None:
+    subprocess.run(["bash", str(REPO / "hack" / "prom-down.sh")], env=env, timeout=120)

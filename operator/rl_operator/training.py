@@ -172,7 +172,7 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
         node_selector[GPU_PRESENT_LABEL] = "true"
         tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
     node_selector.update(training.node_selector)
-    tolerations.extend(training.tolerations)
+    tolerations.extend(t.wire() for t in training.tolerations)
     uri = artifact_uri(settings, run)
     env = [
         {"name": "RLOPS_RUN_CONFIG", "value": json.dumps(run_config(run), sort_keys=True)},
@@ -327,7 +327,12 @@ def observe_run(
             None,
         )
         status.completion_time = job_status.get("completionTime") or complete.get("lastTransitionTime")
-        if summary and summary.get("artifactURI") and assigned_artifact_uri is not None \
+        if not newest:
+            status.phase = "Failed"
+            status.failure_reason = "TrainerPodMissing"
+            status.failure_message = ("the Job completed, but none of its pods is the Job's own trainer pod "
+                                      "(deleted, or ignored: see the PodsIgnored condition)")
+        elif summary and summary.get("artifactURI") and assigned_artifact_uri is not None \
                 and summary["artifactURI"] != assigned_artifact_uri:
             status.phase = "Failed"
             status.failure_reason = "ArtifactOutsideAssignedRoot"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -21,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from support import REPO, free_ports, stage_chain, wait_for
+from support import REPO, prometheus_down, prometheus_up, stage_chain, wait_for
 from rl_engine.serving.testing import poison_artifact
 from rl_operator import rayserve
 
@@ -52,23 +51,18 @@ def stack(cluster, operator, ray_head, tmp_path_factory, request):
     """Prometheus + Alertmanager wired to this Ray head and the operator's receiver; the operator
     restarted with the Ray and Prometheus URLs and the receiver token from its Secret."""
     state = tmp_path_factory.mktemp("services")
-    prom, am = free_ports(2)
     token = secrets.token_hex(16)
-    (state / "token").write_text(token)
     cluster.kubectl("-n", "rlops-system", "delete", "secret", "rlops-alertmanager", "--ignore-not-found")
     cluster.kubectl("-n", "rlops-system", "create", "secret", "generic", "rlops-alertmanager",
                     f"--from-literal=token={token}")
-    env = {**os.environ, "RLOPS_STATE_DIR": str(state), "RLOPS_PROMETHEUS_PORT": str(prom),
-           "RLOPS_ALERTMANAGER_PORT": str(am), "RLOPS_SCRAPE_TARGETS": ray_head.metrics.split("//")[1].split("/")[0],
-           "RLOPS_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{operator.receiver_port}/api/v1/alerts",
-           "RLOPS_ALERT_TOKEN_FILE": str(state / "token")}
-    subprocess.run(["bash", str(REPO / "hack" / "prom-up.sh")], env=env, check=True, timeout=180)
-    request.addfinalizer(lambda: subprocess.run(["bash", str(REPO / "hack" / "prom-down.sh")], env=env, timeout=120))
+    services = prometheus_up(state, ray_head.metrics.split("//")[1].split("/")[0],
+                             f"http://127.0.0.1:{operator.receiver_port}/api/v1/alerts", token)
+    request.addfinalizer(lambda: prometheus_down(services["env"]))
     operator.extra_env.update({"RLOPS_RAY_DASHBOARD_URL": ray_head.dashboard,
-                               "RLOPS_PROMETHEUS_URL": f"http://127.0.0.1:{prom}"})
+                               "RLOPS_PROMETHEUS_URL": services["prometheus"]})
     operator.kill()
     operator.start()
-    return {"prometheus": f"http://127.0.0.1:{prom}", "alertmanager": f"http://127.0.0.1:{am}", "ray": ray_head,
+    return {"prometheus": services["prometheus"], "alertmanager": services["alertmanager"], "ray": ray_head,
             "token": token, "operator": operator}
 
 

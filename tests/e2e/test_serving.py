@@ -13,14 +13,9 @@ every write unchanged (same config, same replica process).
 from __future__ import annotations
 
 import collections
-import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -29,8 +24,8 @@ from rl_engine.artifacts import compute_fingerprint
 from rl_engine.serving import config as sc
 from rl_engine.serving.testing import poison_artifact
 from rl_operator import rayserve
+from support import finish_training, start_training
 
-REPO = Path(__file__).resolve().parents[2]
 NAMESPACE, AGENT = "e2e", "cartpole"
 APP = rayserve.app_name(NAMESPACE, AGENT)
 STABLE, CANARY, BAD = "cartpole-1", "cartpole-2", "cartpole-3"
@@ -58,36 +53,12 @@ M = {  # exported Prometheus series (see docs/serving.md)
 }
 
 
-def _start_training(workdir: Path, run: str, seed: int) -> subprocess.Popen:
-    config = {
-        "agent": AGENT, "namespace": NAMESPACE, "run": run,
-        "environment": {"id": "CartPole-v1", "numEnvs": 4},
-        "algorithm": {"name": "PPO"},
-        "training": {"totalTimesteps": 4096, "seed": seed},
-        "evaluation": {"episodes": 5},
-    }
-    path = workdir / f"{run}.json"
-    path.write_text(json.dumps(config))
-    return subprocess.Popen(
-        [sys.executable, "-m", "rl_engine.train", "--config", str(path), "--artifact-uri", f"file://{workdir / run}"],
-        env={**os.environ, "RLOPS_TERMINATION_MESSAGE_PATH": str(workdir / f"{run}.term")},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )
-
-
-def _finish_training(workdir: Path, run: str, proc: subprocess.Popen) -> dict[str, str]:
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-    summary = json.loads((workdir / f"{run}.term").read_text())
-    return {"artifactURI": summary["artifactURI"], "fingerprint": summary["fingerprint"]}
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, dict[str, str]]:
     """Two really trained CartPole policies (trained side by side) and a NaN-poisoned copy of the first."""
     workdir = tmp_path_factory.mktemp("artifacts")
-    procs = {run: _start_training(workdir, run, seed) for run, seed in ((STABLE, 1), (CANARY, 2))}
-    trained = {run: _finish_training(workdir, run, proc) for run, proc in procs.items()}
+    procs = {run: start_training(workdir, NAMESPACE, AGENT, run, seed) for run, seed in ((STABLE, 1), (CANARY, 2))}
+    trained = {run: finish_training(workdir, run, proc) for run, proc in procs.items()}
     stable = trained[STABLE]
     bad_uri = f"file://{workdir / BAD}"
     bad = {"artifactURI": bad_uri, "fingerprint": poison_artifact(stable["artifactURI"], bad_uri)}

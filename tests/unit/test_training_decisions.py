@@ -72,6 +72,14 @@ def test_job_places_on_gpu_nodes_and_hardens_the_pod():
     assert set(config["training"]) <= {"totalTimesteps", "seed", "targetReturn", "evalInterval"}
 
 
+def test_spec_tolerations_reach_the_pod_as_plain_json():
+    tolerations = [{"key": "example.com/spot", "operator": "Exists", "effect": "NoSchedule"},
+                   {"key": "pool", "value": "a", "effect": "NoExecute", "tolerationSeconds": 30}]
+    job = training.desired_job(run_for(agent(training={"tolerations": tolerations})), OperatorSettings())
+    pod = json.loads(json.dumps(job))["spec"]["template"]["spec"]  # what the API client sends
+    assert pod["tolerations"][1:] == tolerations
+
+
 def test_zero_gpu_job_has_no_gpu_placement():
     job = training.desired_job(run_for(agent(training={"resources": {"gpu": 0}})), OperatorSettings())
     pod = job["spec"]["template"]["spec"]
@@ -142,6 +150,14 @@ def test_success_without_summary_is_a_failure():
     done = pod("Succeeded", {"exitCode": 0, "reason": "Completed", "message": ""})
     status, _ = training.observe_run(run, job_with(("Complete", "")), [done], AT)
     assert status.phase == "Failed" and status.failure_reason == "InvalidTerminationMessage"
+
+
+def test_a_complete_job_without_its_own_pod_fails_the_run():
+    """The caller passes only the Job's own pods: a Job completed by a forged pod that replaced
+    the trainer (or whose pod is gone) leaves none, and the run fails with that reason."""
+    status, events = training.observe_run(run_for(agent()), job_with(("Complete", "")), [], AT)
+    assert status.phase == "Failed" and status.failure_reason == "TrainerPodMissing"
+    assert "PodsIgnored" in status.failure_message and events[0].reason == "TrainingFailed"
 
 
 def test_observe_agent_tracks_latest_generation():
