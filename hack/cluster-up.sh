@@ -10,6 +10,51 @@ source "$(dirname "$0")/lib.sh"
 bash "$root/hack/build-binaries.sh" >/dev/null
 kwokctl() { "$bindir/kwokctl" --name "$cluster_name" "$@"; }
 
+# The API server's audit webhook, pointed at the operator's receiver (POST /api/v1/audit), so
+# that an approval made with impersonation (kubectl --as) records who really made it
+# (operator/rl_operator/audit.py). Only Rollout update/patch by anyone but the operator is
+# logged, at level Request (the annotations in the request body are what the operator reads).
+# The API server sends its bearer token over TLS only: the receiver serves HTTPS with a
+# certificate made here ($clusterdir/audit-certs, the operator's RLOPS_AUDIT_CERT_DIR). Its port
+# is fixed per cluster (the demo's 8091, others 8191; RLOPS_AUDIT_PORT), written to
+# $clusterdir/audit-port for the operator; the token goes into Secret rlops-system/rlops-audit.
+audit_port=${RLOPS_AUDIT_PORT:-$([ "$cluster_name" = rlops ] && echo 8091 || echo 8191)}
+write_audit_config() {
+  echo "$audit_port" >"$clusterdir/audit-port"
+  "$venv/bin/python" -c 'import sys; from rl_operator.certs import ensure_webhook_certs; ensure_webhook_certs(sys.argv[1], ["127.0.0.1"])' \
+    "$clusterdir/audit-certs"
+  [ -s "$clusterdir/audit-token" ] || "$venv/bin/python" -c 'import secrets; print(secrets.token_hex(24))' \
+    >"$clusterdir/audit-token"
+  cat >"$clusterdir/audit-policy.yaml" <<EOF
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived, ResponseStarted, Panic]
+rules:
+- level: None
+  users: ["system:serviceaccount:rlops-system:rlops-operator"]
+- level: Request
+  verbs: [update, patch]
+  resources:
+  - group: rlops.dev
+    resources: [rollouts]
+- level: None
+EOF
+  cat >"$clusterdir/audit-webhook.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: rlops-operator
+  cluster: {server: "https://127.0.0.1:$audit_port/api/v1/audit", certificate-authority: "$clusterdir/audit-certs/ca.crt"}
+users:
+- name: kube-apiserver
+  user: {token: "$(cat "$clusterdir/audit-token")"}
+contexts:
+- name: default
+  context: {cluster: rlops-operator, user: kube-apiserver}
+current-context: default
+EOF
+}
+
 if kubectl get --raw /readyz >/dev/null 2>&1; then
   say "cluster '$cluster_name' already running (KUBECONFIG=$KUBECONFIG)"
 else
@@ -17,8 +62,11 @@ else
     say "restarting stopped cluster '$cluster_name'"
     kwokctl start cluster --wait 2m >"$clusterdir/kwokctl.log" 2>&1 || { tail -20 "$clusterdir/kwokctl.log"; exit 1; }
   else
-    say "creating cluster '$cluster_name' (kwokctl --runtime binary; RBAC on)"
-    mkdir -p "$(dirname "$KUBECONFIG")"
+    say "creating cluster '$cluster_name' (kwokctl --runtime binary; RBAC on; audit webhook -> operator)"
+    mkdir -p "$(dirname "$KUBECONFIG")" "$clusterdir"
+    write_audit_config
+    # kwokctl 0.8 indexes each component's extra args by the position of its first --extra-args
+    # flag: the second component's first flag must come second (else it panics).
     kwokctl create cluster --runtime binary \
       --kubeconfig "$KUBECONFIG" \
       --etcd-binary "$bindir/etcd" \
@@ -28,11 +76,19 @@ else
       --kwok-controller-binary "$bindir/kwok" \
       --kube-authorization=true \
       --extra-args kwok-controller=manage-all-nodes=false \
+      --extra-args "kube-apiserver=audit-policy-file=$clusterdir/audit-policy.yaml" \
       --extra-args kwok-controller=manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
+      --extra-args "kube-apiserver=audit-webhook-config-file=$clusterdir/audit-webhook.kubeconfig" \
+      --extra-args kube-apiserver=audit-webhook-batch-max-wait=1s \
       --wait 2m >"$clusterdir/kwokctl.log" 2>&1 || { tail -20 "$clusterdir/kwokctl.log"; exit 1; }
   fi
 fi
 for _ in $(seq 60); do kubectl get ns default >/dev/null 2>&1 && break; sleep 1; done
+if [ -s "$clusterdir/audit-token" ]; then
+  kubectl create namespace rlops-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl -n rlops-system create secret generic rlops-audit --from-file=token="$clusterdir/audit-token" \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+fi
 kubectl apply -f "$root/hack/kwok-gpu-nodes.yaml" >/dev/null
 say "control plane up: $(kubectl version -o json | "$venv/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])' 2>/dev/null || echo '?')"
 say "export KUBECONFIG=$KUBECONFIG"

@@ -22,7 +22,10 @@ say "node $node Ready (dev node agent: pods bound to it run as local processes)"
 
 if [ -z "${RLOPS_NO_OPERATOR:-}" ]; then
   opcfg=$(bash "$root/hack/operator-kubeconfig.sh")
-  start_bg operator "$clusterdir/logs/operator.log" env KUBECONFIG="$opcfg" \
+  audit=""  # the API server's audit webhook points at this receiver (hack/cluster-up.sh)
+  [ -s "$clusterdir/audit-port" ] && audit="127.0.0.1:$(cat "$clusterdir/audit-port")"
+  start_bg operator "$clusterdir/logs/operator.log" env KUBECONFIG="$opcfg" RLOPS_AUDIT_RECEIVER="$audit" \
+    RLOPS_AUDIT_CERT_DIR="$clusterdir/audit-certs" \
     RLOPS_ARTIFACT_ROOT="file://$clusterdir/artifacts" "$venv/bin/python" -m rl_operator --liveness http://127.0.0.1:8089/healthz
   for _ in $(seq 60); do curl -sf http://127.0.0.1:8089/healthz >/dev/null && break; sleep 1; done
   curl -sf http://127.0.0.1:8089/healthz >/dev/null || { tail -30 "$clusterdir/logs/operator.log"; exit 1; }

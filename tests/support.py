@@ -87,6 +87,9 @@ class OperatorProcess:
         self.port = free_port()
         self.webhook_port = free_port()
         self.receiver_port = free_port()
+        # the API server's audit webhook points at a fixed port and CA (hack/cluster-up.sh)
+        self.audit_port = int((cluster.dir / "audit-port").read_text()) if (cluster.dir / "audit-port").exists() \
+            else None
         self.extra_env: dict[str, str] = {}
 
     def start(self) -> None:
@@ -98,6 +101,9 @@ class OperatorProcess:
                "RLOPS_RESYNC_SECONDS": "5", "RLOPS_WEBHOOK_PORT": str(self.webhook_port),
                "RLOPS_CERT_DIR": str(self.workdir / "certs"),
                "RLOPS_ALERT_RECEIVER": f"127.0.0.1:{self.receiver_port}", **self.extra_env}
+        if self.audit_port:
+            env.update(RLOPS_AUDIT_RECEIVER=f"127.0.0.1:{self.audit_port}",
+                       RLOPS_AUDIT_CERT_DIR=str(self.cluster.dir / "audit-certs"))
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rl_operator", "--liveness", f"http://127.0.0.1:{self.port}/healthz"],

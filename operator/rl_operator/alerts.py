@@ -25,6 +25,7 @@ import base64
 import binascii
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -35,10 +36,13 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rl_operator import audit
+
 log = logging.getLogger(__name__)
 
 #: Where the receiver listens for Alertmanager's webhook.
 ALERTS_PATH = "/api/v1/alerts"
+AUDIT_PATH = "/api/v1/audit"
 #: The Secret holding the bearer token Alertmanager sends (``credentials_file`` on its side).
 TOKEN_SECRET_NAMESPACE = "rlops-system"
 TOKEN_SECRET_NAME = "rlops-alertmanager"
@@ -192,12 +196,15 @@ class ReceiverStats:
     """Requests refused with 400 (bad JSON or schema)."""
     callbacks_ok: int = 0
     callbacks_failed: int = 0
+    audit_events: int = 0
+    """Audit events received on ``POST /api/v1/audit``."""
 
 
 #: ``runner.app[STATS]``: the receiver's :class:`ReceiverStats`.
 STATS = web.AppKey("rlops_alert_stats", ReceiverStats)
 
 OnAlert = Callable[[AlertTarget], Awaitable[None]]
+OnAudit = Callable[[audit.ImpersonatedApproval], Awaitable[None]]
 
 
 def _bearer(request: web.Request) -> bytes | None:
@@ -207,28 +214,37 @@ def _bearer(request: web.Request) -> bytes | None:
     return credentials.strip().encode()
 
 
+def _refuse_unauthorized(request: web.Request, token: Callable[[], str | None], stats: ReceiverStats,
+                         what: str) -> web.Response | None:
+    """The 503/401 answer when the request's bearer token is not ``token()``; None when it is."""
+    try:
+        expected = (token() or "").strip()
+    except Exception:  # a broken token source must not become a 500 with a traceback
+        log.exception("reading the %s token failed", what)
+        expected = ""
+    if not expected:
+        stats.unconfigured += 1
+        log.error("%s from %s refused: no %s token configured", what, request.remote, what)
+        return web.json_response({"error": f"no {what} token configured"}, status=503)
+    presented = _bearer(request)
+    if presented is None or not hmac.compare_digest(presented, expected.encode()):
+        stats.unauthorized += 1
+        log.warning("%s from %s refused: %s bearer token", what, request.remote,
+                    "missing" if presented is None else "wrong")
+        return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                 headers={"WWW-Authenticate": 'Bearer realm="rlops"'})
+    return None
+
+
 def make_app(token: Callable[[], str | None], on_alert: OnAlert, *,
              callback_timeout: float = 8.0, client_max_size: int = 4 * 1024 * 1024) -> web.Application:
     """The receiver's aiohttp application (see :func:`start_receiver`)."""
     stats = ReceiverStats()
 
     async def receive_alerts(request: web.Request) -> web.Response:
-        try:
-            expected = (token() or "").strip()
-        except Exception:  # a broken token source must not become a 500 with a traceback
-            log.exception("reading the alert token failed")
-            expected = ""
-        if not expected:
-            stats.unconfigured += 1
-            log.error("alert from %s refused: no alert token configured", request.remote)
-            return web.json_response({"error": "no alert token configured"}, status=503)
-        presented = _bearer(request)
-        if presented is None or not hmac.compare_digest(presented, expected.encode()):
-            stats.unauthorized += 1
-            log.warning("alert from %s refused: %s bearer token", request.remote,
-                        "missing" if presented is None else "wrong")
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
-                                     headers={"WWW-Authenticate": 'Bearer realm="rlops"'})
+        refusal = _refuse_unauthorized(request, token, stats, "alert")
+        if refusal is not None:
+            return refusal
         try:
             body = await request.read()
             payload = WebhookPayload.model_validate_json(body)
@@ -309,16 +325,80 @@ async def start_receiver(host: str, port: int, token: Callable[[], str | None], 
     Returns:
         The started runner; ``runner.app[STATS]`` holds the counters.
     """
-    runner = web.AppRunner(make_app(token, on_alert, callback_timeout=callback_timeout),
-                           access_log=None)
+    runner = await _serve(make_app(token, on_alert, callback_timeout=callback_timeout), host, port)
+    log.info("Alertmanager receiver listening on %s%s", _url(runner), ALERTS_PATH)
+    return runner
+
+
+async def _serve(app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+                 ) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
-    log.info("Alertmanager receiver listening on %s%s", _url(runner), ALERTS_PATH)
+    return runner
+
+
+def make_audit_app(token: Callable[[], str | None], on_audit: OnAudit, *, callback_timeout: float = 8.0,
+                   client_max_size: int = 16 * 1024 * 1024) -> web.Application:
+    """The audit receiver's aiohttp application (see :func:`start_audit_receiver`)."""
+    stats = ReceiverStats()
+
+    async def receive_audit(request: web.Request) -> web.Response:
+        refusal = _refuse_unauthorized(request, token, stats, "audit")
+        if refusal is not None:
+            return refusal
+        try:
+            events = audit.parse(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            stats.malformed += 1
+            return web.json_response({"error": f"body larger than {client_max_size} bytes"}, status=413)
+        except ValueError as exc:
+            stats.malformed += 1
+            log.warning("audit events from %s refused: %s", request.remote, exc)
+            return web.json_response({"error": str(exc)}, status=400)
+        stats.audit_events += len(events.items)
+        records = audit.impersonated_approvals(events)
+        for record in records:
+            try:
+                await asyncio.wait_for(on_audit(record), timeout=callback_timeout)
+            except Exception:  # the API server does not re-send a batch it got a 2xx for: log it
+                log.exception("recording the impersonated approval of %s/%s failed", record.namespace, record.name)
+        return web.json_response({"events": len(events.items), "impersonatedApprovals": len(records)})
+
+    app = web.Application(client_max_size=client_max_size)
+    app[STATS] = stats
+    app.router.add_post(AUDIT_PATH, receive_audit)
+    return app
+
+
+async def start_audit_receiver(host: str, port: int, token: Callable[[], str | None], on_audit: OnAudit, *,
+                               certfile: str | None = None, keyfile: str | None = None,
+                               callback_timeout: float = 8.0) -> web.AppRunner:
+    """Serve the API server's audit webhook on ``https://host:port`` (plain ``http`` without a
+    certificate, for tests only: the API server sends its bearer token over TLS only).
+
+    ``POST /api/v1/audit``: an ``audit.k8s.io/v1`` ``EventList`` with ``Authorization: Bearer
+    <token()>`` (401 if missing or wrong, 503 if ``token()`` gives nothing; 400 naming the field
+    if the body is not an EventList). ``on_audit(record)`` is awaited for each impersonated
+    approval in it (:func:`rl_operator.audit.impersonated_approvals`), each within
+    ``callback_timeout`` seconds; failures are logged (the API server does not re-send a batch it
+    got a 2xx for). Answer 200 ``{"events": n, "impersonatedApprovals": n}``.
+
+    Returns:
+        The started runner; ``runner.app[STATS]`` holds the counters.
+    """
+    context = None
+    if certfile:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certfile, keyfile)
+    runner = await _serve(make_audit_app(token, on_audit, callback_timeout=callback_timeout), host, port, context)
+    scheme = "https" if context else "http"
+    log.info("audit webhook receiver listening on %s%s", _url(runner).replace("http", scheme, 1), AUDIT_PATH)
     return runner
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from rl_operator.rollout import APPROVAL_SIGNATURE, APPROVE, APPROVED_AT, APPROVED_BY, APPROVED_VIA, REJECT, \
     check_manual_approval
+from rl_operator.models import OPERATOR_USER
 from rl_operator.trust import service_account_refusal, signature
 
 APPROVE_VERB = "approve"
@@ -37,7 +38,7 @@ class Review:
 
     error: str | None = None
     permission: str | None = None
-    annotations: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str | None] = field(default_factory=dict)  # None removes one
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ def review(old: dict[str, str] | None, new: dict[str, str], target: Target, who:
     old = old or {}
     approve_changed = new.get(APPROVE) is not None and new.get(APPROVE) != old.get(APPROVE)
     reject_changed = new.get(REJECT) is not None and new.get(REJECT) != old.get(REJECT)
+    if not approve_changed and who.user == OPERATOR_USER and all(
+            new.get(k) == old.get(k) for k in _RECORDED if k != APPROVED_VIA):
+        return Review()  # the operator records an impersonator from the audit log (rl_operator.audit)
     if not approve_changed and any(new.get(k) != old.get(k) for k in _RECORDED):
         return Review(error=f"{APPROVED_BY} and {APPROVED_AT} are recorded by the rlops admission webhook "
                             f"from the approving request; set {APPROVE}=<fingerprint> instead")
@@ -86,8 +90,8 @@ def review(old: dict[str, str] | None, new: dict[str, str], target: Target, who:
             return Review(error="approval refused: the operator has not loaded its approval signing key yet; retry")
         stamp = at.strftime("%Y-%m-%dT%H:%M:%SZ")
         recorded = {APPROVED_BY: who.user, APPROVED_AT: stamp}
-        if who.impersonator:
-            recorded[APPROVED_VIA] = f"impersonated by {who.impersonator}"
+        # a new approval replaces the record of an earlier one, impersonator included
+        recorded[APPROVED_VIA] = f"impersonated by {who.impersonator}" if who.impersonator else None
         recorded[APPROVAL_SIGNATURE] = signature(key, target.namespace, target.name, target.uid, target.fingerprint,
                                                  who.user, stamp)
         return Review(permission=APPROVE_VERB, annotations=recorded)

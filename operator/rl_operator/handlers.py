@@ -33,7 +33,7 @@ import kopf
 
 from kubernetes.client.exceptions import ApiException
 
-from rl_operator import alerts, analysis, approvals, certs, kube, rayserve, rollout, training, trust
+from rl_operator import alerts, analysis, approvals, audit, certs, kube, rayserve, rollout, training, trust
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
@@ -50,7 +50,13 @@ FINALIZER = f"{m.GROUP}/finalizer"
 
 def _post(obj: dict[str, Any], events: list[training.Event]) -> None:
     for ev in events:
-        kopf.event(obj, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+        try:
+            kopf.event(obj, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+        except LookupError:  # outside kopf's handlers (the alert and audit receivers): no event queue
+            try:
+                kube.post_event(obj, ev.type, ev.reason, ev.message)
+            except ApiException as exc:  # an Event is worth a log line, not a failed callback
+                log.warning("cannot post Event %s on %s: %s", ev.reason, obj["metadata"]["name"], exc.reason)
 
 
 @kopf.on.startup()
@@ -75,22 +81,25 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     log.info("rlops operator settings: %s", SETTINGS)
 
 
-_alert_token: dict[str, str | None] = {"value": None}
+_tokens: dict[str, str | None] = {"alert": None, "audit": None}
 
 
-def _refresh_alert_token() -> None:
-    """Re-read the receiver's bearer token from its Secret (blocking; run in a thread)."""
-    ns, name = SETTINGS.alert_token_secret.split("/", 1)
-    try:
-        _alert_token["value"] = alerts.load_token_from_secret(ns, name)
-    except Exception as exc:  # keep the last good token; the receiver answers 503 without one
-        log.warning("cannot read the alert token Secret %s: %s", SETTINGS.alert_token_secret, exc)
+def _refresh_tokens() -> None:
+    """Re-read the receiver's bearer tokens from their Secrets (blocking; run in a thread)."""
+    for which, ref in (("alert", SETTINGS.alert_token_secret), ("audit", SETTINGS.audit_token_secret)):
+        if which == "audit" and not SETTINGS.audit_receiver:
+            continue
+        ns, name = ref.split("/", 1)
+        try:
+            _tokens[which] = alerts.load_token_from_secret(ns, name)
+        except Exception as exc:  # keep the last good token; the receiver answers 503 without one
+            log.warning("cannot read the %s token Secret %s: %s", which, ref, exc)
 
 
-async def _keep_alert_token_fresh(period: float = 30.0) -> None:
+async def _keep_tokens_fresh(period: float = 30.0) -> None:
     while True:  # a rotated Secret takes effect within `period` seconds
         await asyncio.sleep(period)
-        await asyncio.to_thread(_refresh_alert_token)
+        await asyncio.to_thread(_refresh_tokens)
 
 
 @kopf.on.startup()
@@ -98,17 +107,33 @@ async def start_alert_receiver(memo: kopf.Memo, **_: Any) -> None:
     if not SETTINGS.alert_receiver:
         return
     host, port = SETTINGS.alert_receiver.rsplit(":", 1)
-    await asyncio.to_thread(_refresh_alert_token)
-    memo.token_refresher = asyncio.create_task(_keep_alert_token_fresh())
-    memo.receiver = await alerts.start_receiver(host, int(port), lambda: _alert_token["value"], on_alert)
+    await asyncio.to_thread(_refresh_tokens)
+    memo.token_refresher = asyncio.create_task(_keep_tokens_fresh())
+    memo.receiver = await alerts.start_receiver(host, int(port), lambda: _tokens["alert"], on_alert)
+
+
+@kopf.on.startup()
+async def start_audit_receiver(memo: kopf.Memo, **_: Any) -> None:
+    if not SETTINGS.audit_receiver:
+        return
+    host, port = SETTINGS.audit_receiver.rsplit(":", 1)
+    files = await asyncio.to_thread(certs.ensure_webhook_certs, SETTINGS.audit_cert_dir or
+                                    f"{SETTINGS.cert_dir}/audit", [host])
+    await asyncio.to_thread(_refresh_tokens)
+    if getattr(memo, "token_refresher", None) is None:
+        memo.token_refresher = asyncio.create_task(_keep_tokens_fresh())
+    memo.audit_receiver = await alerts.start_audit_receiver(host, int(port), lambda: _tokens["audit"],
+                                                            on_impersonated_approval, certfile=str(files.cert),
+                                                            keyfile=str(files.key))
 
 
 @kopf.on.cleanup()
 async def stop_alert_receiver(memo: kopf.Memo, **_: Any) -> None:
     if getattr(memo, "token_refresher", None) is not None:
         memo.token_refresher.cancel()
-    if getattr(memo, "receiver", None) is not None:
-        await memo.receiver.cleanup()
+    for runner in (getattr(memo, "receiver", None), getattr(memo, "audit_receiver", None)):
+        if runner is not None:
+            await runner.cleanup()
 
 
 # ----------------------------------------------------------------------------- RLAgent
@@ -424,6 +449,37 @@ async def on_alert(target: alerts.AlertTarget) -> None:
         log.warning("rolled back %s/%s on %s", target.namespace, name, reason)
     else:
         log.info("alert %s for %s/%s: no rollout in progress", target.alertname, target.namespace, target.agent)
+
+
+def record_impersonation(record: audit.ImpersonatedApproval) -> bool:
+    """Record on the Rollout who really made an approval with impersonation: annotation
+    ``rlops.dev/approved-via`` (the operator alone may write it after the fact) and an Event.
+    Only when the Rollout's recorded approval is the audited one (same approver, close in time)."""
+    with _locks[("rollouts", record.namespace, record.name)]:
+        ro = kube.get_custom(record.namespace, m.Rollout.PLURAL, record.name)
+        if ro is None:
+            return False
+        ann = ro["metadata"].get("annotations") or {}
+        if not audit.matches(record, ann, rollout.APPROVED_BY, rollout.APPROVED_AT):
+            log.info("audit %s: %s/%s approval by %s (as %s) is no longer the recorded one", record.audit_id,
+                     record.namespace, record.name, record.user, record.impersonated)
+            return False
+        via = f"impersonated by {record.user}"
+        if ann.get(rollout.APPROVED_VIA) == via:
+            return False
+        kube.patch_custom(record.namespace, m.Rollout.PLURAL, record.name, {"metadata": {"annotations": {rollout.APPROVED_VIA: via}}})
+        _post(ro, [training.Event("Warning", "ApprovedWithImpersonation",
+                                  f"{record.user} approved as {record.impersonated} (impersonation, audit ID "
+                                  f"{record.audit_id})")])
+    return True
+
+
+async def on_impersonated_approval(record: audit.ImpersonatedApproval) -> None:
+    """Audit webhook callback (``alerts.start_receiver``)."""
+    if await asyncio.to_thread(record_impersonation, record):
+        log.warning("%s/%s: approved by %s impersonating %s", record.namespace, record.name, record.user,
+                    record.impersonated)
+        await asyncio.to_thread(reconcile_rollout, record.namespace, record.name)
 
 
 @kopf.on.delete(m.GROUP, m.VERSION, m.RLAgent.PLURAL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+from datetime import datetime, timezone
 from typing import Any
 
 from kubernetes import client, config
@@ -144,3 +145,21 @@ def ensure_key_secret(namespace: str, name: str, field: str = "key", nbytes: int
             if exc.status != 409:
                 raise
     raise RuntimeError(f"secret {namespace}/{name} could not be read or created")
+
+
+def post_event(obj: dict[str, Any], type: str, reason: str, message: str) -> None:
+    """Create a core/v1 Event about ``obj`` (as ``kopf.event`` would), from outside kopf's handlers.
+
+    The receivers' callbacks run in aiohttp tasks, where kopf's event queue is not available.
+    """
+    meta = obj["metadata"]
+    now = datetime.now(timezone.utc)
+    body = {
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": obj.get("apiVersion", ""), "kind": obj.get("kind", ""),
+                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+        "type": type, "reason": reason, "message": message[:1024], "source": {"component": "rlops"},
+        "reportingComponent": "rlops", "reportingInstance": "rlops-operator",
+        "firstTimestamp": now.isoformat(), "lastTimestamp": now.isoformat(), "count": 1,
+    }
+    client.CoreV1Api().create_namespaced_event(meta["namespace"], body)

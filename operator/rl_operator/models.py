@@ -515,6 +515,11 @@ class Approval(_Status):
     fingerprint: str
     policy: Literal["manual", "auto"]
     notes: str | None = None
+    via: str | None = Field(
+        None, description=(
+            "Set when the approval was made with impersonation (kubectl --as): 'impersonated by <user>', "
+            "the user who really made it, from the API server's audit log (needs the API server's audit "
+            "webhook pointed at the operator) or from the admission request."))
 
 
 class AnalysisRun(_Status):

@@ -17,7 +17,8 @@ hold while the operator is down and need no webhook:
 3. ``rlops.dev-rollout-annotations``: on a Rollout, ``rlops.dev/approve``, ``rlops.dev/reject``
    and ``rlops.dev/promote`` (``promote=full`` too) need the ``approve`` verb on
    ``rollouts.rlops.dev``; the recorded ``approved-by``/``approved-at``/``approval-signature``
-   change only with an approval, and ``approved-by`` must be the requesting user.
+   change only with an approval, and ``approved-by`` must be the requesting user;
+   ``approved-via`` changes only with an approval or by the operator (from the audit log).
    ``rlops.dev/abort`` stays open to ``edit``: it only ever sends traffic back to the stable
    version, which an approver approved (``docs/security.md``).
 """
@@ -40,6 +41,7 @@ APPROVER_ROLE = "rlops-approver"
 ANN = f"{m.GROUP}/"
 APPROVE, REJECT, PROMOTE = ANN + "approve", ANN + "reject", ANN + "promote"
 RECORDED = (ANN + "approved-by", ANN + "approved-at", ANN + "approval-signature")
+VIA = ANN + "approved-via"
 
 
 def _lit(value: Any) -> str:
@@ -223,6 +225,13 @@ def policies(operator_user: str = m.OPERATOR_USER) -> list[dict[str, Any]]:
                 "expression": f"!({' || '.join(_changed(k) for k in RECORDED)}) || {_changed(APPROVE)}",
                 "message": (f"{by}, {at} and {sig} are recorded by the rlops admission webhook from the "
                             f"approving request; set {APPROVE}=<fingerprint> instead"),
+                "reason": "Forbidden",
+            },
+            {
+                "expression": (f"!{_changed(VIA)} || {_changed(APPROVE)} || "
+                               f"request.userInfo.username == {_lit(operator_user)}"),
+                "message": (f"{VIA} is recorded by rlops (by the admission webhook from the approving request, or "
+                            "by the operator from the API server's audit log)"),
                 "reason": "Forbidden",
             },
             {

@@ -133,13 +133,13 @@ def manual_approval(rollout: dict[str, Any], key: bytes | None,
     refused = service_account_refusal(by, allowed_service_accounts)
     if refused:
         return None, refused
-    via = ann.get(APPROVED_VIA)
     return m.Approval(
-        approved_by=by + (f" ({via})" if via else ""),
+        approved_by=by,
         approved_at=at,
         fingerprint=fingerprint,
         policy="manual",
         notes=ann.get(APPROVE_NOTES),
+        via=ann.get(APPROVED_VIA),
     ), None
 
 
@@ -460,10 +460,17 @@ def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
             set_condition(st.conditions, "Approved", "False", "AwaitingApproval", why, at)
             return st, acts
         st.approval = approval
+        who = approval.approved_by + (f" ({approval.via})" if approval.via else "")
         set_condition(st.conditions, "Approved", "True", f"{approval.policy.capitalize()}Approval",
-                      f"approved by {approval.approved_by} for {approval.fingerprint}", at)
-        acts.events.append(Event("Normal", "Approved", f"{approval.policy} approval by {approval.approved_by} "
+                      f"approved by {who} for {approval.fingerprint}", at)
+        acts.events.append(Event("Normal", "Approved", f"{approval.policy} approval by {who} "
                                                        f"for {approval.fingerprint}"))
+    elif (st.approval.policy == "manual" and ann.get(APPROVED_VIA) and ann.get(APPROVED_VIA) != st.approval.via
+          and ann.get(APPROVED_BY) == st.approval.approved_by):
+        # the operator learnt from the audit log, after the fact, that the approval was impersonated
+        st.approval.via = ann[APPROVED_VIA]
+        set_condition(st.conditions, "Approved", "True", "ManualApproval",
+                      f"approved by {st.approval.approved_by} ({st.approval.via}) for {st.approval.fingerprint}", at)
 
     if not obs.agent_spec.serving.enabled:
         st.phase, st.message = "Approved", "serving is disabled for this agent (spec.serving.enabled=false)"

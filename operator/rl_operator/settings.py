@@ -59,6 +59,20 @@ class OperatorSettings:
     """``namespace/name`` of the Secret whose ``token`` key Alertmanager sends as bearer token.
     Env: ``RLOPS_ALERT_TOKEN_SECRET``."""
 
+    audit_receiver: str | None = None
+    """``host:port`` of the HTTPS receiver for the API server's audit webhook (``POST
+    /api/v1/audit``: who made an approval with impersonation, ``rl_operator.audit``); empty (the
+    default) disables it. Env: ``RLOPS_AUDIT_RECEIVER``."""
+
+    audit_cert_dir: str | None = None
+    """Directory of the audit receiver's serving certificate (``ca.crt``, ``tls.crt``,
+    ``tls.key``; created for ``host`` when missing). Default: ``<cert_dir>/audit``.
+    Env: ``RLOPS_AUDIT_CERT_DIR``."""
+
+    audit_token_secret: str = "rlops-system/rlops-audit"
+    """``namespace/name`` of the Secret whose ``token`` key the API server's audit webhook sends as
+    bearer token. Env: ``RLOPS_AUDIT_TOKEN_SECRET``."""
+
     approval_key_secret: str = "rlops-system/rlops-approval-key"
     """``namespace/name`` of the Secret (key ``key``) that holds the operator's signing key: the
     admission webhook signs the approvals it records with it, and per-application feedback keys
@@ -87,6 +101,9 @@ class OperatorSettings:
             cert_dir=env.get("RLOPS_CERT_DIR", cls.cert_dir),
             alert_receiver=env.get("RLOPS_ALERT_RECEIVER", cls.alert_receiver) or None,
             alert_token_secret=env.get("RLOPS_ALERT_TOKEN_SECRET", cls.alert_token_secret),
+            audit_receiver=env.get("RLOPS_AUDIT_RECEIVER", "") or None,
+            audit_cert_dir=env.get("RLOPS_AUDIT_CERT_DIR", "") or None,
+            audit_token_secret=env.get("RLOPS_AUDIT_TOKEN_SECRET", cls.audit_token_secret),
             approval_key_secret=env.get("RLOPS_APPROVAL_KEY_SECRET", cls.approval_key_secret),
             extra_env={k[len(prefix):]: v for k, v in env.items() if k.startswith(prefix)},
         )

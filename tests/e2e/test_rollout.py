@@ -240,6 +240,9 @@ def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace, 
         t_end = time.monotonic()
     status = wait_phase(cluster, namespace, "rollout", "pole-bad", ("RolledBack",), 30)
     assert "RLOpsCanaryErrorRateHigh" in status["abortReason"]
+    # the receiver's abort posts its Event too (it runs outside kopf's handlers)
+    wait_for(lambda: any(e["reason"] == "RolledBack" and e["involvedObject"]["name"] == "pole-bad"
+                         for e in cluster.get("events", "-n", namespace)["items"]), 30, "RolledBack Event")
     errors_before = [r for r in load.records if not r[2] and r[0] < t_zero]
     errors_after = [r for r in load.between(t_zero + 1.0, t_end) if not r[2]]
     assert errors_before, "the poisoned canary never failed a request: the fault was not injected"

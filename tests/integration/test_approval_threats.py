@@ -213,6 +213,28 @@ def test_approver_succeeds_with_identity_recorded_and_signed(cluster, tenant, st
     refused(annotate(cluster, tenant, BOB, "rlops.dev/approved-by=alice"), "recorded by the rlops admission webhook")
 
 
+def test_an_approval_made_with_impersonation_shows_the_real_user(cluster, tenant, staged):
+    """Every user in this suite is played by the test's cluster-admin with ``kubectl --as``.
+    Admission sees only the impersonated user; the API server's audit webhook tells the operator
+    who really sent the request, and the operator records it."""
+    assert (cluster.dir / "audit-port").exists(), (
+        "this cluster was created without the audit webhook: RLOPS_CLUSTER_NAME=rlops-test hack/cluster-down.sh")
+    admin = json.loads(cluster.kubectl("auth", "whoami", "-o", "json").stdout)["status"]["userInfo"]["username"]
+    assert annotate(cluster, tenant, BOB, f"rlops.dev/approve={FP}").returncode == 0
+    via = f"impersonated by {admin}"
+    ann = wait_for(lambda: (a := cluster.get("rollout", "gate-7", "-n", tenant)["metadata"]["annotations"])
+                   .get("rlops.dev/approved-via") == via and a, 30, "approved-via from the audit log")
+    assert ann["rlops.dev/approved-by"] == BOB
+    status = wait_for(lambda: (rollout_status(cluster, tenant, "gate-7").get("approval") or {}).get("via") == via
+                      and rollout_status(cluster, tenant, "gate-7"), 30, "status.approval.via")
+    assert status["approval"]["approvedBy"] == BOB and status["approval"]["fingerprint"] == FP
+    events = cluster.get("events", "-n", tenant, "--field-selector", "involvedObject.name=gate-7")["items"]
+    assert any(e["reason"] == "ApprovedWithImpersonation" and admin in e["message"] for e in events)
+    # nobody but rlops writes or removes that record
+    refused(annotate(cluster, tenant, MALLORY, "rlops.dev/approved-via=impersonated by nobody"), "recorded by")
+    refused(annotate(cluster, tenant, BOB, "rlops.dev/approved-via-"), "recorded by")
+
+
 def test_approver_may_reject(cluster, tenant, staged):
     assert annotate(cluster, tenant, BOB, "rlops.dev/reject=reward hacking").returncode == 0
     wait_for(lambda: rollout_status(cluster, tenant, "gate-7").get("phase") == "Rejected", 60, "Rejected")

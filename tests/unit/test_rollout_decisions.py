@@ -391,6 +391,7 @@ def review(old, new, user, target=TARGET, key=KEY, impersonator=None):
 def test_review_of_approval_annotations():
     ok = review({}, {r.APPROVE: FP}, "alice")
     assert ok.error is None and ok.permission == "approve"
+    assert ok.annotations.pop(r.APPROVED_VIA, "absent") is None  # clears an earlier approval's record
     assert {r.APPROVE: FP, **ok.annotations} == signed()
     stale = review({}, {r.APPROVE: OLD_FP}, "alice")
     assert "stale or wrong fingerprint" in stale.error
@@ -405,6 +406,21 @@ def test_review_of_approval_annotations():
     assert "signing key" in review({}, {r.APPROVE: FP}, "alice", key=None).error
     via = review({}, {r.APPROVE: FP}, "alice", impersonator="admin")
     assert via.annotations[r.APPROVED_VIA] == "impersonated by admin"
+
+
+def test_only_the_operator_records_an_impersonator_after_the_fact():
+    later = {**APPROVED, r.APPROVED_VIA: "impersonated by root"}
+    assert review(APPROVED, later, m.OPERATOR_USER).error is None  # from the API server's audit log
+    assert "recorded by the rlops admission webhook" in review(APPROVED, later, "mallory").error
+    assert "recorded by the rlops admission webhook" in review(later, APPROVED, "mallory").error  # nor remove it
+    rewritten = {**later, r.APPROVED_BY: "root"}
+    assert "recorded by the rlops admission webhook" in review(APPROVED, rewritten, m.OPERATOR_USER).error
+    # the status shows it, on the approval it belongs to, even when it arrives after the approval
+    st, _ = World().step(make_rollout(APPROVED))
+    assert st.approval.approved_by == "alice" and st.approval.via is None
+    st, _ = World().step(make_rollout(later, status=st.wire()))
+    assert st.approval.via == "impersonated by root" and st.approval.approved_by == "alice"
+    assert "(impersonated by root)" in next(c.message for c in st.conditions if c.type == "Approved")
 
 
 def test_service_account_approvals_need_the_policy_to_name_them():
