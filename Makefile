@@ -47,9 +47,11 @@ bench-train: venv ## our PPO/DQN vs Stable-Baselines3 and CleanRL on CartPole-v1
 	bash hack/setup-bench-venv.sh
 	.venv-bench/bin/python hack/bench/train_bench.py --seeds $$(seq 1 20) --dqn-seeds 1 2 3 4 5 --json /tmp/train-bench.json
 
-crds: venv ## regenerate crds/ and the admission policies from operator/rl_operator/models.py
+crds: venv binaries ## regenerate crds/, the chart's CRDs and admission policies (from the models), and manifests/base (from the chart)
 	$(PY) -m rl_operator.crdgen crds
-	$(PY) -m rl_operator.policygen manifests/base/admission-policies.yaml
+	$(PY) -m rl_operator.crdgen charts/rlops/crds
+	$(PY) -m rl_operator.policygen --helm charts/rlops/templates/admission-policies.yaml
+	bash hack/render-manifests.sh
 
 clean: cluster-down
 	rm -rf .venv

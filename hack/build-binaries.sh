@@ -6,6 +6,7 @@
 #   kube-apiserver, kube-controller-manager,
 #   kube-scheduler, kubectl               hack/tools/kubernetes  (k8s.io/kubernetes, staging modules replaced)
 #   kwok, kwokctl                         hack/tools/kwok        (sigs.k8s.io/kwok)
+#   helm                                  hack/tools/helm        (helm.sh/helm/v3)
 #
 # Versions come from the go.mod of each wrapper module, so the cache key moves with them.
 # Nothing is downloaded from release sites. Prints the directory of each binary set.
@@ -34,6 +35,7 @@ build() { # name version moddir ldflags pkg...
 etcd_v=$(modver "$here/tools/etcd/go.mod" go.etcd.io/etcd/server/v3)
 k8s_v=$(modver "$here/tools/kubernetes/go.mod" k8s.io/kubernetes)
 kwok_v=$(modver "$here/tools/kwok/go.mod" sigs.k8s.io/kwok)
+helm_v=$(modver "$here/tools/helm/go.mod" helm.sh/helm/v3)
 minor=$(echo "$k8s_v" | cut -d. -f2)
 
 k8s_ld="-X k8s.io/component-base/version.gitVersion=$k8s_v -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=$k8s_v -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
@@ -46,9 +48,18 @@ build kubernetes "$k8s_v" "$here/tools/kubernetes" "$k8s_ld" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl >/dev/null
 
+# helm's default Kubernetes version (for `helm template` and lint) is its client-go's, as its Makefile sets it
+helm_k8s_minor=$(modver "$here/tools/helm/go.mod" k8s.io/client-go | cut -d. -f2)
+helm_ld="-X helm.sh/helm/v3/internal/version.version=$helm_v"
+for pkg in lint/rules chartutil; do
+  helm_ld="$helm_ld -X helm.sh/helm/v3/pkg/$pkg.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/$pkg.k8sVersionMinor=$helm_k8s_minor"
+done
+build helm "$helm_v-k8s1.$helm_k8s_minor" "$here/tools/helm" "$helm_ld" helm.sh/helm/v3/cmd/helm >/dev/null
+
 # A stable path for the rest of the tooling: bin/current -> the versioned sets.
 cur="$cache/bin/current"; mkdir -p "$cur"
-for f in "$cache/bin/etcd-$etcd_v"/etcd "$cache/bin/kwok-$kwok_v"/* "$cache/bin/kubernetes-$k8s_v"/*; do
+for f in "$cache/bin/etcd-$etcd_v"/etcd "$cache/bin/kwok-$kwok_v"/* "$cache/bin/kubernetes-$k8s_v"/* \
+         "$cache/bin/helm-$helm_v-k8s1.$helm_k8s_minor"/helm; do
   ln -sfn "$f" "$cur/$(basename "$f")"
 done
 echo "$cur"

@@ -46,6 +46,32 @@ def _still_good(cert_path: Path, names: list[str]) -> bool:
     return set(_san(names)) <= set(san)
 
 
+def service_ref(service: str) -> tuple[str, str, int]:
+    """``namespace/name:port`` -> ``(namespace, name, port)``.
+
+    Raises:
+        ValueError: not in that form.
+    """
+    ref, _, port = service.rpartition(":")
+    namespace, _, name = ref.partition("/")
+    if not namespace or not name or not port.isdigit():
+        raise ValueError(f"webhook service {service!r}: expected namespace/name:port")
+    return namespace, name, int(port)
+
+
+def service_client_config(client_config: dict, service: str) -> dict:
+    """A webhook client config that reaches the server through a Service: kopf's URL-based
+    config (``{"url", "caBundle"}``) with the URL's path kept and the rest replaced."""
+    namespace, name, port = service_ref(service)
+    path = client_config.get("url", "").split("://", 1)[-1].partition("/")[2].strip("/")
+    out: dict = {"service": {"namespace": namespace, "name": name, "port": port}}
+    if path:  # kopf appends "/<handler id>" to it, as to the URL
+        out["service"]["path"] = "/" + path
+    if client_config.get("caBundle"):
+        out["caBundle"] = client_config["caBundle"]
+    return out
+
+
 def ensure_webhook_certs(directory: str | Path, names: list[str], days: int = 365) -> WebhookCerts:
     """Create (or reuse) ``ca.crt``, ``tls.crt``, ``tls.key`` in ``directory`` for these DNS names / IPs.
 

@@ -59,6 +59,15 @@ def _post(obj: dict[str, Any], events: list[training.Event]) -> None:
                 log.warning("cannot post Event %s on %s: %s", ev.reason, obj["metadata"]["name"], exc.reason)
 
 
+class _ServiceWebhookServer(kopf.WebhookServer):
+    """kopf's webhook server, announced to the API server through ``SETTINGS.webhook_service``
+    (a Service in front of the operator's pod) instead of a URL."""
+
+    async def __call__(self, fn: Any) -> Any:
+        async for client_config in super().__call__(fn):
+            yield certs.service_client_config(dict(client_config), SETTINGS.webhook_service or "")
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.load_config()
@@ -71,8 +80,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     _KEY["value"] = kube.ensure_key_secret(ns, name)
     if SETTINGS.webhook_addr:
         host = SETTINGS.webhook_host or SETTINGS.webhook_addr
-        files = certs.ensure_webhook_certs(SETTINGS.cert_dir, [host, SETTINGS.webhook_addr])
-        settings.admission.server = kopf.WebhookServer(
+        names = [host, SETTINGS.webhook_addr]
+        server_class: type[kopf.WebhookServer] = kopf.WebhookServer
+        if SETTINGS.webhook_service:
+            ns, svc, _ = certs.service_ref(SETTINGS.webhook_service)
+            names = [f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local", *names]
+            server_class = _ServiceWebhookServer
+        files = certs.ensure_webhook_certs(SETTINGS.cert_dir, names)
+        settings.admission.server = server_class(
             addr=SETTINGS.webhook_addr, port=SETTINGS.webhook_port, host=host,
             certfile=str(files.cert), pkeyfile=str(files.key), cafile=str(files.ca),
         )

@@ -1,7 +1,8 @@
 """Generate the ValidatingAdmissionPolicies that guard promotion, from the pydantic models.
 
-``python -m rl_operator.policygen manifests/base/admission-policies.yaml`` (``make crds``) writes
-them; ``tests/unit/test_admission_policies.py`` fails when the committed file drifts.
+``python -m rl_operator.policygen --helm charts/rlops/templates/admission-policies.yaml``
+(``make crds``) writes them into the chart, from which ``manifests/base`` is rendered;
+``tests/unit/test_trust.py`` fails when the committed file drifts.
 
 The API server evaluates these rules itself (CEL, ``admissionregistration.k8s.io/v1``), so they
 hold while the operator is down and need no webhook:
@@ -258,10 +259,18 @@ def render() -> str:
     return header + yaml.safe_dump_all(policies(), sort_keys=False, width=120)
 
 
+#: Prepended to the chart's copy (``charts/rlops/templates/admission-policies.yaml``): the
+#: policies name the operator's ServiceAccount in ``rlops-system``, so the chart installs there.
+HELM_HEADER = '{{- include "rlops.checkNamespace" . -}}\n'
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``policygen [--helm] OUT``: write the policies to OUT (``--helm``: the chart's template)."""
     args = sys.argv[1:] if argv is None else argv
-    out = Path(args[0] if args else "manifests/base/admission-policies.yaml")
-    out.write_text(render())
+    helm = "--helm" in args
+    args = [a for a in args if a != "--helm"]
+    out = Path(args[0] if args else "charts/rlops/templates/admission-policies.yaml")
+    out.write_text((HELM_HEADER if helm else "") + render())
     print(f"wrote {out}")
     return 0
 

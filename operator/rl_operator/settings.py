@@ -44,6 +44,12 @@ class OperatorSettings:
     webhook_port: int = 9443
     """Port of the admission webhook server. Env: ``RLOPS_WEBHOOK_PORT``."""
 
+    webhook_service: str | None = None
+    """``namespace/name:port`` of a Service in front of the webhook server (in a cluster: the
+    chart's ``rlops-system/rlops-operator:443``). When set, the webhook configuration points at
+    that Service instead of a URL; the certificate names ``<name>.<namespace>.svc``.
+    Env: ``RLOPS_WEBHOOK_SERVICE``."""
+
     webhook_host: str | None = None
     """Host name the API server uses to reach the webhook (default: ``webhook_addr``); the
     serving certificate is made for it. Env: ``RLOPS_WEBHOOK_HOST``."""
@@ -98,6 +104,7 @@ class OperatorSettings:
             webhook_addr=env.get("RLOPS_WEBHOOK_ADDR", cls.webhook_addr) or None,
             webhook_port=int(env.get("RLOPS_WEBHOOK_PORT", cls.webhook_port)),
             webhook_host=env.get("RLOPS_WEBHOOK_HOST") or None,
+            webhook_service=env.get("RLOPS_WEBHOOK_SERVICE") or None,
             cert_dir=env.get("RLOPS_CERT_DIR", cls.cert_dir),
             alert_receiver=env.get("RLOPS_ALERT_RECEIVER", cls.alert_receiver) or None,
             alert_token_secret=env.get("RLOPS_ALERT_TOKEN_SECRET", cls.alert_token_secret),

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_committed_crd_matches_models(kind):
     committed = (ROOT / "crds" / crdgen.filename(kind)).read_text()
     assert committed == crdgen.render(kind), f"crds/{crdgen.filename(kind)} is stale: run `make crds`"
+    chart = (ROOT / "charts" / "rlops" / "crds" / crdgen.filename(kind)).read_text()
+    assert chart == committed, f"charts/rlops/crds/{crdgen.filename(kind)} is stale: run `make crds`"
 
 
 def _walk(node, path="$"):

@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+import yaml
 
 from rl_operator import models as m
 from rl_operator import policygen, training, trust
@@ -132,8 +133,13 @@ def test_signatures_bind_every_field():
 
 
 def test_committed_admission_policies_match_the_models():
-    committed = (REPO / "manifests" / "base" / "admission-policies.yaml").read_text()
-    assert committed == policygen.render(), "run `make crds`"
+    chart = (REPO / "charts" / "rlops" / "templates" / "admission-policies.yaml").read_text()
+    assert chart == policygen.HELM_HEADER + policygen.render(), "run `make crds`"
+    # manifests/base is rendered from the chart (tests/integration/test_chart.py checks all of it)
+    rendered = (REPO / "manifests" / "base" / "admission-policies.yaml").read_text()
+    def objects(text):  # helm orders resources by kind
+        return sorted((d for d in yaml.safe_load_all(text) if d), key=lambda d: (d["kind"], d["metadata"]["name"]))
+    assert objects(rendered) == objects(policygen.render()), "run `make crds`"
 
 
 def test_default_comparison_covers_every_policy_field():
@@ -145,3 +151,15 @@ def test_default_comparison_covers_every_policy_field():
         assert f"object.spec.canary.analysis.{field}" in expr
     approval = policygen.cel_equals("a", m.ApprovalPolicy, m.ApprovalPolicy().wire())
     assert '!has(a.auto.minMeanReturn)' in approval and 'a.mode == "manual"' in approval
+
+
+def test_the_webhook_is_announced_through_its_service_in_a_cluster():
+    from rl_operator import certs
+    kopf_config = {"url": "https://rlops-operator.rlops-system.svc:9443", "caBundle": "Q0E="}
+    assert certs.service_client_config(kopf_config, "rlops-system/rlops-operator:443") == {
+        "service": {"namespace": "rlops-system", "name": "rlops-operator", "port": 443}, "caBundle": "Q0E="}
+    rooted = certs.service_client_config({"url": "https://h:9443/hooks/"}, "ns/svc:8443")
+    assert rooted == {"service": {"namespace": "ns", "name": "svc", "port": 8443, "path": "/hooks"}}
+    for bad in ("rlops-operator:443", "rlops-system/rlops-operator", "rlops-system/:443", "a/b:https"):
+        with pytest.raises(ValueError, match="namespace/name:port"):
+            certs.service_ref(bad)
