@@ -1,32 +1,37 @@
 # syntax=docker/dockerfile:1
-# Two images from one file:
-#   docker build --target operator -t ghcr.io/rlops/operator:0.1.0 .   (slim: no torch)
-#   docker build --target trainer  -t ghcr.io/rlops/trainer:0.1.0 .    (CUDA PyTorch; CPU fallback)
-# Not built in this project's CI: the dev machines have no container engine (see docs/architecture.md).
+# Two images from one file, both non-root (uid 1000) and able to run with a read-only root
+# filesystem:
+#   operator  the controller, webhook and receivers (no torch, ~150 MB)
+#   engine    the trainer (python -m rl_engine.train) and Ray Serve (ray start), with PyTorch
+#
+# With a registry (Docker, Podman, BuildKit), the default base is used unchanged:
+#   docker build --target operator -t rlops/operator:0.1.0 .
+#   docker build --target engine   -t rlops/engine:0.1.0 .
+# Without one, `make images` builds a Debian bookworm base with mmdebstrap (Python 3.11 from
+# Debian) and passes it as BASE (hack/images.sh).
+ARG BASE=python:3.11-slim
 
-FROM python:3.11-slim AS base
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN useradd --uid 1000 --create-home rlops
-
-FROM base AS operator-build
-COPY operator/ /src/operator/
-RUN pip wheel --wheel-dir /wheels /src/operator
+FROM ${BASE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+RUN python3 -m venv /opt/venv \
+    && useradd --uid 1000 --user-group --create-home --home-dir /home/rlops rlops
 
 FROM base AS operator
-COPY --from=operator-build /wheels /wheels
-RUN pip install /wheels/*.whl && rm -rf /wheels
-USER 1000
+COPY operator/ /src/operator/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --disable-pip-version-check /src/operator && rm -rf /src
+USER 1000:1000
+WORKDIR /home/rlops
 ENTRYPOINT ["python", "-m", "rl_operator"]
 
-FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 AS trainer
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DEBIAN_FRONTEND=noninteractive
-RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3.11 -m venv /opt/venv && useradd --uid 1000 --create-home rlops
-ENV PATH=/opt/venv/bin:$PATH
+FROM base AS engine
 COPY rl_engine/ /src/rl_engine/
-RUN pip install /src/rl_engine && rm -rf /src
-USER 1000
+# PyPI's torch wheel for Linux carries its CUDA libraries (the image runs on GPU nodes and, more
+# slowly, on CPU-only ones).
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --disable-pip-version-check "/src/rl_engine[s3]" && rm -rf /src
+USER 1000:1000
 WORKDIR /home/rlops
 # The operator sets the command (python -m rl_engine.train) and the run config in the Job.
 CMD ["python", "-m", "rl_engine.train", "--help"]

@@ -2,12 +2,12 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: services ray-up ray-down bench-serve bench-train demo test test-unit test-integration test-e2e venv binaries cluster-up cluster-down install crds clean
+.PHONY: services ray-up ray-down bench-serve bench-train demo test test-unit test-integration test-e2e test-cluster images node-up node-down venv binaries cluster-up cluster-down install crds clean
 
 demo: ## the local demo: control plane + node agent + operator, then train manifests/samples/cartpole.yaml
 	bash hack/demo.sh
 
-test: venv binaries services ## unit, integration (real API server) and e2e (real training, Ray, Prometheus, Alertmanager)
+test: venv binaries services ## unit, integration (real API server), e2e (real training, Ray, Prometheus, Alertmanager) and cluster (helm install on a real node)
 	$(PY) -m pytest tests -ra
 
 test-unit: venv
@@ -18,6 +18,18 @@ test-integration: venv binaries services
 
 test-e2e: venv binaries services
 	$(PY) -m pytest tests/e2e -ra
+
+test-cluster: venv binaries services ## rlops installed with Helm on a real kubelet node: images, operator pod, trainers, Ray (root)
+	$(PY) -m pytest tests/cluster -ra
+
+images: venv ## build the operator and engine images with buildah from an mmdebstrap base (root; tags and sizes printed)
+	bash hack/images.sh
+
+node-up: venv binaries ## a real kubelet node (containerd, runc, CNI, kube-proxy) joined to RLOPS_CLUSTER_NAME's control plane (root)
+	bash hack/node-up.sh
+
+node-down:
+	bash hack/node-down.sh
 
 services: ## Debian's prometheus and prometheus-alertmanager (installed once; the tests start them)
 	@if [ "$$(id -u)" = 0 ]; then bash hack/install-services.sh; else sudo bash hack/install-services.sh; fi

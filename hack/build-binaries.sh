@@ -5,6 +5,7 @@
 #   etcd                                  hack/tools/etcd        (wrapper main -> etcdmain.Main)
 #   kube-apiserver, kube-controller-manager,
 #   kube-scheduler, kubectl               hack/tools/kubernetes  (k8s.io/kubernetes, staging modules replaced)
+#   kubelet, kube-proxy                   hack/tools/kubernetes  (the real node: hack/node-up.sh)
 #   kwok, kwokctl                         hack/tools/kwok        (sigs.k8s.io/kwok)
 #   helm                                  hack/tools/helm        (helm.sh/helm/v3)
 #
@@ -47,6 +48,8 @@ build kwok "$kwok_v" "$here/tools/kwok" "-X sigs.k8s.io/kwok/pkg/consts.Version=
 build kubernetes "$k8s_v" "$here/tools/kubernetes" "$k8s_ld" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl >/dev/null
+build kubernetes-node "$k8s_v" "$here/tools/kubernetes" "$k8s_ld" \
+  k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy >/dev/null
 
 # helm's default Kubernetes version (for `helm template` and lint) is its client-go's, as its Makefile sets it
 helm_k8s_minor=$(modver "$here/tools/helm/go.mod" k8s.io/client-go | cut -d. -f2)
@@ -58,7 +61,7 @@ build helm "$helm_v-k8s1.$helm_k8s_minor" "$here/tools/helm" "$helm_ld" helm.sh/
 
 # A stable path for the rest of the tooling: bin/current -> the versioned sets.
 cur="$cache/bin/current"; mkdir -p "$cur"
-for f in "$cache/bin/etcd-$etcd_v"/etcd "$cache/bin/kwok-$kwok_v"/* "$cache/bin/kubernetes-$k8s_v"/* \
+for f in "$cache/bin/etcd-$etcd_v"/etcd "$cache/bin/kwok-$kwok_v"/* "$cache/bin/kubernetes-$k8s_v"/* "$cache/bin/kubernetes-node-$k8s_v"/* \
          "$cache/bin/helm-$helm_v-k8s1.$helm_k8s_minor"/helm; do
   ln -sfn "$f" "$cur/$(basename "$f")"
 done

@@ -65,9 +65,19 @@ else
     say "creating cluster '$cluster_name' (kwokctl --runtime binary; RBAC on; audit webhook -> operator)"
     mkdir -p "$(dirname "$KUBECONFIG")" "$clusterdir"
     write_audit_config
+    # The API server's certificate also names the kubernetes Service's ClusterIP and the real
+    # node's bridge address (pods reach the API at either), and it reaches kubelets
+    # (hack/node-up.sh: logs, exec) by InternalIP with a client certificate from the cluster's CA.
+    pki="$KWOK_WORKDIR/clusters/$cluster_name/pki"
+    cat >"$clusterdir/kwokctl.yaml" <<EOF
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokctlConfiguration
+options:
+  kubeApiserverCertSANs: ["10.0.0.1", "10.88.0.1"]
+EOF
     # kwokctl 0.8 indexes each component's extra args by the position of its first --extra-args
     # flag: the second component's first flag must come second (else it panics).
-    kwokctl create cluster --runtime binary \
+    kwokctl create cluster --runtime binary --config "$clusterdir/kwokctl.yaml" \
       --kubeconfig "$KUBECONFIG" \
       --etcd-binary "$bindir/etcd" \
       --kube-apiserver-binary "$bindir/kube-apiserver" \
@@ -80,6 +90,9 @@ else
       --extra-args kwok-controller=manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
       --extra-args "kube-apiserver=audit-webhook-config-file=$clusterdir/audit-webhook.kubeconfig" \
       --extra-args kube-apiserver=audit-webhook-batch-max-wait=1s \
+      --extra-args "kube-apiserver=kubelet-client-certificate=$pki/admin.crt" \
+      --extra-args "kube-apiserver=kubelet-client-key=$pki/admin.key" \
+      --extra-args kube-apiserver=kubelet-preferred-address-types=InternalIP \
       --wait 2m >"$clusterdir/kwokctl.log" 2>&1 || { tail -20 "$clusterdir/kwokctl.log"; exit 1; }
   fi
 fi

@@ -3,7 +3,8 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 t0=$SECONDS
-bash "$root/hack/start-local.sh"
+# the demo's node takes CPU-only pods too, so that every sample in manifests/samples runs
+RLOPS_AGENT_CPU_PODS=${RLOPS_AGENT_CPU_PODS:-1} bash "$root/hack/start-local.sh"
 
 sample="$root/manifests/samples/cartpole.yaml"
 agent=cartpole

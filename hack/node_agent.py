@@ -265,8 +265,8 @@ class Agent:
         self.max_pods: int = args.max_pods
         self.state_dir = Path(args.state_dir).expanduser().resolve()
         self.path_prepend: str = args.path_prepend
-        self.taints: list[dict] = [{"key": GPU_RESOURCE, "effect": "NoSchedule"}] + [
-            parse_taint(t) for t in args.taint or []]
+        gpu_taint = [] if args.cpu_pods else [{"key": GPU_RESOURCE, "effect": "NoSchedule"}]
+        self.taints: list[dict] = gpu_taint + [parse_taint(t) for t in args.taint or []]
         cfg = client.Configuration()
         config.load_kube_config(config_file=args.kubeconfig, client_configuration=cfg)
         cfg.connection_pool_maxsize = 32
@@ -1334,7 +1334,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the Python running the agent, i.e. the venv's bin)")
     p.add_argument("--taint", action="append", metavar="KEY[=VALUE]:EFFECT",
                    help="an extra node taint (repeatable), e.g. to keep other pods off a test node; "
-                        f"{GPU_RESOURCE}:NoSchedule is always set")
+                        f"{GPU_RESOURCE}:NoSchedule is set unless --cpu-pods")
+    p.add_argument("--cpu-pods", action="store_true",
+                   help=f"take CPU-only pods too: no {GPU_RESOURCE}:NoSchedule taint (a GPU node left "
+                        "open to any pod, as in clusters that do not reserve their GPU nodes)")
     p.add_argument("--log-level", default=os.environ.get("RLOPS_NODE_AGENT_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     if args.state_dir is None:

@@ -7,7 +7,9 @@
 #
 # Env (defaults in brackets):
 #   RLOPS_STATE_DIR            configs, data, logs, pid files [${RLOPS_CACHE:-~/.cache/rlops}/services]
-#   RLOPS_PROMETHEUS_PORT      Prometheus on 127.0.0.1 [9090]
+#   RLOPS_PROMETHEUS_PORT      Prometheus's port [9090]
+#   RLOPS_PROMETHEUS_ADDR      Prometheus's listen address [127.0.0.1] (the cluster tier: the real
+#                              node's bridge address, so that the operator's pod reaches it)
 #   RLOPS_ALERTMANAGER_PORT    Alertmanager on 127.0.0.1 [9093]
 #   RLOPS_SCRAPE_TARGETS       comma-separated host:port list scraped as job `rlops-serving`
 #                              [127.0.0.1:${RLOPS_RAY_METRICS_PORT:-8081}, hack/ray-up.sh's metrics agent]
@@ -28,6 +30,7 @@ source "$(dirname "$0")/lib.sh"
 
 state=${RLOPS_STATE_DIR:-$cache/services}
 prom_port=${RLOPS_PROMETHEUS_PORT:-9090}
+prom_addr=${RLOPS_PROMETHEUS_ADDR:-127.0.0.1}
 am_port=${RLOPS_ALERTMANAGER_PORT:-9093}
 targets=${RLOPS_SCRAPE_TARGETS-127.0.0.1:${RLOPS_RAY_METRICS_PORT:-8081}}
 rules=${RLOPS_PROMETHEUS_RULES:-$root/manifests/prometheus/rules.yaml}
@@ -99,9 +102,9 @@ running() {
   echo "$pid"
 }
 
-ready() { curl -sf -m 2 "http://127.0.0.1:$1/-/ready" >/dev/null 2>&1; }
+ready() { curl -sf -m 2 "http://$1/-/ready" >/dev/null 2>&1; }  # host:port
 
-# wait_ready NAME PORT PID
+# wait_ready NAME HOST:PORT PID
 wait_ready() {
   for _ in $(seq 120); do
     kill -0 "$3" 2>/dev/null || { tail -30 "$state/$1.log" >&2; echo "prom-up.sh: $1 exited (log $state/$1.log)" >&2; exit 1; }
@@ -111,7 +114,7 @@ wait_ready() {
   tail -30 "$state/$1.log" >&2; echo "prom-up.sh: $1 not ready after 60s (log $state/$1.log)" >&2; exit 1
 }
 
-# up NAME BINARY PORT ARGS...: start (own session, pid file, log) or reload (SIGHUP), then wait.
+# up NAME BINARY HOST:PORT ARGS...: start (own session, pid file, log) or reload (SIGHUP), then wait.
 up() {
   local name=$1 bin=$2 port=$3 pid; shift 3
   if pid=$(running "$name" "$bin"); then
@@ -129,12 +132,12 @@ up() {
   wait_ready "$name" "$port" "$pid"
 }
 
-up alertmanager "$am_bin" "$am_port" \
+up alertmanager "$am_bin" "127.0.0.1:$am_port" \
   --config.file="$state/alertmanager.yml" --storage.path="$state/alertmanager-data" \
   --web.listen-address="127.0.0.1:$am_port" --cluster.listen-address= --log.level="${RLOPS_ALERTMANAGER_LOG_LEVEL:-info}"
-up prometheus "$prom_bin" "$prom_port" \
+up prometheus "$prom_bin" "$prom_addr:$prom_port" \
   --config.file="$state/prometheus.yml" --storage.tsdb.path="$state/prometheus-data" \
-  --storage.tsdb.retention.time=2d --web.listen-address="127.0.0.1:$prom_port"
+  --storage.tsdb.retention.time=2d --web.listen-address="$prom_addr:$prom_port"
 
-say "Prometheus http://127.0.0.1:$prom_port (scraping [${target_list}], rules $rules)"
+say "Prometheus http://$prom_addr:$prom_port (scraping [${target_list}], rules $rules)"
 say "Alertmanager http://127.0.0.1:$am_port (rollback alerts -> $webhook, token file $token_file)"

@@ -3,7 +3,9 @@
 #   control plane (hack/cluster-up.sh), CRDs + RBAC (manifests/overlays/local),
 #   the dev node agent (hack/node_agent.py), and the operator as a local process running as
 #   the rlops-operator ServiceAccount.
-# Env: RLOPS_NO_OPERATOR=1 skips the operator (tests start their own).
+# Env: RLOPS_NO_OPERATOR=1 skips the operator (tests start their own); RLOPS_AGENT_CPU_PODS=1
+# lets the node agent's node take CPU-only pods (gpu: 0) too (the demo sets it; the tests keep
+# the GPU taint, so that their CPU-only specs stay unscheduled).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 bash "$root/hack/setup-venv.sh"
@@ -15,7 +17,8 @@ kubectl wait --for condition=Established --timeout=60s crd/rlagents.rlops.dev cr
 
 node=${RLOPS_AGENT_NODE:-rlops-local-gpu}
 start_bg node-agent "$clusterdir/logs/node-agent.log" "$venv/bin/python" "$root/hack/node_agent.py" \
-  --kubeconfig "$KUBECONFIG" --node-name "$node" --gpus 1 --state-dir "$clusterdir/state/node-agent" --path-prepend "$venv/bin"
+  --kubeconfig "$KUBECONFIG" --node-name "$node" --gpus 1 --state-dir "$clusterdir/state/node-agent" --path-prepend "$venv/bin" \
+  $([ "${RLOPS_AGENT_CPU_PODS:-0}" = 1 ] && echo --cpu-pods)
 for _ in $(seq 60); do kubectl get node "$node" >/dev/null 2>&1 && break; sleep 1; done
 kubectl wait --for condition=Ready --timeout=90s "node/$node" >/dev/null || { tail -30 "$clusterdir/logs/node-agent.log"; exit 1; }
 say "node $node Ready (dev node agent: pods bound to it run as local processes)"

@@ -242,17 +242,21 @@ def finish_training(workdir: Path, run: str, proc: subprocess.Popen) -> dict[str
     return {"artifactURI": summary["artifactURI"], "fingerprint": summary["fingerprint"]}
 
 
-def prometheus_up(state: Path, scrape_target: str, webhook_url: str, token: str) -> dict[str, Any]:
+def prometheus_up(state: Path, scrape_target: str, webhook_url: str, token: str,
+                  addr: str = "127.0.0.1", prom_port: int | None = None) -> dict[str, Any]:
     """Prometheus + Alertmanager (``hack/prom-up.sh``) on free ports with their state in ``state``,
-    scraping ``scrape_target`` (host:port) and sending alerts to ``webhook_url`` with ``token``.
+    scraping ``scrape_target`` (host:port) and sending alerts to ``webhook_url`` with ``token``;
+    Prometheus listens on ``addr`` (at ``prom_port`` if given).
     Returns ``{"prometheus": url, "alertmanager": url, "env": env}``; ``prometheus_down(env)`` stops them."""
     prom, am = free_ports(2)
+    prom = prom_port or prom
     (state / "token").write_text(token)
     env = {**os.environ, "RLOPS_STATE_DIR": str(state), "RLOPS_PROMETHEUS_PORT": str(prom),
+           "RLOPS_PROMETHEUS_ADDR": addr,
            "RLOPS_ALERTMANAGER_PORT": str(am), "RLOPS_SCRAPE_TARGETS": scrape_target,
            "RLOPS_ALERT_WEBHOOK_URL": webhook_url, "RLOPS_ALERT_TOKEN_FILE": str(state / "token")}
     subprocess.run(["bash", str(REPO / "hack" / "prom-up.sh")], env=env, check=True, timeout=180)
-    return {"prometheus": f"http://127.0.0.1:{prom}", "alertmanager": f"http://127.0.0.1:{am}", "env": env}
+    return {"prometheus": f"http://{addr}:{prom}", "alertmanager": f"http://127.0.0.1:{am}", "env": env}
 
 
 def prometheus_down(env: dict[str, str]) -> None:

@@ -30,7 +30,7 @@ RUN_LABEL = f"{GROUP}/training-run"
 OPERATOR_NAMESPACE = "rlops-system"
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:rlops-operator"
 
-DEFAULT_TRAINER_IMAGE = "ghcr.io/rlops/trainer:0.1.0"
+DEFAULT_TRAINER_IMAGE = "ghcr.io/rlops/engine:0.1.0"
 
 #: Schema marker: an optional sub-object that must not default to ``{}`` in the CRD (one-of members).
 NO_DEFAULT = "x-rlops-no-default"

@@ -283,6 +283,29 @@ def _trainer_state(pod: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+# Why a trainer pod cannot start: the kubelet's waiting reasons that need a human (a wrong image,
+# a missing Secret or ConfigMap), as opposed to ContainerCreating.
+STUCK_WAITING_REASONS = frozenset({
+    "ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})
+
+
+def pending_cause(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """Why the newest trainer pod is not running: ``(reason, message)`` from its scheduling
+    condition (``Unschedulable``: no node fits, e.g. no node without a GPU taint for a CPU
+    run) or its trainer container's waiting state (``ImagePullBackOff`` and the like); None
+    when it is just starting."""
+    for pod in _newest(pods)[:1]:
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return cond.get("reason") or "Unschedulable", cond.get("message") or ""
+        waiting = _trainer_state(pod).get("waiting") or {}
+        if waiting.get("reason") in STUCK_WAITING_REASONS:
+            return waiting["reason"], waiting.get("message") or ""
+    return None
+
+
 def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
 
@@ -378,6 +401,11 @@ def observe_run(
     elif status.phase == "Failed":
         set_condition(status.conditions, "Running", "False", "Failed", "", at)
         set_condition(status.conditions, "Failed", "True", status.failure_reason or "Failed", status.failure_message or "", at)
+    elif status.phase == "Pending" and (cause := pending_cause(pods)) is not None:
+        before = get_condition(prev.conditions, "Running")
+        if before is None or before.reason != cause[0]:
+            events.append(Event("Warning", "TrainerNotStarting", f"{cause[0]}: {cause[1]}"[:1024]))
+        set_condition(status.conditions, "Running", "False", cause[0], cause[1][:1024], at)
 
     if status.phase != prev.phase:
         if status.phase == "Running":

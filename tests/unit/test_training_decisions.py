@@ -192,3 +192,35 @@ def test_exited_pod_before_job_concludes_stays_running():
     exited = pod("Succeeded", {"exitCode": 0, "reason": "Completed", "message": "{}"})
     status, events = training.observe_run(run, job_with(active=0), [exited], AT)
     assert status.phase == "Running" and events == []
+
+
+def test_a_stuck_pending_run_says_why_once():
+    """A trainer pod that cannot start says so in the run's Running condition (and one Warning
+    Event per new cause): no node fits, or the image cannot be pulled. ContainerCreating is not
+    a cause."""
+    run = run_for(agent())
+    job = job_with(active=1)
+    unschedulable = pod("Pending")
+    unschedulable["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                              "message": "0/3 nodes are available: 3 node(s) had untolerated taint"}]
+    status, events = training.observe_run(run, job, [unschedulable], AT)
+    assert status.phase == "Pending"
+    cond = next(c for c in status.conditions if c.type == "Running")
+    assert (cond.status, cond.reason) == ("False", "Unschedulable") and "untolerated taint" in cond.message
+    assert [(e.type, e.reason) for e in events] == [("Warning", "TrainerNotStarting")]
+    run["status"] = status.wire()
+    _, events = training.observe_run(run, job, [unschedulable], AT)
+    assert events == []  # same cause: no second Event
+
+    pulling = pod("Pending")
+    pulling["status"]["containerStatuses"] = [{"name": training.TRAINER_CONTAINER, "state": {
+        "waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "ghcr.io/x/y:1"'}}}]
+    status, events = training.observe_run(run, job, [pulling], AT)
+    cond = next(c for c in status.conditions if c.type == "Running")
+    assert cond.reason == "ImagePullBackOff" and "ghcr.io/x/y:1" in cond.message
+    assert [e.reason for e in events] == ["TrainerNotStarting"]
+
+    creating = pod("Pending")
+    creating["status"]["containerStatuses"] = [{"name": training.TRAINER_CONTAINER,
+                                                "state": {"waiting": {"reason": "ContainerCreating"}}}]
+    assert training.pending_cause([creating]) is None

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Build rlops's two images with buildah (no Docker engine and no registry here), from a Debian
+# bookworm base that mmdebstrap makes from Debian's own packages.
+#
+#   bash hack/images.sh            # build (or reuse) base, operator and engine; print tags and sizes
+#   bash hack/images.sh load SOCK  # ... then import them into the containerd at SOCK (namespace k8s.io)
+#
+# Tags: ghcr.io/rlops/{operator,engine}:<version> and :<version>-<git sha>. The chart's and the
+# CRD's default images have these names, so a node that has them imported runs them with
+# imagePullPolicy IfNotPresent. Users with a registry build the same Dockerfile FROM
+# python:3.11-slim (its default BASE) with docker or podman.
+#
+# The build's RUN steps see the host's pip configuration and CA bundle (this machine reaches PyPI
+# through a proxy with its own CA); nothing of it stays in the images. Base root filesystems are
+# cached in ~/.cache/rlops/images, buildah's layer cache makes a second build take seconds.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+need=()
+command -v buildah >/dev/null || need+=(buildah)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]} (Debian packages)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" uidmap >/dev/null
+fi
+
+version=$(awk -F'"' '/^version *=/{print $2; exit}' "$root/operator/pyproject.toml")
+sha=$(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+imgdir="$cache/images"; mkdir -p "$imgdir"
+
+# The base: Debian bookworm minbase + Python 3.11 (Debian's), venv and CA certificates; no docs,
+# man pages or locales. Its tarball is cached by the recipe's hash.
+base_pkgs="python3,python3-venv,ca-certificates"
+base_opts=(--variant=minbase --include="$base_pkgs" --mode=root
+  --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*'
+  --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias')
+base_key=$(printf '%s ' bookworm "${base_opts[@]}" | sha256sum | cut -c1-12)
+base_ref="localhost/rlops-base:bookworm-$base_key"
+if ! buildah inspect --type image "$base_ref" >/dev/null 2>&1; then
+  tar="$imgdir/base-$base_key.tar"
+  if [ ! -s "$tar" ]; then
+    say "building the base root filesystem with mmdebstrap (Debian bookworm, $base_pkgs)"
+    mmdebstrap "${base_opts[@]}" bookworm "$tar.tmp" http://deb.debian.org/debian >"$imgdir/mmdebstrap.log" 2>&1 \
+      || { tail -20 "$imgdir/mmdebstrap.log" >&2; exit 1; }
+    mv "$tar.tmp" "$tar"
+  fi
+  c=$(buildah from scratch)
+  buildah add --quiet "$c" "$tar" / >/dev/null
+  buildah config --env LANG=C.UTF-8 --cmd '["python3"]' "$c"
+  buildah commit --quiet "$c" "$base_ref" >/dev/null
+  buildah rm "$c" >/dev/null
+fi
+
+build() { # target
+  local target=$1 repo="ghcr.io/rlops/$1" start=$SECONDS
+  say "building $repo:$version (Dockerfile target $target, BASE=$base_ref)"
+  buildah build --quiet --layers --network host --build-arg BASE="$base_ref" \
+    -v /etc/pip.conf:/etc/pip.conf:ro -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
+    --target "$target" -t "$repo:$version" -t "$repo:$version-$sha" -f "$root/Dockerfile" "$root" >/dev/null
+  say "  $repo:$version-$sha  $(buildah images --format '{{.Size}}' "$repo:$version" | head -1)  ($((SECONDS - start)) s)"
+}
+[ -f /etc/pip.conf ] || touch /etc/pip.conf
+build operator
+build engine
+
+# load SOCK: import into containerd unless the same image id is already there.
+if [ "${1:-}" = load ]; then
+  sock=$2
+  ctr() { command ctr -a "$sock" -n k8s.io "$@"; }
+  for name in operator engine; do
+    ref="ghcr.io/rlops/$name:$version"
+    id=$(buildah inspect --type image --format '{{.FromImageID}}' "$ref")
+    stamp="$imgdir/loaded-$name"
+    have=$(ctr images ls -q)  # (not piped into grep -q: under pipefail, its early exit fails ctr)
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$id" ] && grep -qx "$ref" <<<"$have"; then
+      continue
+    fi
+    start=$SECONDS
+    archive="$imgdir/$name.oci.tar"
+    buildah push --quiet --disable-compression "$ref" "oci-archive:$archive:$ref" >/dev/null
+    ctr images import --no-unpack=false "$archive" >/dev/null
+    ctr images tag --force "$ref" "ghcr.io/rlops/$name:$version-$sha" >/dev/null
+    rm -f "$archive"
+    echo "$id" >"$stamp"
+    say "  imported $ref into containerd ($((SECONDS - start)) s)"
+  done
+fi

@@ -1,0 +1,3 @@
+module rlops.dev/hack/tools/pause
+
+go 1.24

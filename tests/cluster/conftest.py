@@ -1,0 +1,101 @@
+"""The cluster tier: rlops installed as a platform team installs it, on a real node.
+
+A control plane of its own (``rlops-cluster``), a real kubelet node (containerd + runc + CNI +
+kube-proxy, ``hack/node-up.sh``) with rlops's images built from the Dockerfile and imported
+(``hack/images.sh``), a Ray head from the engine image (``manifests/ray/ray-head.yaml``), then
+``helm install rlops charts/rlops``. Nothing of rlops runs on the host: the operator, its
+webhook, the trainers and Ray Serve are containers on the node.
+
+What is not the real thing, and why: the kwok GPU nodes are still fake (no GPU here; nothing
+runs on them in this tier); there is no cluster DNS (CoreDNS's image cannot be pulled here), so
+the operator is given the Ray Service's ClusterIP instead of its DNS name; the artifact volume
+is a hostPath PersistentVolume (one node). Needs root (containerd, iptables).
+
+``RLOPS_KEEP_TEST_CLUSTER=1`` keeps the cluster and the node after the tier.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from incluster import ARTIFACTS_HOST_DIR, helm
+from support import CACHE, REPO, Cluster, prometheus_down, prometheus_up
+
+NAME = "rlops-cluster"
+NODE_IP = "10.88.0.1"  # the real node's bridge address (hack/node-up.sh): pods reach the host there
+PROMETHEUS_PORT = 19090
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float) -> None:
+    start = time.monotonic()
+    subprocess.run(cmd, env=env, check=True, timeout=timeout)
+    print(f"[cluster tier] {' '.join(Path(c).name if '/' in c else c for c in cmd[:2])}: {time.monotonic() - start:.0f} s")
+
+
+@pytest.fixture(scope="package")
+def real_cluster() -> Cluster:
+    if os.geteuid() != 0:
+        pytest.fail("the cluster tier runs a real kubelet node and needs root (containerd, runc, iptables)")
+    env = {**os.environ, "RLOPS_CLUSTER_NAME": NAME, "RLOPS_AUDIT_PORT": "8192"}
+    run(["bash", str(REPO / "hack" / "cluster-up.sh")], env, 600)
+    run(["bash", str(REPO / "hack" / "node-up.sh")], env, 2400)
+    c = Cluster(name=NAME, dir=CACHE / "clusters" / NAME, env=env)
+    yield c
+    if not os.environ.get("RLOPS_KEEP_TEST_CLUSTER"):
+        subprocess.run(["bash", str(REPO / "hack" / "node-down.sh")], env=env, check=False, timeout=300)
+        subprocess.run(["bash", str(REPO / "hack" / "cluster-down.sh")], env=env, check=False, timeout=300)
+
+
+@pytest.fixture(scope="package")
+def ray_service(real_cluster: Cluster) -> str:
+    """The Ray head (engine image) in ray-system; returns its Service's ClusterIP."""
+    ARTIFACTS_HOST_DIR.mkdir(parents=True, exist_ok=True)
+    os.chown(ARTIFACTS_HOST_DIR, 1000, 1000)  # the trainer and Ray run as uid 1000
+    real_cluster.kubectl("apply", "-f", str(REPO / "manifests" / "ray" / "ray-head.yaml"))
+    real_cluster.kubectl("-n", "ray-system", "rollout", "status", "deployment/ray-head", "--timeout=300s")
+    return real_cluster.get("service", "ray-head", "-n", "ray-system")["spec"]["clusterIP"]
+
+
+@pytest.fixture(scope="package")
+def rlops(real_cluster: Cluster, ray_service: str) -> dict[str, str]:
+    """``helm upgrade --install rlops charts/rlops`` (the operator image the node has)."""
+    start = time.monotonic()
+    # Helm installs the chart's CRDs on the first install only: a later chart's CRDs are applied
+    # by hand, as docs/install.md says.
+    real_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "charts" / "rlops" / "crds"))
+    values = ["--set", f"ray.dashboardUrl=http://{ray_service}:8265",
+              "--set", f"prometheus.url=http://{NODE_IP}:{PROMETHEUS_PORT}"]
+    helm(real_cluster, "upgrade", "--install", "rlops", str(REPO / "charts" / "rlops"), "-n", "rlops-system",
+         *values, "--wait", "--timeout", "5m")
+    # the node may have a newer operator image under the same tag (hack/images.sh re-imported it):
+    # restart the pod onto it, as `kubectl rollout restart` after a rebuild
+    want = (CACHE / "images" / "loaded-operator").read_text().strip()
+    pod = real_cluster.get("pods", "-n", "rlops-system", "-l", "app.kubernetes.io/name=rlops-operator")["items"][0]
+    if pod["status"]["containerStatuses"][0].get("imageID", "").removeprefix("sha256:") != want:
+        real_cluster.kubectl("-n", "rlops-system", "rollout", "restart", "deployment/rlops-operator")
+        real_cluster.kubectl("-n", "rlops-system", "rollout", "status", "deployment/rlops-operator", "--timeout=300s")
+    print(f"[cluster tier] helm install: {time.monotonic() - start:.0f} s")
+    return {"ray": ray_service, "values": values}
+
+
+@pytest.fixture(scope="package")
+def monitoring(real_cluster: Cluster, rlops: dict[str, str], tmp_path_factory) -> dict[str, str]:
+    """Prometheus and Alertmanager (Debian's) as host processes: Prometheus scrapes Ray's metrics
+    through the Ray Service and listens on the node's bridge address (the operator's pod queries
+    it); Alertmanager calls the operator's receiver through its Service. (No Prometheus image
+    here: monitoring runs beside the cluster, as a managed one would.)"""
+    token = secrets.token_hex(16)
+    real_cluster.kubectl("-n", "rlops-system", "delete", "secret", "rlops-alertmanager", "--ignore-not-found")
+    real_cluster.kubectl("-n", "rlops-system", "create", "secret", "generic", "rlops-alertmanager",
+                         f"--from-literal=token={token}")
+    receiver = real_cluster.get("service", "rlops-operator", "-n", "rlops-system")["spec"]["clusterIP"]
+    services = prometheus_up(tmp_path_factory.mktemp("monitoring"), f"{rlops['ray']}:8080",
+                             f"http://{receiver}:8090/api/v1/alerts", token, addr=NODE_IP, prom_port=PROMETHEUS_PORT)
+    yield services
+    prometheus_down(services["env"])

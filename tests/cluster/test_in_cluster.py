@@ -1,0 +1,235 @@
+"""rlops in a cluster, as installed by a platform team: ``helm install``, then tenants'
+``kubectl apply``; the trainers, the operator (and its webhook) and Ray Serve all run as
+containers on a real kubelet node. See conftest.py for what is real here and what is not.
+
+The tests run in file order and share one tenant namespace (``STATE``): a policy trained in
+the engine image, approved through the webhook's Service, served on Ray in the cluster, then a
+second version whose canary moves a step; the samples; a failing trainer; then ``helm upgrade``
+and ``helm uninstall``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from incluster import helm, tenant_namespace
+from support import REPO, Cluster, wait_for
+from rl_operator import models as m
+from rl_operator import rayserve
+
+ENGINE_IMAGE = "ghcr.io/rlops/engine:0.1.0"
+STATE: dict[str, Any] = {}
+
+
+def status(c: Cluster, kind: str, name: str, ns: str) -> dict[str, Any]:
+    return ((c.get(kind, name, "-n", ns) or {}).get("status")) or {}
+
+
+def wait_phase(c: Cluster, kind: str, name: str, ns: str, phases: tuple[str, ...], timeout: float) -> dict[str, Any]:
+    st = wait_for(lambda: (s := status(c, kind, name, ns)).get("phase") in (*phases, "Failed") and s, timeout,
+                  f"{kind}/{name} in {phases}", interval=2)
+    assert st["phase"] in phases, f"{kind}/{name}: {st}"
+    return st
+
+
+def trainer_pod(c: Cluster, ns: str, run: str) -> dict[str, Any]:
+    pods = c.get("pods", "-n", ns, "-l", f"{m.RUN_LABEL}={run}")["items"]
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    return pods[0]
+
+
+def cartpole(seed: int) -> str:
+    """The CartPole sample, on the CPU (the real node has no GPU), with a short canary plan."""
+    doc = yaml.safe_load((REPO / "manifests" / "samples" / "cartpole.yaml").read_text())
+    doc["spec"]["training"]["resources"] = {"gpu": 0, "cpu": "1", "memory": "2Gi"}
+    doc["spec"]["training"]["seed"] = seed
+    doc["spec"]["canary"] = {"steps": [{"setWeight": 20}, {"pause": {"durationSeconds": 3}}, {"setWeight": 60},
+                                       {"pause": {}}, {"setWeight": 100}],
+                             "analysis": {"intervalSeconds": 2, "windowSeconds": 30, "minSampleCount": 20}}
+    return yaml.safe_dump(doc)
+
+
+def test_the_operator_runs_in_a_pod_read_only_and_non_root(real_cluster, rlops):
+    c = real_cluster
+    pods = c.get("pods", "-n", "rlops-system", "-l", "app.kubernetes.io/name=rlops-operator")["items"]
+    assert len(pods) == 1
+    pod = pods[0]
+    assert pod["spec"]["nodeName"] == "rlops-node"
+    assert pod["status"]["containerStatuses"][0]["ready"] is True
+    assert pod["status"]["containerStatuses"][0]["containerID"].startswith("containerd://")
+    # a real container: exec (API server -> kubelet -> containerd) shows uid 1000 and a read-only /
+    out = c.kubectl("exec", "-n", "rlops-system", pod["metadata"]["name"], "--", "python", "-c",
+                    "import os\ntry:\n open('/probe', 'w')\nexcept OSError as e:\n print(os.getuid(), e.strerror)")
+    assert out.stdout.split(None, 1) == ["1000", "Read-only file system\n"], out.stdout
+    # the API server reaches the approval webhook through the chart's Service
+    hooks = c.get("mutatingwebhookconfiguration", "rlops.dev")["webhooks"]
+    services = {h["name"]: h["clientConfig"].get("service") for h in hooks}
+    assert services and all(s and s["name"] == "rlops-operator" and s["namespace"] == "rlops-system"
+                            for s in services.values()), services
+
+
+def test_train_in_the_engine_image_approve_through_the_service_serve_and_canary(real_cluster, rlops, monitoring):
+    c = real_cluster
+    ns = STATE["ns"] = tenant_ns(c)
+    t0 = time.monotonic()
+    assert c.apply(cartpole(seed=1), ns).returncode == 0
+    run = wait_phase(c, "trainingrun", "cartpole-1", ns, ("Succeeded",), 900)
+    print(f"cartpole-1 trained in a container: {time.monotonic() - t0:.0f} s, mean return {run['metrics'].get('meanReturn')}")
+
+    # the trainer ran in a container from the engine image; its exit code and termination message
+    # come from the real kubelet, and the TrainingRun shows the summary the trainer wrote there
+    pod = trainer_pod(c, ns, "cartpole-1")
+    cs = pod["status"]["containerStatuses"][0]
+    assert cs["image"].endswith(ENGINE_IMAGE.split("/", 1)[1]) and cs["containerID"].startswith("containerd://")
+    assert cs["state"]["terminated"]["exitCode"] == 0
+    summary = json.loads(cs["state"]["terminated"]["message"])
+    assert (run["fingerprint"], run["artifactURI"]) == (summary["fingerprint"], summary["artifactURI"])
+    assert run["metrics"] == summary["metrics"]
+    assert run["artifactURI"].startswith(f"file:///var/lib/rlops/artifacts/{ns}/cartpole/cartpole-1-")
+    logs = c.kubectl("logs", "-n", ns, pod["metadata"]["name"]).stdout
+    assert "fingerprint" in logs or "return" in logs, logs[-2000:]
+
+    # approval: the API server calls the webhook through the Service; it records who approved
+    STATE["approve"] = approve(c, ns, "cartpole-1")
+    ro = c.get("rollout", "cartpole-1", "-n", ns)["metadata"]["annotations"]
+    assert ro["rlops.dev/approved-by"] == "kwok-admin" and ro["rlops.dev/approval-signature"].startswith("v1:")
+    wait_phase(c, "rollout", "cartpole-1", ns, ("Promoted",), 300)
+    serve = f"http://{rlops['ray']}:8000/{ns}/cartpole"
+    answer = wait_for(lambda: answered(serve), 120, "the policy answering on Ray Serve in the cluster")
+    assert answer["version"] == "cartpole-1" and answer["action"] in (0, 1)
+
+    # a second version: under client load, its canary passes the analysis (Prometheus scraping
+    # Ray in the cluster) and moves from 20% to 60% on Ray Serve in the cluster
+    t0 = time.monotonic()
+    assert c.apply(cartpole(seed=2), ns).returncode == 0
+    wait_phase(c, "trainingrun", "cartpole-2", ns, ("Succeeded",), 900)
+    wait_phase(c, "rollout", "cartpole-2", ns, ("AwaitingApproval",), 120)
+    with Load(serve) as load:
+        approve(c, ns, "cartpole-2")
+        wait_for(lambda: status(c, "rollout", "cartpole-2", ns).get("canaryWeight") == 20, 300, "canary at 20%")
+        # 20% passes its analysis, waits out the 3 s pause, moves to 60%, passes again, then pauses
+        # until promoted
+        st = wait_for(lambda: (s := status(c, "rollout", "cartpole-2", ns)).get("canaryWeight") == 60
+                      and s["phase"] == "Paused" and s, 300, "canary step to 60%, then paused", interval=2)
+    assert st["stableVersion"] == "cartpole-1", st
+    assert st["analysis"]["phase"] == "Successful", st["analysis"]
+    assert load.failed == 0, f"{load.failed} of {load.sent} client requests failed during the canary"
+    weights = rayserve.application_weights(rayserve.application_summary(
+        rayserve.get_applications(f"http://{rlops['ray']}:8265"), rayserve.app_name(ns, "cartpole"))["config"])
+    assert weights == {"cartpole-1": 40, "cartpole-2": 60}, weights
+    versions = {answered(serve)["version"] for _ in range(40)}
+    assert versions == {"cartpole-1", "cartpole-2"}, versions
+    print(f"second version trained, approved and at 60%: {time.monotonic() - t0:.0f} s")
+
+
+def test_every_cpu_sample_trains_on_the_real_node(real_cluster, rlops):
+    """The samples that ask for no GPU, applied unchanged (CartPole asks for one: it ran above on
+    the CPU, the real node having no GPU)."""
+    c = real_cluster
+    ns = tenant_ns(c)
+    runs = {}
+    for sample in sorted((REPO / "manifests" / "samples").glob("*.yaml")):
+        doc = yaml.safe_load(sample.read_text())
+        if doc["spec"].get("training", {}).get("resources", {}).get("gpu", 1) != 0:
+            continue
+        assert c.kubectl("apply", "-n", ns, "-f", str(sample)).returncode == 0
+        runs[sample.name] = f"{doc['metadata']['name']}-1"
+    assert set(runs) == {"gate-dqn.yaml", "router-ppo.yaml"}
+    for sample, run in runs.items():
+        t0 = time.monotonic()
+        st = wait_phase(c, "trainingrun", run, ns, ("Succeeded",), 1200)
+        print(f"{sample}: {run} Succeeded ({time.monotonic() - t0:.0f} s after the previous one), metrics {st['metrics']}")
+
+
+def test_a_failing_trainer_reports_its_exit_code_and_logs(real_cluster, rlops):
+    """A trainer that crashes (a keyword the environment does not take): the run fails with the
+    exit code and the log tail that the kubelet put in the pod's termination message."""
+    c = real_cluster
+    ns = STATE["ns"]
+    doc = yaml.safe_load(cartpole(seed=3))
+    doc["metadata"]["name"] = "broken"
+    doc["spec"]["environment"]["kwargs"] = {"no_such_option": 1}
+    doc["spec"]["training"]["backoffLimit"] = 0
+    assert c.apply(yaml.safe_dump(doc), ns).returncode == 0
+    st = wait_for(lambda: (s := status(c, "trainingrun", "broken-1", ns)).get("phase") in ("Failed", "Succeeded") and s,
+                  600, "broken-1 finished", interval=2)
+    assert st["phase"] == "Failed", st
+    terminated = trainer_pod(c, ns, "broken-1")["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] != 0
+    assert st["failureMessage"].startswith(f"trainer exited with code {terminated['exitCode']}: ") or \
+        st["failureReason"] not in ("", "BackoffLimitExceeded"), st
+    assert "no_such_option" in st["failureMessage"], st["failureMessage"]
+
+
+def test_helm_upgrade_keeps_the_webhook_and_uninstall_leaves_nothing_blocking(real_cluster, rlops):
+    c = real_cluster
+    ns = STATE["ns"]
+    old = c.get("pods", "-n", "rlops-system", "-l", "app.kubernetes.io/name=rlops-operator")["items"][0]
+    helm(c, "upgrade", "rlops", str(REPO / "charts" / "rlops"), "-n", "rlops-system", *rlops["values"],
+         "--set", "resources.requests.cpu=150m", "--wait", "--timeout", "5m")
+    new = wait_for(lambda: [p for p in c.get("pods", "-n", "rlops-system", "-l",
+                                             "app.kubernetes.io/name=rlops-operator")["items"]
+                            if p["metadata"]["uid"] != old["metadata"]["uid"]
+                            and p["status"].get("containerStatuses", [{}])[0].get("ready")], 300, "the upgraded pod")
+    assert new[0]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "150m"
+    # the new pod's webhook answers through the Service: a wrong fingerprint is refused by it
+    bad = c.kubectl("annotate", "rollout", "cartpole-2", "-n", ns, "--overwrite",
+                    "rlops.dev/approve=sha256:" + "0" * 64, check=False)
+    assert bad.returncode != 0 and "fingerprint" in bad.stderr, bad.stderr
+
+    helm(c, "uninstall", "rlops", "-n", "rlops-system", "--wait", "--timeout", "5m")
+    names = {h["metadata"]["name"] for kind in ("mutatingwebhookconfigurations", "validatingwebhookconfigurations")
+             for h in c.get(kind)["items"]}
+    assert not {n for n in names if "rlops" in n}, names
+    # nothing left to block the API: a Rollout write goes through with no operator running
+    c.kubectl("annotate", "rollout", "cartpole-2", "-n", ns, "--overwrite", "note=after-uninstall")
+    assert c.get("crd", "rlagents.rlops.dev") is not None  # Helm keeps CRDs (and so the tenants' objects)
+
+
+def tenant_ns(c: Cluster) -> str:
+    return tenant_namespace(c, f"t-{uuid.uuid4().hex[:6]}")
+
+
+def approve(c: Cluster, ns: str, rollout: str) -> str:
+    fp = c.get("rollout", rollout, "-n", ns)["spec"]["fingerprint"]
+    c.kubectl("annotate", "rollout", rollout, "-n", ns, f"rlops.dev/approve={fp}")
+    return fp
+
+
+class Load:
+    """One client thread posting observations to the agent's route until the block ends."""
+
+    def __init__(self, url: str):
+        self.url, self.sent, self.failed = url, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sent += 1
+            self.failed += answered(self.url) is None
+            time.sleep(0.1)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def answered(url: str) -> dict[str, Any] | None:
+    try:
+        resp = httpx.post(url, json={"observation": [0.01, -0.02, 0.03, 0.01]}, timeout=10)
+    except httpx.HTTPError:
+        return None
+    return resp.json() if resp.status_code == 200 else None
