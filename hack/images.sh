@@ -18,10 +18,7 @@ source "$(dirname "$0")/lib.sh"
 need=()
 command -v buildah >/dev/null || need+=(buildah)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
-if [ ${#need[@]} -gt 0 ]; then
-  say "installing ${need[*]} (Debian packages)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" uidmap >/dev/null
-fi
+[ ${#need[@]} -eq 0 ] || apt_install "${need[@]}" uidmap
 
 version=$(awk -F'"' '/^version *=/{print $2; exit}' "$root/operator/pyproject.toml")
 sha=$(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)

@@ -26,15 +26,10 @@ sock="$state/containerd.sock"
 mkdir -p "$nodedir/cni" "$state" "$croot" "$kroot"
 
 need=()
-for p in containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins iptables:iptables conntrack:conntrack; do
+for p in buildah:buildah containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins iptables:iptables conntrack:conntrack; do
   command -v "${p%%:*}" >/dev/null 2>&1 || [ -x "${p%%:*}" ] || need+=("${p#*:}")
 done
-if [ ${#need[@]} -gt 0 ]; then
-  say "installing ${need[*]} (Debian packages)"
-  # a temporary policy-rc.d keeps the packages' own services from starting
-  [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; trap 'rm -f /usr/sbin/policy-rc.d' EXIT; }
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
-fi
+[ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
 bash "$root/hack/build-binaries.sh" >/dev/null
 
 # --- network: the bridge exists before the kubelet starts (its address is the node IP)
