@@ -12,12 +12,13 @@
 #
 # The build's RUN steps see the host's pip configuration and CA bundle (this machine reaches PyPI
 # through a proxy with its own CA); nothing of it stays in the images. Base root filesystems are
-# cached in ~/.cache/rlops/images, buildah's layer cache makes a second build take seconds.
+# cached in ~/.cache/rlops/images, and buildah's image store (its layer cache) is
+# ~/.cache/rlops/buildah, so a second build takes seconds.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 need=()
-command -v buildah >/dev/null || need+=(buildah)
-command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+type -P buildah >/dev/null || need+=(buildah)
+type -P mmdebstrap >/dev/null || need+=(mmdebstrap)
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}" uidmap
 
 version=$(awk -F'"' '/^version *=/{print $2; exit}' "$root/operator/pyproject.toml")
@@ -27,7 +28,7 @@ imgdir="$cache/images"; mkdir -p "$imgdir"
 # The base: Debian bookworm minbase + Python 3.11 (Debian's), venv and CA certificates; no docs,
 # man pages or locales. Its tarball is cached by the recipe's hash.
 base_pkgs="python3,python3-venv,ca-certificates"
-base_opts=(--variant=minbase --include="$base_pkgs" --mode=root
+base_opts=(--variant=minbase --include="$base_pkgs" --mode=root --format=tar
   --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*'
   --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias')
 base_key=$(printf '%s ' bookworm "${base_opts[@]}" | sha256sum | cut -c1-12)

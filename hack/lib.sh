@@ -50,3 +50,7 @@ apt_install() {
   [ $added = 1 ] && rm -f /usr/sbin/policy-rc.d
   return $rc
 }
+
+# buildah with its image store under the cache, so that a second run of a machine (or of CI with
+# ~/.cache kept) reuses the image layers. (Install checks use `type -P buildah`: this is a function.)
+buildah() { command buildah --root "$cache/buildah/storage" --runroot /run/rlops-buildah "$@"; }

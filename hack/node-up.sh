@@ -27,7 +27,7 @@ mkdir -p "$nodedir/cni" "$state" "$croot" "$kroot"
 
 need=()
 for p in buildah:buildah containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins iptables:iptables conntrack:conntrack; do
-  command -v "${p%%:*}" >/dev/null 2>&1 || [ -x "${p%%:*}" ] || need+=("${p#*:}")
+  type -P "${p%%:*}" >/dev/null 2>&1 || [ -x "${p%%:*}" ] || need+=("${p#*:}")
 done
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
 bash "$root/hack/build-binaries.sh" >/dev/null
@@ -93,7 +93,9 @@ bash "$root/hack/images.sh" load "$sock"
 
 # --- kubelet and kube-proxy: client certificates from the cluster's CA, and kubeconfigs
 pki="$KWOK_WORKDIR/clusters/$cluster_name/pki"
-"$venv/bin/python" "$root/hack/node_certs.py" "$pki" "$nodedir/pki" "$node"
+if [ -n "$("$venv/bin/python" -W ignore "$root/hack/node_certs.py" "$pki" "$nodedir/pki" "$node")" ]; then
+  stop_bg kubelet; stop_bg kube-proxy  # new credentials (a recreated control plane): restart onto them
+fi
 server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
 for who in kubelet kube-proxy; do
   cat >"$nodedir/$who.kubeconfig" <<EOF2

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -72,17 +73,10 @@ def service_client_config(client_config: dict, service: str) -> dict:
     return out
 
 
-def ensure_webhook_certs(directory: str | Path, names: list[str], days: int = 365) -> WebhookCerts:
-    """Create (or reuse) ``ca.crt``, ``tls.crt``, ``tls.key`` in ``directory`` for these DNS names / IPs.
-
-    Raises:
-        OSError: the directory cannot be written.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    files = WebhookCerts(ca=d / "ca.crt", cert=d / "tls.crt", key=d / "tls.key")
-    if files.ca.exists() and files.key.exists() and _still_good(files.cert, names):
-        return files
+def make_webhook_certs(names: list[str], days: int = 365) -> dict[str, bytes]:
+    """A new private CA and a serving certificate for these DNS names / IPs (the first is the
+    subject), valid for ``days``. Returns PEM bytes under the keys of a ``kubernetes.io/tls``
+    Secret as cert-manager writes it: ``ca.crt``, ``tls.crt``, ``tls.key``."""
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rlops webhook CA")])
@@ -107,9 +101,54 @@ def ensure_webhook_certs(directory: str | Path, names: list[str], days: int = 36
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
+    return {
+        "ca.crt": ca.public_bytes(serialization.Encoding.PEM),
+        "tls.crt": cert.public_bytes(serialization.Encoding.PEM),
+        "tls.key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()),
+    }
+
+
+def certs_usable(data: dict[str, bytes], names: list[str], min_days: float = 30) -> bool:
+    """Whether ``data`` (``ca.crt``, ``tls.crt``, ``tls.key`` PEM bytes) holds a serving
+    certificate for all of ``names`` that stays valid for at least ``min_days`` more days, and
+    the CA that signed it."""
+    try:
+        cert = x509.load_pem_x509_certificate(data["tls.crt"])
+        ca = x509.load_pem_x509_certificate(data["ca.crt"])
+        serialization.load_pem_private_key(data["tls.key"], password=None)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        cert.verify_directly_issued_by(ca)
+    except (KeyError, ValueError, TypeError, x509.ExtensionNotFound, InvalidSignature):
+        return False
+    left = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
+    return left >= dt.timedelta(days=min_days) and set(_san(names)) <= set(san)
+
+
+def write_webhook_certs(directory: str | Path, data: dict[str, bytes]) -> WebhookCerts:
+    """Write ``ca.crt``, ``tls.crt``, ``tls.key`` (the key mode 0600) into ``directory``.
+
+    Raises:
+        OSError: the directory cannot be written.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    files = WebhookCerts(ca=d / "ca.crt", cert=d / "tls.crt", key=d / "tls.key")
+    files.key.write_bytes(data["tls.key"])
     files.key.chmod(0o600)
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(data["tls.crt"])
+    files.ca.write_bytes(data["ca.crt"])
     return files
+
+
+def ensure_webhook_certs(directory: str | Path, names: list[str], days: int = 365) -> WebhookCerts:
+    """Create (or reuse) ``ca.crt``, ``tls.crt``, ``tls.key`` in ``directory`` for these DNS names / IPs.
+
+    Raises:
+        OSError: the directory cannot be written.
+    """
+    d = Path(directory)
+    files = WebhookCerts(ca=d / "ca.crt", cert=d / "tls.crt", key=d / "tls.key")
+    if files.ca.exists() and files.key.exists() and _still_good(files.cert, names):
+        return files
+    return write_webhook_certs(d, make_webhook_certs(names, days))

@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import threading
 from collections import defaultdict
 from typing import Any
@@ -68,6 +70,49 @@ class _ServiceWebhookServer(kopf.WebhookServer):
             yield certs.service_client_config(dict(client_config), SETTINGS.webhook_service or "")
 
 
+_WEBHOOK_CERT: dict[str, Any] = {}  # the certificate this process serves: names, data
+
+
+def _webhook_certs(names: list[str]) -> certs.WebhookCerts:
+    """The webhook's certificate files: from the shared Secret (made or renewed here, or issued by
+    cert-manager) when ``webhook_cert_secret`` is set, else made in ``cert_dir``."""
+    if not SETTINGS.webhook_cert_secret:
+        return certs.ensure_webhook_certs(SETTINGS.cert_dir, names)
+    ns, name = SETTINGS.webhook_cert_secret.split("/", 1)
+    data = kube.ensure_tls_secret(ns, name, lambda d: certs.certs_usable(d, names), lambda: certs.make_webhook_certs(names),
+                                  managed=SETTINGS.webhook_cert_managed)
+    _WEBHOOK_CERT.update(names=names, data=data)
+    return certs.write_webhook_certs(SETTINGS.cert_dir, data)
+
+
+def webhook_cert_stale(current: tuple[dict[str, bytes], str] | None, names: list[str], served: dict[str, bytes]) -> bool:
+    """Whether the process must restart onto a new webhook certificate: the Secret now holds
+    another one (renewed by a replica or by cert-manager), or the served one expires within 30
+    days (the restart renews it)."""
+    return current is None or current[0] != served or not certs.certs_usable(served, names)
+
+
+@kopf.on.startup()
+async def watch_webhook_cert(memo: kopf.Memo, **_: Any) -> None:
+    """Every 6 hours (every minute when cert-manager writes the Secret: it may re-issue at any
+    time): when the shared webhook certificate changed or is due for renewal, stop the operator
+    (SIGTERM, a clean kopf shutdown), so that Kubernetes restarts it onto the new one."""
+    if not SETTINGS.webhook_cert_secret or not SETTINGS.webhook_addr:
+        return
+
+    async def loop() -> None:
+        ns, name = SETTINGS.webhook_cert_secret.split("/", 1)
+        while True:
+            await asyncio.sleep(60 if SETTINGS.webhook_cert_managed else 6 * 3600)
+            current = await asyncio.to_thread(kube.read_secret_data, ns, name)
+            if webhook_cert_stale(current, _WEBHOOK_CERT["names"], _WEBHOOK_CERT["data"]):
+                log.warning("the webhook certificate in Secret %s changed or expires soon: restarting", SETTINGS.webhook_cert_secret)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    memo.cert_watch = asyncio.create_task(loop())
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.load_config()
@@ -76,17 +121,20 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     # our own finalizer name: a ValidatingAdmissionPolicy lets only the operator remove it
     settings.persistence.finalizer = FINALIZER
+    settings.peering.lifetime = SETTINGS.peering_lifetime_seconds  # (used only with --peering)
+    settings.peering.mandatory = True  # with --peering: no peering object is an error, not standalone
+    settings.peering.stealth = True    # no log line per keep-alive
     ns, name = SETTINGS.approval_key_secret.split("/", 1)
     _KEY["value"] = kube.ensure_key_secret(ns, name)
     if SETTINGS.webhook_addr:
         host = SETTINGS.webhook_host or SETTINGS.webhook_addr
         names = [host, SETTINGS.webhook_addr]
         server_class: type[kopf.WebhookServer] = kopf.WebhookServer
-        if SETTINGS.webhook_service:
+        if SETTINGS.webhook_service:  # the API server calls it by the Service's name only
             ns, svc, _ = certs.service_ref(SETTINGS.webhook_service)
-            names = [f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local", *names]
+            names = [f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local"]
             server_class = _ServiceWebhookServer
-        files = certs.ensure_webhook_certs(SETTINGS.cert_dir, names)
+        files = _webhook_certs(names)
         settings.admission.server = server_class(
             addr=SETTINGS.webhook_addr, port=SETTINGS.webhook_port, host=host,
             certfile=str(files.cert), pkeyfile=str(files.key), cafile=str(files.ca),
@@ -144,8 +192,9 @@ async def start_audit_receiver(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def stop_alert_receiver(memo: kopf.Memo, **_: Any) -> None:
-    if getattr(memo, "token_refresher", None) is not None:
-        memo.token_refresher.cancel()
+    for task in (getattr(memo, "token_refresher", None), getattr(memo, "cert_watch", None)):
+        if task is not None:
+            task.cancel()
     for runner in (getattr(memo, "receiver", None), getattr(memo, "audit_receiver", None)):
         if runner is not None:
             await runner.cleanup()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -145,6 +147,61 @@ def ensure_key_secret(namespace: str, name: str, field: str = "key", nbytes: int
             if exc.status != 409:
                 raise
     raise RuntimeError(f"secret {namespace}/{name} could not be read or created")
+
+
+def read_secret_data(namespace: str, name: str) -> tuple[dict[str, bytes], str] | None:
+    """A Secret's data (base64-decoded) and its resourceVersion, or None when it does not exist."""
+    try:
+        secret = client.CoreV1Api().read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+    return data, secret.metadata.resource_version
+
+
+def ensure_tls_secret(
+    namespace: str, name: str, usable: Callable[[dict[str, bytes]], bool], make: Callable[[], dict[str, bytes]],
+    managed: bool = False, wait_seconds: float = 300.0, poll_seconds: float = 5.0,
+) -> dict[str, bytes]:
+    """The data of a ``kubernetes.io/tls`` Secret that ``usable`` accepts, making it when needed.
+
+    Not ``managed``: a missing Secret is created with ``make()``'s data, an unusable one (expiring,
+    other names) replaced, compare-and-swap on its resourceVersion. Replicas starting at once
+    agree: the loser of a create or replace race (409) reads the winner's certificate.
+    ``managed`` (cert-manager writes the Secret): only read, waiting up to ``wait_seconds``.
+
+    Raises:
+        TimeoutError: managed, and no usable data after ``wait_seconds``.
+        ApiException: an API error other than the races above (e.g. 403).
+    """
+    core = client.CoreV1Api()
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        found = read_secret_data(namespace, name)
+        if found is not None and usable(found[0]):
+            return found[0]
+        if managed:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Secret {namespace}/{name} has no usable certificate (is cert-manager issuing it?)")
+            time.sleep(poll_seconds)
+            continue
+        data = make()
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                "metadata": {"name": name, "namespace": namespace,
+                             "labels": {"app.kubernetes.io/managed-by": "rlops"}},
+                "data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
+        try:
+            if found is None:
+                core.create_namespaced_secret(namespace, body)
+            else:
+                body["metadata"]["resourceVersion"] = found[1]
+                core.replace_namespaced_secret(name, namespace, body)
+            return data
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
 
 
 def post_event(obj: dict[str, Any], type: str, reason: str, message: str) -> None:

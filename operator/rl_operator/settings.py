@@ -54,6 +54,22 @@ class OperatorSettings:
     """Host name the API server uses to reach the webhook (default: ``webhook_addr``); the
     serving certificate is made for it. Env: ``RLOPS_WEBHOOK_HOST``."""
 
+    webhook_cert_secret: str | None = None
+    """``namespace/name`` of a ``kubernetes.io/tls`` Secret (``tls.crt``, ``tls.key``, ``ca.crt``)
+    holding the webhook's certificate, so that every replica and restart serves the same CA. The
+    operator creates it when missing and renews it 30 days before it expires (a running operator
+    restarts itself onto a renewed one). Empty: a certificate in ``cert_dir`` only, new at each
+    start of a fresh container. Env: ``RLOPS_WEBHOOK_CERT_SECRET``."""
+
+    webhook_cert_managed: bool = False
+    """The webhook certificate Secret is issued by cert-manager: the operator only reads it (and
+    waits for it), never writes it. Env: ``RLOPS_WEBHOOK_CERT_MANAGED=1``."""
+
+    peering_lifetime_seconds: int = 10
+    """With peering (``--peering``, two replicas): how long a replica's keep-alive record counts
+    before the standby takes over from a replica that died without saying so (SIGKILL, a lost
+    node). Env: ``RLOPS_PEERING_LIFETIME_SECONDS``."""
+
     cert_dir: str = "/tmp/rlops-webhook-certs"
     """Where the webhook's CA and serving certificate are made and kept. Env: ``RLOPS_CERT_DIR``."""
 
@@ -105,6 +121,9 @@ class OperatorSettings:
             webhook_port=int(env.get("RLOPS_WEBHOOK_PORT", cls.webhook_port)),
             webhook_host=env.get("RLOPS_WEBHOOK_HOST") or None,
             webhook_service=env.get("RLOPS_WEBHOOK_SERVICE") or None,
+            webhook_cert_secret=env.get("RLOPS_WEBHOOK_CERT_SECRET") or None,
+            webhook_cert_managed=env.get("RLOPS_WEBHOOK_CERT_MANAGED", "") in ("1", "true"),
+            peering_lifetime_seconds=int(env.get("RLOPS_PEERING_LIFETIME_SECONDS", cls.peering_lifetime_seconds)),
             cert_dir=env.get("RLOPS_CERT_DIR", cls.cert_dir),
             alert_receiver=env.get("RLOPS_ALERT_RECEIVER", cls.alert_receiver) or None,
             alert_token_secret=env.get("RLOPS_ALERT_TOKEN_SECRET", cls.alert_token_secret),

@@ -11,6 +11,7 @@ and ``helm uninstall``.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import uuid
@@ -169,17 +170,77 @@ def test_a_failing_trainer_reports_its_exit_code_and_logs(real_cluster, rlops):
     assert "no_such_option" in st["failureMessage"], st["failureMessage"]
 
 
+def operator_pods(c: Cluster) -> list[dict[str, Any]]:
+    return c.get("pods", "-n", "rlops-system", "-l", "app.kubernetes.io/name=rlops-operator")["items"]
+
+
+def test_two_replicas_one_works_and_the_standby_takes_over_from_a_sigkill(real_cluster, rlops):
+    """Two replicas (kopf peering): one works, the other stands by. The working one is killed
+    with SIGKILL while a run trains: a replica takes over and finishes it, with one Job. (Which
+    one: the kubelet restarts the killed container at once, with a new random priority; when it
+    is lower, the standby resumes, else the restarted one works and the standby waits on.)"""
+    c = real_cluster
+    ns = STATE["ns"]
+    helm(c, "upgrade", "rlops", str(REPO / "charts" / "rlops"), "-n", "rlops-system", *rlops["values"],
+         "--set", "replicas=2", "--wait", "--timeout", "5m")
+    pods = wait_for(lambda: (p := operator_pods(c)) and len(p) == 2
+                    and all(x["status"].get("containerStatuses", [{}])[0].get("ready") for x in p) and p,
+                    300, "two ready operator replicas")
+    names = {p["metadata"]["name"] for p in pods}
+    peers = wait_for(lambda: (s := (c.get("clusterkopfpeering", "rlops") or {}).get("status") or {})
+                     and names <= set(s) and s, 120, "both replicas in the peering object")
+    active = max(names, key=lambda n: peers[n]["priority"])
+    standby = (names - {active}).pop()
+
+    doc = yaml.safe_load(cartpole(seed=5))
+    doc["metadata"]["name"] = "failover"
+    assert c.apply(yaml.safe_dump(doc), ns).returncode == 0
+    wait_for(lambda: c.get("job", "failover-1", "-n", ns), 120, "the run's Job")
+    pod = next(p for p in pods if p["metadata"]["name"] == active)
+    container = pod["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
+    t_kill = time.monotonic()
+    subprocess.run(["ctr", "-a", "/run/rlops-node/containerd.sock", "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL",
+                    container], check=True, timeout=30)
+
+
+    def who_works() -> str | None:
+        """The replica working again after the kill: the standby (it resumed), or the killed one
+        restarted by the kubelet with a new, higher priority (then the standby keeps waiting)."""
+        if "Resuming operations" in c.kubectl("logs", "-n", "rlops-system", standby).stdout:
+            return standby
+        killed = c.get("pod", active, "-n", "rlops-system") or {"status": {}}
+        restarted = any(s.get("restartCount", 0) >= 1 and s.get("ready") for s in killed["status"].get("containerStatuses", []))
+        peers = (c.get("clusterkopfpeering", "rlops") or {}).get("status") or {}
+        if restarted and active in peers and standby in peers and peers[active]["priority"] > peers[standby]["priority"]:
+            return active
+        return None
+
+    worker = wait_for(who_works, 120, "a replica working again")
+    takeover = time.monotonic() - t_kill
+    st = wait_phase(c, "trainingrun", "failover-1", ns, ("Succeeded",), 600)
+    jobs = c.get("jobs", "-n", ns, "-l", f"{m.RUN_LABEL}=failover-1")["items"]
+    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
+    wait_phase(c, "rollout", "failover-1", ns, ("AwaitingApproval",), 120)
+    rollouts = [r for r in c.get("rollouts", "-n", ns)["items"] if r["spec"]["agentRef"]["name"] == "failover"]
+    assert len(rollouts) == 1
+    print(f"SIGKILL of the working replica -> {'the standby' if worker == standby else 'the restarted replica'} "
+          f"working after {takeover:.1f} s; run {st['phase']}, one Job")
+
+
 def test_helm_upgrade_keeps_the_webhook_and_uninstall_leaves_nothing_blocking(real_cluster, rlops):
     c = real_cluster
     ns = STATE["ns"]
-    old = c.get("pods", "-n", "rlops-system", "-l", "app.kubernetes.io/name=rlops-operator")["items"][0]
+    old = {p["metadata"]["uid"] for p in operator_pods(c)}
+    ca_before = c.get("mutatingwebhookconfiguration", "rlops.dev")["webhooks"][0]["clientConfig"]["caBundle"]
+    assert c.get("secret", "rlops-webhook-tls", "-n", "rlops-system")["type"] == "kubernetes.io/tls"
     helm(c, "upgrade", "rlops", str(REPO / "charts" / "rlops"), "-n", "rlops-system", *rlops["values"],
          "--set", "resources.requests.cpu=150m", "--wait", "--timeout", "5m")
-    new = wait_for(lambda: [p for p in c.get("pods", "-n", "rlops-system", "-l",
-                                             "app.kubernetes.io/name=rlops-operator")["items"]
-                            if p["metadata"]["uid"] != old["metadata"]["uid"]
-                            and p["status"].get("containerStatuses", [{}])[0].get("ready")], 300, "the upgraded pod")
+    new = wait_for(lambda: (p := operator_pods(c)) and len(p) == 1 and p[0]["metadata"]["uid"] not in old
+                   and p[0]["status"].get("containerStatuses", [{}])[0].get("ready") and p, 300, "the upgraded pod")
     assert new[0]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "150m"
+    # the new pod serves the certificate in the shared Secret: the CA bundle did not change
+    ca_after = c.get("mutatingwebhookconfiguration", "rlops.dev")["webhooks"][0]["clientConfig"]["caBundle"]
+    assert ca_after == ca_before
     # the new pod's webhook answers through the Service: a wrong fingerprint is refused by it
     bad = c.kubectl("annotate", "rollout", "cartpole-2", "-n", ns, "--overwrite",
                     "rlops.dev/approve=sha256:" + "0" * 64, check=False)

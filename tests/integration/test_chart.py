@@ -1,15 +1,17 @@
 """The Helm chart (charts/rlops): lint, values schema, a server-side dry run against the real
-API server, and manifests/base rendered from it (one source).
+API server (cert-manager's resources against cert-manager's own CRDs), and manifests/base
+rendered from it (one source).
 
-Not here yet: the operator running in a pod from the chart (that needs the real kubelet node and
-the project's images: docs/install.md says what is tested where).
+The chart installed for real, with the operator in its pod, is the cluster tier (tests/cluster).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -49,6 +51,39 @@ def test_server_side_dry_run_accepts_everything_the_chart_renders(cluster, value
     assert applied.returncode == 0, applied.stderr
 
 
+CERT_MANAGER = "github.com/cert-manager/cert-manager@v1.21.2"  # its CRDs, from the Go module proxy
+
+
+def test_the_cert_manager_option_renders_what_cert_manager_accepts(cluster, tmp_path):
+    """With webhook.certManager.enabled, the chart's Issuer and Certificate pass a server-side dry
+    run against cert-manager's own CRDs (from its Go module: cert-manager's controller itself is
+    not run here), and the operator is told to only read the Secret."""
+    proc = subprocess.run(["go", "mod", "download", "-json", CERT_MANAGER], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "GOTOOLCHAIN": "local"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    crds = Path(json.loads(proc.stdout)["Dir"]) / "deploy" / "crds"
+    for kind in ("issuers", "clusterissuers", "certificates"):
+        cluster.kubectl("apply", "--server-side", "-f", str(crds / f"cert-manager.io_{kind}.yaml"))
+    for kind in ("issuers", "clusterissuers", "certificates"):
+        cluster.kubectl("wait", "--for", "condition=Established", f"crd/{kind}.cert-manager.io", "--timeout=60s")
+    for extra in ([], ["--set", "webhook.certManager.issuerRef.name=corp-ca",
+                       "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer"]):
+        rendered = template("--set", "webhook.certManager.enabled=true", *extra)
+        assert rendered.returncode == 0, rendered.stderr
+        objs = docs(rendered.stdout)
+        (cert,) = [d for d in objs if d["kind"] == "Certificate"]
+        assert cert["spec"]["secretName"] == "rlops-webhook-tls"
+        assert "rlops-operator.rlops-system.svc" in cert["spec"]["dnsNames"]
+        issuers = [d for d in objs if d["kind"] == "Issuer"]
+        assert len(issuers) == (0 if extra else 1)
+        (deploy,) = [d for d in objs if d["kind"] == "Deployment"]
+        env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["RLOPS_WEBHOOK_CERT_MANAGED"] == "1" and env["RLOPS_WEBHOOK_CERT_SECRET"] == "rlops-system/rlops-webhook-tls"
+        dry = cluster.kubectl("apply", "--dry-run=server", "-f", "-", check=False,
+                              input="---\n".join(yaml.safe_dump(d) for d in [cert, *issuers]))
+        assert dry.returncode == 0, dry.stderr
+
+
 def test_the_operator_pod_is_non_root_with_a_read_only_root_filesystem(cluster):
     (deploy,) = [d for d in docs(template().stdout) if d["kind"] == "Deployment"]
     pod = deploy["spec"]["template"]["spec"]
@@ -56,7 +91,7 @@ def test_the_operator_pod_is_non_root_with_a_read_only_root_filesystem(cluster):
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["RLOPS_WEBHOOK_SERVICE"] == "rlops-system/rlops-operator:443"
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {env["RLOPS_CERT_DIR"], "/tmp"}
     assert container["image"] == "ghcr.io/rlops/operator:0.1.0"
@@ -64,7 +99,7 @@ def test_the_operator_pod_is_non_root_with_a_read_only_root_filesystem(cluster):
 
 @pytest.mark.parametrize(("args", "words"), [
     (["--namespace", "tenant-a"], ["rlops-system", "tenant-a"]),
-    (["--set", "replicas=2"], ["/replicas", "maximum"]),
+    (["--set", "replicas=3"], ["/replicas", "maximum"]),
     (["--set", "image.pullPolicy=Sometimes"], ["/image/pullPolicy"]),
     (["--set", "ray.dashboardUrl=ray-head:8265"], ["/ray/dashboardUrl"]),
     (["--set", "webhook.port=443"], ["/webhook/port", "minimum"]),

@@ -18,6 +18,13 @@ def test_committed_crd_matches_models(kind):
     assert chart == committed, f"charts/rlops/crds/{crdgen.filename(kind)} is stale: run `make crds`"
 
 
+def test_committed_peering_crd_is_generated():
+    committed = (ROOT / "crds" / crdgen.PEERING_FILENAME).read_text()
+    assert committed == crdgen.render_peering(), "crds/kopf.dev_clusterkopfpeerings.yaml is stale: run `make crds`"
+    assert (ROOT / "charts" / "rlops" / "crds" / crdgen.PEERING_FILENAME).read_text() == committed
+    assert crdgen.PEERING_FILENAME in (ROOT / "crds" / "kustomization.yaml").read_text()
+
+
 def _walk(node, path="$"):
     yield path, node
     for key in ("properties", "additionalProperties", "items"):
