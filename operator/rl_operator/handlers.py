@@ -121,9 +121,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     # our own finalizer name: a ValidatingAdmissionPolicy lets only the operator remove it
     settings.persistence.finalizer = FINALIZER
-    settings.peering.lifetime = SETTINGS.peering_lifetime_seconds  # (used only with --peering)
-    settings.peering.mandatory = True  # with --peering: no peering object is an error, not standalone
-    settings.peering.stealth = True    # no log line per keep-alive
+    # Used only with --peering (kopf.run makes peering mandatory then; standalone otherwise:
+    # a mandatory peering without one would pause the operator for ever).
+    settings.peering.lifetime = SETTINGS.peering_lifetime_seconds
+    settings.peering.stealth = True  # no log line per keep-alive
     ns, name = SETTINGS.approval_key_secret.split("/", 1)
     _KEY["value"] = kube.ensure_key_secret(ns, name)
     if SETTINGS.webhook_addr:
