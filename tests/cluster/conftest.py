@@ -25,11 +25,10 @@ from pathlib import Path
 import pytest
 
 from incluster import ARTIFACTS_HOST_DIR, helm
-from support import CACHE, REPO, Cluster, prometheus_down, prometheus_up
+from support import CACHE, REPO, Cluster, free_port, prometheus_down, prometheus_up, wait_for
 
 NAME = "rlops-cluster"
 NODE_IP = "10.88.0.1"  # the real node's bridge address (hack/node-up.sh): pods reach the host there
-PROMETHEUS_PORT = 19090
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float) -> None:
@@ -69,19 +68,27 @@ def rlops(real_cluster: Cluster, ray_service: str) -> dict[str, str]:
     # Helm installs the chart's CRDs on the first install only: a later chart's CRDs are applied
     # by hand, as docs/install.md says.
     real_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "charts" / "rlops" / "crds"))
+    prometheus_port = free_port()  # Prometheus starts later (monitoring), on the node's address
     values = ["--set", f"ray.dashboardUrl=http://{ray_service}:8265",
-              "--set", f"prometheus.url=http://{NODE_IP}:{PROMETHEUS_PORT}"]
+              "--set", f"prometheus.url=http://{NODE_IP}:{prometheus_port}"]
     helm(real_cluster, "upgrade", "--install", "rlops", str(REPO / "charts" / "rlops"), "-n", "rlops-system",
          *values, "--wait", "--timeout", "5m")
+    def one_pod() -> dict:
+        pods = wait_for(lambda: (p := real_cluster.get("pods", "-n", "rlops-system", "-l",
+                                                       "app.kubernetes.io/name=rlops-operator")["items"])
+                        and len(p) == 1 and p, 300, "one operator pod (the replaced ones gone)")
+        return pods[0]
+
+    pod = one_pod()
     # the node may have a newer operator image under the same tag (hack/images.sh re-imported it):
     # restart the pod onto it, as `kubectl rollout restart` after a rebuild
     want = (CACHE / "images" / "loaded-operator").read_text().strip()
-    pod = real_cluster.get("pods", "-n", "rlops-system", "-l", "app.kubernetes.io/name=rlops-operator")["items"][0]
     if pod["status"]["containerStatuses"][0].get("imageID", "").removeprefix("sha256:") != want:
         real_cluster.kubectl("-n", "rlops-system", "rollout", "restart", "deployment/rlops-operator")
         real_cluster.kubectl("-n", "rlops-system", "rollout", "status", "deployment/rlops-operator", "--timeout=300s")
+        one_pod()
     print(f"[cluster tier] helm install: {time.monotonic() - start:.0f} s")
-    return {"ray": ray_service, "values": values}
+    return {"ray": ray_service, "values": values, "prometheus_port": prometheus_port}
 
 
 @pytest.fixture(scope="package")
@@ -96,6 +103,7 @@ def monitoring(real_cluster: Cluster, rlops: dict[str, str], tmp_path_factory) -
                          f"--from-literal=token={token}")
     receiver = real_cluster.get("service", "rlops-operator", "-n", "rlops-system")["spec"]["clusterIP"]
     services = prometheus_up(tmp_path_factory.mktemp("monitoring"), f"{rlops['ray']}:8080",
-                             f"http://{receiver}:8090/api/v1/alerts", token, addr=NODE_IP, prom_port=PROMETHEUS_PORT)
+                             f"http://{receiver}:8090/api/v1/alerts", token, addr=NODE_IP,
+                             prom_port=rlops["prometheus_port"])
     yield services
     prometheus_down(services["env"])
