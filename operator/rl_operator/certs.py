@@ -36,17 +36,6 @@ def _san(names: list[str]) -> list[x509.GeneralName]:
     return out
 
 
-def _still_good(cert_path: Path, names: list[str]) -> bool:
-    try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    if cert.not_valid_after_utc - dt.timedelta(days=1) < dt.datetime.now(dt.timezone.utc):
-        return False
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return set(_san(names)) <= set(san)
-
-
 def service_ref(service: str) -> tuple[str, str, int]:
     """``namespace/name:port`` -> ``(namespace, name, port)``.
 
@@ -149,6 +138,10 @@ def ensure_webhook_certs(directory: str | Path, names: list[str], days: int = 36
     """
     d = Path(directory)
     files = WebhookCerts(ca=d / "ca.crt", cert=d / "tls.crt", key=d / "tls.key")
-    if files.ca.exists() and files.key.exists() and _still_good(files.cert, names):
+    try:
+        found = {"ca.crt": files.ca.read_bytes(), "tls.crt": files.cert.read_bytes(), "tls.key": files.key.read_bytes()}
+    except OSError:
+        found = {}
+    if certs_usable(found, names, min_days=1):
         return files
     return write_webhook_certs(d, make_webhook_certs(names, days))

@@ -131,12 +131,9 @@ def ensure_key_secret(namespace: str, name: str, field: str = "key", nbytes: int
     """
     core = client.CoreV1Api()
     for _ in range(2):
-        try:
-            secret = core.read_namespaced_secret(name, namespace)
-            return base64.b64decode((secret.data or {})[field])
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        found = read_secret_data(namespace, name)
+        if found is not None:
+            return found[0][field]
         body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                 "metadata": {"name": name, "namespace": namespace,
                              "labels": {"app.kubernetes.io/managed-by": "rlops"}},
