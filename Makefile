@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: services ray-up ray-down bench-serve bench-train demo test test-unit test-integration test-e2e test-cluster images node-up node-down venv binaries cluster-up cluster-down install crds clean
+.PHONY: services ray-up ray-down bench-serve bench-train demo test test-unit test-integration test-e2e test-cluster images node-up node-down kuberay-up kuberay-down venv binaries cluster-up cluster-down install crds clean
 
 demo: ## the local demo: control plane + node agent + operator, then train manifests/samples/cartpole.yaml
 	bash hack/demo.sh
@@ -30,6 +30,12 @@ node-up: venv binaries ## a real kubelet node (containerd, runc, CNI, kube-proxy
 
 node-down:
 	bash hack/node-down.sh
+
+kuberay-up: binaries ## KubeRay's operator (from source) and CRDs on RLOPS_CLUSTER_NAME's control plane, for ray.kuberay.enabled
+	bash hack/kuberay-up.sh
+
+kuberay-down:
+	bash hack/kuberay-down.sh
 
 services: ## Debian's prometheus and prometheus-alertmanager (installed once; the tests start them)
 	@if [ "$$(id -u)" = 0 ]; then bash hack/install-services.sh; else sudo bash hack/install-services.sh; fi

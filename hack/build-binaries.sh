@@ -8,6 +8,7 @@
 #   kubelet, kube-proxy                   hack/tools/kubernetes  (the real node: hack/node-up.sh)
 #   kwok, kwokctl                         hack/tools/kwok        (sigs.k8s.io/kwok)
 #   helm                                  hack/tools/helm        (helm.sh/helm/v3)
+#   ray-operator (KubeRay)                hack/tools/kuberay     (github.com/ray-project/kuberay/ray-operator)
 #
 # Versions come from the go.mod of each wrapper module, so the cache key moves with them.
 # Nothing is downloaded from release sites. Prints the directory of each binary set.
@@ -37,6 +38,7 @@ etcd_v=$(modver "$here/tools/etcd/go.mod" go.etcd.io/etcd/server/v3)
 k8s_v=$(modver "$here/tools/kubernetes/go.mod" k8s.io/kubernetes)
 kwok_v=$(modver "$here/tools/kwok/go.mod" sigs.k8s.io/kwok)
 helm_v=$(modver "$here/tools/helm/go.mod" helm.sh/helm/v3)
+kuberay_v=$(modver "$here/tools/kuberay/go.mod" github.com/ray-project/kuberay/ray-operator)
 minor=$(echo "$k8s_v" | cut -d. -f2)
 
 k8s_ld="-X k8s.io/component-base/version.gitVersion=$k8s_v -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=$k8s_v -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
@@ -59,10 +61,13 @@ for pkg in lint/rules chartutil; do
 done
 build helm "$helm_v-k8s1.$helm_k8s_minor" "$here/tools/helm" "$helm_ld" helm.sh/helm/v3/cmd/helm >/dev/null
 
+# KubeRay's operator, for the cluster tier's RayCluster (run as a local process: hack/kuberay-up.sh)
+build kuberay "$kuberay_v" "$here/tools/kuberay" "" github.com/ray-project/kuberay/ray-operator >/dev/null
+
 # A stable path for the rest of the tooling: bin/current -> the versioned sets.
 cur="$cache/bin/current"; mkdir -p "$cur"
 for f in "$cache/bin/etcd-$etcd_v"/etcd "$cache/bin/kwok-$kwok_v"/* "$cache/bin/kubernetes-$k8s_v"/* "$cache/bin/kubernetes-node-$k8s_v"/* \
-         "$cache/bin/helm-$helm_v-k8s1.$helm_k8s_minor"/helm; do
+         "$cache/bin/helm-$helm_v-k8s1.$helm_k8s_minor"/helm "$cache/bin/kuberay-$kuberay_v"/ray-operator; do
   ln -sfn "$f" "$cur/$(basename "$f")"
 done
 echo "$cur"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Stop the operator and node agent started by the demo, and delete the local cluster.
+# Stop the operator and node agent started by the demo (and KubeRay's operator, if started), and
+# delete the local cluster.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 stop_bg operator
 stop_bg node-agent
+stop_bg kuberay
 [ "$cluster_name" = rlops ] && bash "$root/hack/ray-down.sh" >/dev/null 2>&1 || true
 if [ -x "$bindir/kwokctl" ]; then
   "$bindir/kwokctl" --name "$cluster_name" delete cluster 2>/dev/null || true

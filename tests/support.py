@@ -87,6 +87,7 @@ class OperatorProcess:
         self.port = free_port()
         self.webhook_port = free_port()
         self.receiver_port = free_port()
+        self.metrics_port = free_port()
         # the API server's audit webhook points at a fixed port and CA (hack/cluster-up.sh)
         self.audit_port = int((cluster.dir / "audit-port").read_text()) if (cluster.dir / "audit-port").exists() \
             else None
@@ -100,7 +101,8 @@ class OperatorProcess:
         env = {**os.environ, "KUBECONFIG": kubeconfig, "RLOPS_ARTIFACT_ROOT": self.artifact_root,
                "RLOPS_RESYNC_SECONDS": "5", "RLOPS_WEBHOOK_PORT": str(self.webhook_port),
                "RLOPS_CERT_DIR": str(self.workdir / "certs"),
-               "RLOPS_ALERT_RECEIVER": f"127.0.0.1:{self.receiver_port}", **self.extra_env}
+               "RLOPS_ALERT_RECEIVER": f"127.0.0.1:{self.receiver_port}",
+               "RLOPS_METRICS_ADDR": f"127.0.0.1:{self.metrics_port}", **self.extra_env}
         if self.audit_port:
             env.update(RLOPS_AUDIT_RECEIVER=f"127.0.0.1:{self.audit_port}",
                        RLOPS_AUDIT_CERT_DIR=str(self.cluster.dir / "audit-certs"))
@@ -127,6 +129,27 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def metrics(self) -> dict[tuple[str, frozenset], float]:
+        """The operator's ``/metrics``, scraped now (see :func:`scrape`)."""
+        return scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """A Prometheus text endpoint as ``{(sample name, frozenset of label items): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(metrics: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float | None:
+    """The value of the one sample ``name`` whose labels include ``labels``, or None."""
+    found = [v for (n, ls), v in metrics.items() if n == name and set(labels.items()) <= ls]
+    assert len(found) <= 1, f"{len(found)} samples of {name} match {labels}"
+    return found[0] if found else None
 
 
 

@@ -35,7 +35,7 @@ import kopf
 
 from kubernetes.client.exceptions import ApiException
 
-from rl_operator import alerts, analysis, approvals, audit, certs, kube, rayserve, rollout, training, trust
+from rl_operator import alerts, analysis, approvals, audit, certs, kube, metrics, rayserve, rollout, training, trust
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
@@ -167,6 +167,13 @@ async def _keep_tokens_fresh(period: float = 30.0) -> None:
 
 
 @kopf.on.startup()
+def start_metrics(**_: Any) -> None:
+    if SETTINGS.metrics_addr:
+        metrics.serve(SETTINGS.metrics_addr)
+        log.info("metrics on http://%s/metrics", SETTINGS.metrics_addr)
+
+
+@kopf.on.startup()
 async def start_alert_receiver(memo: kopf.Memo, **_: Any) -> None:
     if not SETTINGS.alert_receiver:
         return
@@ -230,6 +237,7 @@ def _owned(owner: dict[str, Any], objs: list[dict[str, Any]]) -> list[dict[str, 
     return [o for o in objs if trust.controlled_by(o, owner, owner["kind"])]
 
 
+@metrics.reconciler("rlagent")
 def sync_agent(namespace: str, name: str) -> None:
     """Recompute an RLAgent's status from its TrainingRuns and write it if it changed."""
     with _locks[("rlagents", namespace, name)]:
@@ -300,10 +308,19 @@ def _fail_run(run: dict[str, Any], reason: str, message: str) -> None:
         status, events = training.failed_status(run, reason, message, training.now())
         if events:
             kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())
+            _count_finished(namespace, m.TrainingRunStatus.model_validate(run.get("status") or {}), status)
             _post(run, events)
     sync_agent(namespace, run["spec"]["agentRef"]["name"])
 
 
+def _count_finished(namespace: str, prev: m.TrainingRunStatus, status: m.TrainingRunStatus) -> None:
+    if status.phase in ("Succeeded", "Failed") and prev.phase != status.phase:
+        took = (status.completion_time - status.start_time).total_seconds() \
+            if status.completion_time and status.start_time else None
+        metrics.run_finished(namespace, status.phase, took)
+
+
+@metrics.reconciler("trainingrun")
 def sync_run(namespace: str, name: str) -> None:
     """Recompute a TrainingRun's status from its Job and pods, write it, then sync its agent.
 
@@ -331,6 +348,7 @@ def sync_run(namespace: str, name: str) -> None:
         changed = status.wire() != prev.wire()
         if changed:
             run = kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())
+            _count_finished(namespace, prev, status)
         _post(run, events)
     if changed:
         sync_agent(namespace, run["spec"]["agentRef"]["name"])
@@ -398,6 +416,7 @@ def _analysis_due(st: m.RolloutStatus, spec: m.RLAgentSpec, now: Any) -> bool:
     return last is None or (now - last).total_seconds() >= spec.canary.analysis.interval_seconds
 
 
+@metrics.reconciler("rollout")
 def reconcile_rollout(namespace: str, name: str) -> None:
     """Observe the world for one Rollout, run the pure pipeline, and carry out its actions."""
     with _locks[("rollouts", namespace, name)]:
@@ -440,6 +459,7 @@ def reconcile_rollout(namespace: str, name: str) -> None:
                     obs.analysis = rollout.judge(meas, agent_spec.canary.analysis, status.stable_version is not None)
                 except analysis.AnalysisError as exc:
                     obs.analysis = ("Error", str(exc)[:500], {})
+                metrics.ANALYSIS.labels(namespace, obs.analysis[0]).inc()
         new_status, acts = rollout.reconcile(ro, obs)
         _act(namespace, agent_name, agent_spec, acts, entries)
         if acts.remove_annotations:
@@ -481,8 +501,12 @@ def _set_active_model(namespace: str, agent: str, model: m.ActiveModel, rollout_
 
 
 def _write_rollout(ro: dict[str, Any], status: m.RolloutStatus, events: list[training.Event]) -> None:
-    if status.wire() != m.RolloutStatus.model_validate(ro.get("status") or {}).wire():
-        kube.patch_status(ro["metadata"]["namespace"], m.Rollout.PLURAL, ro["metadata"]["name"], status.wire())
+    namespace, name = ro["metadata"]["namespace"], ro["metadata"]["name"]
+    old = m.RolloutStatus.model_validate(ro.get("status") or {})
+    if status.wire() != old.wire():
+        kube.patch_status(namespace, m.Rollout.PLURAL, name, status.wire())
+    metrics.rollout_written(namespace, name, ro["spec"]["agentRef"]["name"], old.phase, status.phase,
+                            status.canary_weight, status.phase in rollout.TERMINAL)
     _post(ro, events)
 
 
@@ -510,6 +534,7 @@ async def on_alert(target: alerts.AlertTarget) -> None:
     """Alertmanager receiver callback: a firing alert naming an RLAgent aborts its canary."""
     reason = f"alert {target.alertname} firing" + (f": {target.summary}" if target.summary else "")
     name = await asyncio.to_thread(abort_agent_rollout, target.namespace, target.agent, reason)
+    metrics.ALERTS.labels("aborted" if name else "none").inc()
     if name:
         log.warning("rolled back %s/%s on %s", target.namespace, name, reason)
     else:
@@ -566,6 +591,7 @@ def on_agent_deleted(status: dict[str, Any], namespace: str, name: str, **_: Any
 def on_rollout_deleted(namespace: str, name: str, **_: Any) -> None:
     """The Rollout's finalizer: deleted mid-canary, its canary goes to weight 0 (traffic on the
     stable version) and leaves the application; with no stable version the application goes."""
+    metrics.rollout_deleted(namespace, name)
     with _locks[("rollouts", namespace, name)]:
         ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
         if ro is None or (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
@@ -601,6 +627,12 @@ def admit_approval(body: kopf.Body, old: kopf.Body | None, userinfo: dict[str, A
     can bypass this check. It records (and signs) the approver; the ValidatingAdmissionPolicies
     in ``manifests/base/admission-policies.yaml`` hold the verbs even without it.
     """
+    with metrics.admission():
+        _admit_approval(body, old, userinfo, patch, namespace, name)
+
+
+def _admit_approval(body: kopf.Body, old: kopf.Body | None, userinfo: dict[str, Any], patch: kopf.Patch,
+                    namespace: str, name: str) -> None:
     old_ann = dict((old or {}).get("metadata", {}).get("annotations") or {}) if old else None
     new_ann = dict(body.get("metadata", {}).get("annotations") or {})
     allowed_sas: tuple[str, ...] = ()

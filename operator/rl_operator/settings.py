@@ -81,6 +81,10 @@ class OperatorSettings:
     """``namespace/name`` of the Secret whose ``token`` key Alertmanager sends as bearer token.
     Env: ``RLOPS_ALERT_TOKEN_SECRET``."""
 
+    metrics_addr: str | None = None
+    """``host:port`` where the operator serves its Prometheus metrics (``/metrics``,
+    ``rl_operator.metrics``); empty (the default) disables it. Env: ``RLOPS_METRICS_ADDR``."""
+
     audit_receiver: str | None = None
     """``host:port`` of the HTTPS receiver for the API server's audit webhook (``POST
     /api/v1/audit``: who made an approval with impersonation, ``rl_operator.audit``); empty (the
@@ -127,6 +131,7 @@ class OperatorSettings:
             cert_dir=env.get("RLOPS_CERT_DIR", cls.cert_dir),
             alert_receiver=env.get("RLOPS_ALERT_RECEIVER", cls.alert_receiver) or None,
             alert_token_secret=env.get("RLOPS_ALERT_TOKEN_SECRET", cls.alert_token_secret),
+            metrics_addr=env.get("RLOPS_METRICS_ADDR", "") or None,
             audit_receiver=env.get("RLOPS_AUDIT_RECEIVER", "") or None,
             audit_cert_dir=env.get("RLOPS_AUDIT_CERT_DIR", "") or None,
             audit_token_secret=env.get("RLOPS_AUDIT_TOKEN_SECRET", cls.audit_token_secret),

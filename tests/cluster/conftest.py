@@ -9,7 +9,9 @@ webhook, the trainers and Ray Serve are containers on the node.
 What is not the real thing, and why: the kwok GPU nodes are still fake (no GPU here; nothing
 runs on them in this tier); there is no cluster DNS (CoreDNS's image cannot be pulled here), so
 the operator is given the Ray Service's ClusterIP instead of its DNS name; the artifact volume
-is a hostPath PersistentVolume (one node). Needs root (containerd, iptables).
+is a hostPath PersistentVolume (one node); KubeRay's operator (built from its Go module) runs
+as a local process, like the control plane, while the RayCluster it makes runs on the node.
+Needs root (containerd, iptables).
 
 ``RLOPS_KEEP_TEST_CLUSTER=1`` keeps the cluster and the node after the tier.
 """

@@ -4,8 +4,8 @@ containers on a real kubelet node. See conftest.py for what is real here and wha
 
 The tests run in file order and share one tenant namespace (``STATE``): a policy trained in
 the engine image, approved through the webhook's Service, served on Ray in the cluster, then a
-second version whose canary moves a step; the samples; a failing trainer; then ``helm upgrade``
-and ``helm uninstall``.
+second version whose canary moves a step; the samples; a failing trainer; two replicas; the
+chart's KubeRay RayCluster serving; then ``helm upgrade`` and ``helm uninstall``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from incluster import helm, tenant_namespace
-from support import REPO, Cluster, wait_for
+from support import REPO, Cluster, sample, scrape, wait_for
 from rl_operator import models as m
 from rl_operator import rayserve
 
@@ -128,6 +128,15 @@ def test_train_in_the_engine_image_approve_through_the_service_serve_and_canary(
     assert weights == {"cartpole-1": 40, "cartpole-2": 60}, weights
     versions = {answered(serve)["version"] for _ in range(40)}
     assert versions == {"cartpole-1", "cartpole-2"}, versions
+    # the operator's own metrics, through its Service's metrics port (what Prometheus scrapes)
+    svc = c.get("service", "rlops-operator", "-n", "rlops-system")
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "metrics")
+    scraped = scrape(f"http://{svc['spec']['clusterIP']}:{port}/metrics")
+    assert sample(scraped, "rlops_rollout_canary_weight_percent", namespace=ns, rollout="cartpole-2") == 60
+    assert sample(scraped, "rlops_rollout_phase", namespace=ns, rollout="cartpole-2", phase="Paused") == 1
+    assert sample(scraped, "rlops_analysis_runs_total", namespace=ns, result="Successful") >= 2
+    assert sample(scraped, "rlops_training_runs_finished_total", namespace=ns, phase="Succeeded") == 2
+    assert sample(scraped, "rlops_admission_reviews_total", result="allowed") >= 2
     print(f"second version trained, approved and at 60%: {time.monotonic() - t0:.0f} s")
 
 
@@ -229,6 +238,71 @@ def test_two_replicas_one_works_and_the_standby_takes_over_from_a_sigkill(real_c
     assert len(rollouts) == 1
     print(f"SIGKILL of the working replica -> {'the standby' if worker == standby else 'the restarted replica'} "
           f"working after {takeover:.1f} s; run {st['phase']}, one Job")
+
+
+KUBERAY_HEAD = "rlops-ray-head-svc.rlops-system.svc"  # the chart's RayCluster rlops-ray: its head Service
+
+
+def test_kuberay_makes_the_ray_cluster_and_rlops_serves_on_it(real_cluster, rlops):
+    """KubeRay's operator (built from its Go module, a local process) makes the chart's RayCluster
+    (ray.kuberay.enabled): its head runs on the real node from the engine image. The operator,
+    pointed at it, restores the canary in flight (its application was on the other Ray cluster)
+    at the same weights, and a new agent's policy is trained, approved and served there."""
+    c = real_cluster
+    subprocess.run(["bash", str(REPO / "hack" / "kuberay-up.sh")], env=c.env, check=True, timeout=1200)
+    values = [*rlops["values"], "--set", "ray.kuberay.enabled=true", "--set", "ray.kuberay.resources.requests.cpu=250m",
+              "--set-json", 'ray.kuberay.artifactsVolume={"hostPath": {"path": "/var/lib/rlops/artifacts", '
+                            '"type": "Directory"}}']
+    t0 = time.monotonic()
+    helm(c, "upgrade", "rlops", str(REPO / "charts" / "rlops"), "-n", "rlops-system", *values, "--wait",
+         "--timeout", "5m")
+    head = wait_for(lambda: (p := c.get("pods", "-n", "rlops-system", "-l", "ray.io/cluster=rlops-ray,ray.io/node-type=head")
+                             ["items"]) and p[0]["status"].get("containerStatuses", [{}])[0].get("ready") and p[0],
+                    600, "KubeRay's head pod ready")
+    print(f"RayCluster head ready {time.monotonic() - t0:.0f} s after helm upgrade")
+    assert head["metadata"]["ownerReferences"][0]["kind"] == "RayCluster"
+    assert head["spec"]["containers"][0]["image"] == ENGINE_IMAGE and head["spec"]["nodeName"] == "rlops-node"
+    assert head["spec"]["securityContext"]["runAsUser"] == 1000
+    # KubeRay's head Service is headless: its name resolves to the head pod's IP. There is no
+    # cluster DNS on this machine, so the operator pod gets that through the chart's hostAliases.
+    assert c.get("service", "rlops-ray-head-svc", "-n", "rlops-system")["spec"]["clusterIP"] == "None"
+    ip = head["status"]["podIP"]
+    helm(c, "upgrade", "rlops", str(REPO / "charts" / "rlops"), "-n", "rlops-system", *values,
+         "--set-json", f'hostAliases=[{{"ip": "{ip}", "hostnames": ["{KUBERAY_HEAD}"]}}]', "--wait", "--timeout", "5m")
+    pod = wait_for(lambda: (p := operator_pods(c)) and len(p) == 1 and p[0]["spec"].get("hostAliases")
+                   and p[0]["status"].get("containerStatuses", [{}])[0].get("ready") and p[0], 300,
+                   "the operator pod pointed at KubeRay's cluster")
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["RLOPS_RAY_DASHBOARD_URL"] == f"http://{KUBERAY_HEAD}:8265"
+
+    # the canary in flight (cartpole-2, paused at 60%) is restored on the new cluster at its weights
+    dashboard = f"http://{ip}:8265"
+    app = rayserve.app_name(STATE["ns"], "cartpole")
+
+    def restored() -> dict[str, int] | None:
+        try:
+            details = rayserve.get_applications(dashboard)
+        except rayserve.RayServeError:
+            return None  # the dashboard still starting
+        summary = rayserve.application_summary(details, app)
+        return summary and summary.get("status") == "RUNNING" and rayserve.application_weights(summary["config"])
+
+    weights = wait_for(restored, 600, "the in-flight canary restored on KubeRay's cluster")
+    assert weights == {"cartpole-1": 40, "cartpole-2": 60}, weights
+
+    # a new agent: trained, approved, served on KubeRay's cluster
+    ns = tenant_ns(c)
+    doc = yaml.safe_load(cartpole(seed=7))
+    assert c.apply(yaml.safe_dump(doc), ns).returncode == 0
+    wait_phase(c, "trainingrun", "cartpole-1", ns, ("Succeeded",), 900)
+    wait_phase(c, "rollout", "cartpole-1", ns, ("AwaitingApproval",), 120)
+    approve(c, ns, "cartpole-1")
+    wait_phase(c, "rollout", "cartpole-1", ns, ("Promoted",), 600)
+    answer = wait_for(lambda: answered(f"http://{ip}:8000/{ns}/cartpole"), 120, "the policy answering on KubeRay's cluster")
+    assert answer["version"] == "cartpole-1" and answer["action"] in (0, 1)
+    ray_status = c.get("raycluster", "rlops-ray", "-n", "rlops-system")["status"]
+    conditions = {x["type"]: x["status"] for x in ray_status.get("conditions", [])}
+    assert conditions.get("HeadPodReady") == "True", ray_status
 
 
 def test_helm_upgrade_keeps_the_webhook_and_uninstall_leaves_nothing_blocking(real_cluster, rlops):

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from support import REPO, prometheus_down, prometheus_up, stage_chain, wait_for
+from support import REPO, prometheus_down, prometheus_up, sample, stage_chain, wait_for
 from rl_engine.serving.testing import poison_artifact
 from rl_operator import rayserve
 
@@ -183,6 +183,11 @@ def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace, 
                 assert serving(ray, namespace) == before
                 for key in ("phase", "canaryWeight", "currentStepIndex", "stepStartedAt"):
                     assert after_restart.get(key) == status_before.get(key), key
+            # the operator's own metrics say the same (after the restart too: resumed Rollouts rewrite them)
+            wait_for(lambda: sample(m := stack["operator"].metrics(), "rlops_rollout_canary_weight_percent",
+                                    namespace=namespace, rollout="pole-2") == weight
+                     and sample(m, "rlops_rollout_phase", namespace=namespace, rollout="pole-2", phase="Paused") == 1,
+                     10, f"operator metrics at {weight}%")
             wait_for(lambda: load.count_since(t0) >= 1100, 300, f"1100 requests at {weight}%", interval=0.5)
             t1 = time.monotonic()
             cluster.kubectl("annotate", "rollout", "pole-2", "-n", namespace, "rlops.dev/promote=true")
@@ -258,6 +263,12 @@ def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace, 
     assert httpx.post(receiver, json={"version": "4", "alerts": []}, headers={"Authorization": "Bearer wrong"},
                       timeout=10).status_code == 401
     assert stack["operator"].proc.poll() is None
+    scraped = stack["operator"].metrics()
+    assert sample(scraped, "rlops_alerts_received_total", action="aborted") >= 1
+    assert sample(scraped, "rlops_rollout_transitions_total", namespace=namespace, phase="RolledBack") == 1
+    assert sample(scraped, "rlops_rollout_canary_weight_percent", namespace=namespace, rollout="pole-bad") is None
+    assert sample(scraped, "rlops_admission_reviews_total", result="allowed") >= 1
+    assert sample(scraped, "rlops_admission_review_duration_seconds_count") >= 1
 
     latency = t_zero - t_alert if t_alert else float("nan")
     print(f"alert in Alertmanager -> canary weight 0: {latency:.2f} s")

@@ -1,5 +1,5 @@
 """The Helm chart (charts/rlops): lint, values schema, a server-side dry run against the real
-API server (cert-manager's resources against cert-manager's own CRDs), and manifests/base
+API server (cert-manager's and KubeRay's resources against their own CRDs), and manifests/base
 rendered from it (one source).
 
 The chart installed for real, with the operator in its pod, is the cluster tier (tests/cluster).
@@ -51,6 +51,14 @@ def test_server_side_dry_run_accepts_everything_the_chart_renders(cluster, value
     assert applied.returncode == 0, applied.stderr
 
 
+def wait_established(cluster, crd: str) -> None:
+    """Wait for a CRD just applied to be served (``kubectl wait`` errors out while it has no
+    conditions yet)."""
+    wait_for(lambda: any(x["type"] == "Established" and x["status"] == "True" for x in
+                         ((cluster.get("crd", crd) or {}).get("status") or {}).get("conditions") or []),
+             60, f"CRD {crd} established")
+
+
 CERT_MANAGER = "github.com/cert-manager/cert-manager@v1.21.2"  # its CRDs, from the Go module proxy
 
 
@@ -65,7 +73,7 @@ def test_the_cert_manager_option_renders_what_cert_manager_accepts(cluster, tmp_
     for kind in ("issuers", "clusterissuers", "certificates"):
         cluster.kubectl("apply", "--server-side", "-f", str(crds / f"cert-manager.io_{kind}.yaml"))
     for kind in ("issuers", "clusterissuers", "certificates"):
-        cluster.kubectl("wait", "--for", "condition=Established", f"crd/{kind}.cert-manager.io", "--timeout=60s")
+        wait_established(cluster, f"{kind}.cert-manager.io")
     for extra in ([], ["--set", "webhook.certManager.issuerRef.name=corp-ca",
                        "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer"]):
         rendered = template("--set", "webhook.certManager.enabled=true", *extra)
@@ -82,6 +90,53 @@ def test_the_cert_manager_option_renders_what_cert_manager_accepts(cluster, tmp_
         dry = cluster.kubectl("apply", "--dry-run=server", "-f", "-", check=False,
                               input="---\n".join(yaml.safe_dump(d) for d in [cert, *issuers]))
         assert dry.returncode == 0, dry.stderr
+
+
+def kuberay_module() -> tuple[str, str]:
+    """KubeRay's operator module and version, as hack/tools/kuberay/go.mod pins them."""
+    mod = "github.com/ray-project/kuberay/ray-operator"
+    for line in (REPO / "hack" / "tools" / "kuberay" / "go.mod").read_text().splitlines():
+        if line.split()[:2] in (["require", mod], [mod]) or line.strip().startswith(mod + " "):
+            return mod, line.split()[-1]
+    raise AssertionError("hack/tools/kuberay/go.mod does not require " + mod)
+
+
+def test_the_kuberay_option_renders_a_raycluster_that_kuberay_accepts(cluster, tmp_path):
+    """With ray.kuberay.enabled, the chart's RayCluster passes a server-side dry run against
+    KubeRay's own CRD (from its Go module), and the operator talks to that cluster's head
+    Service; without KubeRay's CRDs, the chart refuses and says why."""
+    mod, version = kuberay_module()
+    proc = subprocess.run(["go", "mod", "download", "-json", f"{mod}@{version}"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "GOTOOLCHAIN": "local"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    crd = Path(json.loads(proc.stdout)["Dir"]) / "config" / "crd" / "bases" / "ray.io_rayclusters.yaml"
+    cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    wait_established(cluster, "rayclusters.ray.io")
+
+    missing = template("--set", "ray.kuberay.enabled=true")
+    assert missing.returncode != 0 and "KubeRay" in missing.stderr and "ray.dashboardUrl" in missing.stderr
+    rendered = template("--set", "ray.kuberay.enabled=true", "--api-versions", "ray.io/v1/RayCluster",
+                        "--set", "ray.kuberay.name=policies")
+    assert rendered.returncode == 0, rendered.stderr
+    objs = docs(rendered.stdout)
+    (ray,) = [d for d in objs if d["kind"] == "RayCluster"]
+    head = ray["spec"]["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["image"] == "ghcr.io/rlops/engine:0.1.0"
+    assert head["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"mountPath": "/var/lib/rlops/artifacts", "name": "artifacts", "readOnly": True} in \
+        head["containers"][0]["volumeMounts"]
+    (deploy,) = [d for d in objs if d["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RLOPS_RAY_DASHBOARD_URL"] == "http://policies-head-svc.rlops-system.svc:8265"
+    (policy,) = [d for d in objs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "rlops-ray-dashboard"]
+    assert policy["metadata"]["namespace"] == "rlops-system"
+    dry = cluster.kubectl("apply", "--dry-run=server", "-f", "-", check=False, input=yaml.safe_dump(ray))
+    assert dry.returncode == 0, dry.stderr
+    # an object-store root: nothing to mount
+    s3 = template("--set", "ray.kuberay.enabled=true", "--api-versions", "ray.io/v1/RayCluster",
+                  "--set", "artifacts.root=s3://policies/rlops")
+    (ray,) = [d for d in docs(s3.stdout) if d["kind"] == "RayCluster"]
+    assert "artifacts" not in {v["name"] for v in ray["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]}
 
 
 def test_the_operator_pod_is_non_root_with_a_read_only_root_filesystem(cluster):

@@ -12,6 +12,20 @@ app.kubernetes.io/name: rlops-operator
 app.kubernetes.io/part-of: rlops
 {{- end -}}
 
+{{/* Serve's REST API: the KubeRay RayCluster's head Service when the chart makes one, else
+ray.dashboardUrl. */}}
+{{- define "rlops.rayNamespace" -}}
+{{ .Values.ray.kuberay.namespace | default .Release.Namespace }}
+{{- end -}}
+
+{{- define "rlops.rayDashboardUrl" -}}
+{{- if .Values.ray.kuberay.enabled -}}
+http://{{ .Values.ray.kuberay.name }}-head-svc.{{ include "rlops.rayNamespace" . }}.svc:8265
+{{- else -}}
+{{ .Values.ray.dashboardUrl }}
+{{- end -}}
+{{- end -}}
+
 {{- define "rlops.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
