@@ -126,9 +126,16 @@ def rollout_status(cluster, namespace, name):
 
 
 def wait_phase(cluster, namespace, kind, name, phases, timeout):
-    return wait_for(lambda: ((cluster.get(kind, name, "-n", namespace) or {}).get("status") or {}).get("phase")
-                    in phases and cluster.get(kind, name, "-n", namespace)["status"], timeout,
-                    f"{kind}/{name} in {phases}", interval=1)
+    seen: list[dict] = [{}]  # the last status, for the message on a timeout
+
+    def probe() -> dict | None:
+        seen[0] = ((cluster.get(kind, name, "-n", namespace) or {}).get("status") or {})
+        return seen[0] if seen[0].get("phase") in phases else None
+
+    try:
+        return wait_for(probe, timeout, f"{kind}/{name} in {phases}", interval=1)
+    except pytest.fail.Exception as exc:
+        raise AssertionError(f"{exc}; last status: {seen[0]}") from None
 
 
 def approve(cluster, namespace, name):
