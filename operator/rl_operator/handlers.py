@@ -348,6 +348,8 @@ def sync_run(namespace: str, name: str) -> None:
         changed = status.wire() != prev.wire()
         if changed:
             run = kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())
+            if run is None:
+                return  # deleted since read
             _count_finished(namespace, prev, status)
         _post(run, events)
     if changed:

@@ -77,11 +77,17 @@ def create_custom_or_get(body: dict[str, Any], plural: str) -> tuple[dict[str, A
     return existing, False
 
 
-def patch_status(namespace: str, plural: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
-    """Merge-patch the ``status`` subresource of a rlops.dev object."""
-    return _custom().patch_namespaced_custom_object_status(
-        m.GROUP, m.VERSION, namespace, plural, name, {"status": status}
-    )
+def patch_status(namespace: str, plural: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+    """Merge-patch the ``status`` subresource of a rlops.dev object. Returns the object, or None
+    when it is gone (deleted since it was read, e.g. with its namespace): nothing to record."""
+    try:
+        return _custom().patch_namespaced_custom_object_status(
+            m.GROUP, m.VERSION, namespace, plural, name, {"status": status}
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
 def get_job(namespace: str, name: str) -> dict[str, Any] | None:

@@ -1,0 +1,28 @@
+"""The Kubernetes adapter (rl_operator.kube) against the real API server: the edge cases that
+reconciles meet when objects go away under them."""
+
+from __future__ import annotations
+
+from kubernetes import config
+
+from rl_operator import kube
+from rl_operator import models as m
+
+AGENT = """apiVersion: rlops.dev/v1alpha1
+kind: RLAgent
+metadata: {name: gone}
+spec:
+  environment: {id: CartPole-v1}
+"""
+
+
+def test_a_status_patch_of_a_deleted_object_is_a_no_op(cluster, namespace):
+    """A reconcile that read an object which is deleted before its status write (its namespace
+    going, a user's delete) records nothing and raises nothing."""
+    config.load_kube_config(config_file=str(cluster.kubeconfig))
+    assert cluster.apply(AGENT, namespace).returncode == 0
+    patched = kube.patch_status(namespace, m.RLAgent.PLURAL, "gone", {"phase": "Pending"})
+    assert patched is not None and patched["status"]["phase"] == "Pending"
+    cluster.kubectl("delete", "rlagent", "gone", "-n", namespace, "--wait=true")
+    assert kube.patch_status(namespace, m.RLAgent.PLURAL, "gone", {"phase": "Training"}) is None
+    assert kube.patch_status(namespace, m.Rollout.PLURAL, "never-existed", {"phase": "Paused"}) is None
