@@ -29,7 +29,7 @@ import os
 import signal
 import threading
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import kopf
 
@@ -398,17 +398,25 @@ def tick_rollout(namespace: str, name: str, **_: Any) -> None:
     reconcile_rollout(namespace, name)
 
 
-def _serving(namespace: str, agent: str) -> tuple[dict[str, str | None] | None, dict[str, int] | None, str | None,
-                                                  dict[str, Any]]:
-    """({version: fingerprint}, weights, status, version entries) of the agent's Serve application."""
+class Serving(NamedTuple):
+    """What Serve runs for one agent (all None/empty when it has no application)."""
+
+    versions: dict[str, str | None] | None  #: version -> the fingerprint Serve was given
+    weights: dict[str, int] | None  #: the router's split, percent
+    status: str | None  #: the application's status (RUNNING, DEPLOYING, ...)
+    entries: dict[str, Any]  #: version -> its entry as deployed (artifactURI, fingerprint)
+
+
+def _serving(namespace: str, agent: str) -> Serving:
+    """The agent's Serve application, read from Serve's REST API."""
     details = rayserve.get_applications(SETTINGS.ray_dashboard_url)
     summary = rayserve.application_summary(details, rayserve.app_name(namespace, agent))
     config = (summary or {}).get("config") or {}
     if not summary or not config:
-        return None, None, None, {}
+        return Serving(None, None, None, {})
     entries = (config.get("args") or {}).get("versions") or {}
     versions = {v: (entries.get(v) or {}).get("fingerprint") for v in rayserve.application_versions(config)}
-    return versions, rayserve.application_weights(config), summary["status"], entries
+    return Serving(versions, rayserve.application_weights(config), summary["status"], entries)
 
 
 def _analysis_due(st: m.RolloutStatus, spec: m.RLAgentSpec, now: Any) -> bool:
@@ -448,7 +456,9 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         entries: dict[str, Any] = {}
         if approved and agent_spec.serving.enabled and not blocking and (not untrusted or status.phase in rollout.ACTIVE):
             try:
-                obs.serving_versions, obs.serving_weights, obs.app_status, entries = _serving(namespace, agent_name)
+                serving = _serving(namespace, agent_name)
+                obs.serving_versions, obs.serving_weights, obs.app_status = serving.versions, serving.weights, serving.status
+                entries = serving.entries
             except rayserve.RayServeError as exc:
                 _write_rollout(ro, status.model_copy(update={"message": f"Ray Serve unavailable: {exc}"}), [])
                 return
@@ -525,7 +535,7 @@ def abort_agent_rollout(namespace: str, agent: str, reason: str) -> str | None:
             status, acts = rollout.abort(ro, reason, training.now())
             agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
             spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else None
-            entries = _serving(namespace, agent)[3]
+            entries = _serving(namespace, agent).entries
             _act(namespace, agent, spec or m.RLAgentSpec(environment=m.EnvironmentSpec(id="-")), acts, entries)
             _write_rollout(ro, status, acts.events)
         return name
@@ -607,7 +617,7 @@ def on_rollout_deleted(namespace: str, name: str, **_: Any) -> None:
                 agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
                 spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else \
                     m.RLAgentSpec(environment=m.EnvironmentSpec(id="-"))
-                _act(namespace, agent, spec, acts, _serving(namespace, agent)[3])
+                _act(namespace, agent, spec, acts, _serving(namespace, agent).entries)
         except rayserve.ApplicationNotFound:
             pass
         except rayserve.RayServeError as exc:
