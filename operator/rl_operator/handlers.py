@@ -306,8 +306,7 @@ def _fail_run(run: dict[str, Any], reason: str, message: str) -> None:
     namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
     with _locks[("trainingruns", namespace, name)]:
         status, events = training.failed_status(run, reason, message, training.now())
-        if events:
-            kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())
+        if events and kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire()) is not None:
             _count_finished(namespace, m.TrainingRunStatus.model_validate(run.get("status") or {}), status)
             _post(run, events)
     sync_agent(namespace, run["spec"]["agentRef"]["name"])

@@ -5,7 +5,8 @@ the process metrics (``process_cpu_seconds_total``, ``process_resident_memory_by
 exports:
 
 * ``rlops_rollout_phase{namespace,rollout,agent,phase}``: 1 for the phase of each unfinished
-  Rollout (Pending, AwaitingApproval, Progressing, Paused, Promoting). A finished or deleted
+  Rollout (Pending before its first phase, AwaitingApproval, Approved, Queued, Progressing,
+  Paused, Promoting). A finished or deleted
   Rollout leaves the gauges, so the series stay bounded by the Rollouts in flight.
 * ``rlops_rollout_canary_weight_percent{namespace,rollout,agent}``: the canary's share of
   traffic (percent, 0-100) of each unfinished Rollout.
@@ -74,8 +75,8 @@ def rollout_written(namespace: str, name: str, agent: str, old_phase: str | None
                     weight: int | None, terminal: bool) -> None:
     """Record a Rollout's status as written: its phase and weight gauges (removed once the
     Rollout has finished, ``terminal``) and a transition when the phase changed."""
-    phase = phase or "Pending"
-    if phase != old_phase:
+    phase = phase or "Pending"  # a Rollout with no phase yet
+    if phase != (old_phase or "Pending"):
         TRANSITIONS.labels(namespace, phase).inc()
     with _phases_lock:
         last = _phases.pop((namespace, name), None)

@@ -35,6 +35,15 @@ def test_a_phase_change_replaces_the_series_and_a_finished_rollout_leaves(ns):
     assert metrics.TRANSITIONS.labels(ns, "RolledBack")._value.get() == 1
 
 
+def test_a_rollout_without_a_phase_counts_no_transition_on_each_write(ns):
+    for _ in range(3):
+        metrics.rollout_written(ns, "r1", "a", None, None, None, False)
+    assert metrics.TRANSITIONS.labels(ns, "Pending")._value.get() == 0
+    assert series("rlops_rollout_phase", ns) == [{"namespace": ns, "rollout": "r1", "agent": "a", "phase": "Pending"}]
+    metrics.rollout_written(ns, "r1", "a", None, "AwaitingApproval", None, False)
+    assert metrics.TRANSITIONS.labels(ns, "AwaitingApproval")._value.get() == 1
+
+
 def test_many_rollouts_finishing_leave_no_series(ns):
     for i in range(200):
         metrics.rollout_written(ns, f"r{i}", "a", None, "Progressing", 25, False)
