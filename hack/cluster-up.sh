@@ -76,7 +76,12 @@ options:
   kubeApiserverCertSANs: ["10.0.0.1", "10.88.0.1"]
 EOF
     # kwokctl 0.8 indexes each component's extra args by the position of its first --extra-args
-    # flag: the second component's first flag must come second (else it panics).
+    # flag: the Nth component's first flag must come Nth (else it panics).
+    # The controller manager and the scheduler run with leader election off: each is the only
+    # one, and kwokctl's binary runtime does not restart a process that exits. With it on, a
+    # lease renewal that misses its 10 s deadline (etcd slow on a loaded 2-core machine: a
+    # trainer, image imports) makes the process exit ("leaderelection lost"), and from then on
+    # no Job gets a pod, no claim binds and no Deployment rolls.
     kwokctl create cluster --runtime binary --config "$clusterdir/kwokctl.yaml" \
       --kubeconfig "$KUBECONFIG" \
       --etcd-binary "$bindir/etcd" \
@@ -87,6 +92,8 @@ EOF
       --kube-authorization=true \
       --extra-args kwok-controller=manage-all-nodes=false \
       --extra-args "kube-apiserver=audit-policy-file=$clusterdir/audit-policy.yaml" \
+      --extra-args kube-controller-manager=leader-elect=false \
+      --extra-args kube-scheduler=leader-elect=false \
       --extra-args kwok-controller=manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
       --extra-args "kube-apiserver=audit-webhook-config-file=$clusterdir/audit-webhook.kubeconfig" \
       --extra-args kube-apiserver=audit-webhook-batch-max-wait=1s \

@@ -203,12 +203,22 @@ def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact
         fingerprint = fingerprint(uri)
     status = {"status": {"phase": "Succeeded", "artifactURI": uri, "fingerprint": fingerprint,
                          "metrics": {"meanReturn": mean_return}}}
-    cluster.kubectl("patch", "trainingrun", run, "-n", namespace, "--subresource=status", "--type=merge",
-                    "-p", json.dumps(status))
-    # the operator re-reads a run on its Job's events: touch the Job so that it sees Succeeded
-    cluster.kubectl("annotate", "job", run, "-n", namespace, "rlops-test/staged=true", "--overwrite")
-    cluster.kubectl("delete", "job", run, "-n", namespace, "--cascade=foreground", "--wait=false")
-    return wait_for(lambda: cluster.get("rollout", run, "-n", namespace), 60, f"Rollout {run} from the operator")
+
+    def succeeded() -> dict[str, Any] | None:
+        # The test plays the trainer here, racing the operator: a sync that read the run before
+        # this patch writes Pending back over it. Patch again until Succeeded holds.
+        if ((cluster.get("trainingrun", run, "-n", namespace) or {}).get("status") or {}).get("phase") != "Succeeded":
+            cluster.kubectl("patch", "trainingrun", run, "-n", namespace, "--subresource=status", "--type=merge",
+                            "-p", json.dumps(status))
+            # the operator re-reads a run on its Job's events: touch the Job so that it sees Succeeded
+            cluster.kubectl("annotate", "job", run, "-n", namespace, f"rlops-test/staged={time.monotonic()}",
+                            "--overwrite", check=False)
+            return None
+        return cluster.get("rollout", run, "-n", namespace)
+
+    ro = wait_for(succeeded, 60, f"Rollout {run} from the operator")
+    cluster.kubectl("delete", "job", run, "-n", namespace, "--cascade=foreground", "--wait=false", check=False)
+    return ro
 
 
 def count_opens(monkeypatch, swap: dict[str, bytes] | None = None) -> "collections.Counter[str]":

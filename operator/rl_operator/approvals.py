@@ -29,7 +29,7 @@ from rl_operator.models import OPERATOR_USER
 from rl_operator.trust import service_account_refusal, signature
 
 APPROVE_VERB = "approve"
-_RECORDED = (APPROVED_BY, APPROVED_AT, APPROVED_VIA, APPROVAL_SIGNATURE)
+RECORDED = (APPROVED_BY, APPROVED_AT, APPROVED_VIA, APPROVAL_SIGNATURE)
 
 
 @dataclass
@@ -76,9 +76,9 @@ def review(old: dict[str, str] | None, new: dict[str, str], target: Target, who:
     approve_changed = new.get(APPROVE) is not None and new.get(APPROVE) != old.get(APPROVE)
     reject_changed = new.get(REJECT) is not None and new.get(REJECT) != old.get(REJECT)
     if not approve_changed and who.user == OPERATOR_USER and all(
-            new.get(k) == old.get(k) for k in _RECORDED if k != APPROVED_VIA):
+            new.get(k) == old.get(k) for k in RECORDED if k != APPROVED_VIA):
         return Review()  # the operator records an impersonator from the audit log (rl_operator.audit)
-    if not approve_changed and any(new.get(k) != old.get(k) for k in _RECORDED):
+    if not approve_changed and any(new.get(k) != old.get(k) for k in RECORDED):
         return Review(error=f"{APPROVED_BY} and {APPROVED_AT} are recorded by the rlops admission webhook "
                             f"from the approving request; set {APPROVE}=<fingerprint> instead")
     if approve_changed:

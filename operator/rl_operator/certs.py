@@ -1,7 +1,7 @@
 """TLS for the admission webhook: a private CA and a serving certificate, made with ``cryptography``.
 
 The API server calls the webhook over HTTPS and verifies it against the CA bundle in the
-webhook configuration (which kopf writes from ``cafile``). Files are reused while they are valid
+webhook configuration (which the operator writes: ``rl_operator.admission``). Files are reused while they are valid
 for the requested names and for at least another day.
 """
 
@@ -47,19 +47,6 @@ def service_ref(service: str) -> tuple[str, str, int]:
     if not namespace or not name or not port.isdigit():
         raise ValueError(f"webhook service {service!r}: expected namespace/name:port")
     return namespace, name, int(port)
-
-
-def service_client_config(client_config: dict, service: str) -> dict:
-    """A webhook client config that reaches the server through a Service: kopf's URL-based
-    config (``{"url", "caBundle"}``) with the URL's path kept and the rest replaced."""
-    namespace, name, port = service_ref(service)
-    path = client_config.get("url", "").split("://", 1)[-1].partition("/")[2].strip("/")
-    out: dict = {"service": {"namespace": namespace, "name": name, "port": port}}
-    if path:  # kopf appends "/<handler id>" to it, as to the URL
-        out["service"]["path"] = "/" + path
-    if client_config.get("caBundle"):
-        out["caBundle"] = client_config["caBundle"]
-    return out
 
 
 def make_webhook_certs(names: list[str], days: int = 365) -> dict[str, bytes]:

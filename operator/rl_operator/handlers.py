@@ -13,8 +13,10 @@ Order of operations for training (one place):
    agent's ``activeModel``, the Rollout's status and Events.
 6. Alertmanager -> the receiver -> ``on_alert`` -> ``abort_agent_rollout`` (weight 0 at once).
 
-Admission: ``admit_approval`` reviews approval annotations on Rollouts (``approvals.review``
-plus a SubjectAccessReview) over HTTPS (``certs``), registered persistent and failing closed.
+Admission: ``decide_approval`` reviews approval annotations on Rollouts (``approvals.review``
+plus a SubjectAccessReview), served over HTTPS by ``rl_operator.admission`` in a thread of its
+own (reconcile load cannot starve it), failing closed, and called by the API server only when
+an approval annotation changes (a CEL matchCondition).
 
 Every step is idempotent (deterministic names, create-or-get), so an operator killed at any
 point and restarted converges to the same objects: no duplicate runs, no duplicate Jobs.
@@ -35,7 +37,7 @@ import kopf
 
 from kubernetes.client.exceptions import ApiException
 
-from rl_operator import alerts, analysis, approvals, audit, certs, kube, metrics, rayserve, rollout, training, trust
+from rl_operator import admission, alerts, analysis, approvals, audit, certs, kube, metrics, rayserve, rollout, training, trust
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
@@ -59,15 +61,6 @@ def _post(obj: dict[str, Any], events: list[training.Event]) -> None:
                 kube.post_event(obj, ev.type, ev.reason, ev.message)
             except ApiException as exc:  # an Event is worth a log line, not a failed callback
                 log.warning("cannot post Event %s on %s: %s", ev.reason, obj["metadata"]["name"], exc.reason)
-
-
-class _ServiceWebhookServer(kopf.WebhookServer):
-    """kopf's webhook server, announced to the API server through ``SETTINGS.webhook_service``
-    (a Service in front of the operator's pod) instead of a URL."""
-
-    async def __call__(self, fn: Any) -> Any:
-        async for client_config in super().__call__(fn):
-            yield certs.service_client_config(dict(client_config), SETTINGS.webhook_service or "")
 
 
 _WEBHOOK_CERT: dict[str, Any] = {}  # the certificate this process serves: names, data
@@ -128,21 +121,36 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     ns, name = SETTINGS.approval_key_secret.split("/", 1)
     _KEY["value"] = kube.ensure_key_secret(ns, name)
     if SETTINGS.webhook_addr:
-        host = SETTINGS.webhook_host or SETTINGS.webhook_addr
-        names = [host, SETTINGS.webhook_addr]
-        server_class: type[kopf.WebhookServer] = kopf.WebhookServer
-        if SETTINGS.webhook_service:  # the API server calls it by the Service's name only
-            ns, svc, _ = certs.service_ref(SETTINGS.webhook_service)
-            names = [f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local"]
-            server_class = _ServiceWebhookServer
-        files = _webhook_certs(names)
-        settings.admission.server = server_class(
-            addr=SETTINGS.webhook_addr, port=SETTINGS.webhook_port, host=host,
-            certfile=str(files.cert), pkeyfile=str(files.key), cafile=str(files.ca),
-        )
-        # kopf keeps the Mutating/ValidatingWebhookConfiguration "rlops.dev" pointed at this server
-        settings.admission.managed = m.GROUP
+        _start_admission()
     log.info("rlops operator settings: %s", SETTINGS)
+
+
+_ADMISSION: dict[str, admission.AdmissionServer] = {}
+
+
+def _start_admission() -> None:
+    """The approval webhook: its server in a thread of its own (``rl_operator.admission``), then
+    the MutatingWebhookConfiguration ``rlops.dev`` pointed at it (through the Service when
+    ``webhook_service`` is set, else by URL), with this certificate's CA."""
+    host = SETTINGS.webhook_host or SETTINGS.webhook_addr or ""
+    names, service = [host, SETTINGS.webhook_addr or ""], None
+    if SETTINGS.webhook_service:  # the API server calls it by the Service's name only
+        service = certs.service_ref(SETTINGS.webhook_service)
+        names = [f"{service[1]}.{service[0]}.svc", f"{service[1]}.{service[0]}.svc.cluster.local"]
+    files = _webhook_certs(names)
+    server = admission.AdmissionServer(SETTINGS.webhook_addr or "", SETTINGS.webhook_port, str(files.cert),
+                                       str(files.key), decide_approval)
+    server.start()
+    _ADMISSION["server"] = server
+    kube.apply_mutating_webhook_configuration(admission.configuration(admission.client_config(
+        files.ca.read_bytes(), url=f"https://{host}:{SETTINGS.webhook_port}", service=service)))
+
+
+@kopf.on.cleanup()
+def stop_admission(**_: Any) -> None:
+    server = _ADMISSION.pop("server", None)
+    if server is not None:
+        server.stop()
 
 
 _tokens: dict[str, str | None] = {"alert": None, "audit": None}
@@ -381,8 +389,20 @@ def ensure_rollout(run: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- Rollout
 
 
-def _rollout_active(status: dict[str, Any] | None, **_: Any) -> bool:
-    return (status or {}).get("phase") not in rollout.TERMINAL
+#: Phases that wait on a person or on the agent's spec, not on time: no periodic reconcile. An
+#: approval annotation (on_rollout) or a change of the agent's spec (nudge_waiting_rollouts)
+#: moves them on.
+WAITING = frozenset({"AwaitingApproval", "Approved"})
+
+
+def rollout_ticks(status: dict[str, Any] | None, annotations: dict[str, str] | None = None, **_: Any) -> bool:
+    """Whether a Rollout needs the periodic reconcile: not finished, and not waiting on a person
+    or on the agent's spec. An AwaitingApproval Rollout whose approval is recorded but not yet
+    acted on (Ray Serve was down) still ticks."""
+    phase = (status or {}).get("phase")
+    if phase in rollout.TERMINAL:
+        return False
+    return phase not in WAITING or (phase == "AwaitingApproval" and rollout.APPROVED_BY in (annotations or {}))
 
 
 @kopf.on.resume(m.GROUP, m.VERSION, m.Rollout.PLURAL)
@@ -392,9 +412,18 @@ def on_rollout(namespace: str, name: str, **_: Any) -> None:
     reconcile_rollout(namespace, name)
 
 
-@kopf.timer(m.GROUP, m.VERSION, m.Rollout.PLURAL, interval=SETTINGS.rollout_interval_seconds, when=_rollout_active)
+@kopf.timer(m.GROUP, m.VERSION, m.Rollout.PLURAL, interval=SETTINGS.rollout_interval_seconds, when=rollout_ticks)
 def tick_rollout(namespace: str, name: str, **_: Any) -> None:
     reconcile_rollout(namespace, name)
+
+
+@kopf.on.update(m.GROUP, m.VERSION, m.RLAgent.PLURAL, field="spec")
+def nudge_waiting_rollouts(namespace: str, name: str, **_: Any) -> None:
+    """An agent's spec changed (approval policy, serving enabled, ...): its Rollouts that wait
+    without a timer (``WAITING``) are reconciled now."""
+    for ro in kube.list_custom(namespace, m.Rollout.PLURAL, f"{m.AGENT_LABEL}={name}"):
+        if (ro.get("status") or {}).get("phase") in WAITING:
+            reconcile_rollout(namespace, ro["metadata"]["name"])
 
 
 class Serving(NamedTuple):
@@ -628,41 +657,40 @@ def on_rollout_deleted(namespace: str, name: str, **_: Any) -> None:
 # ----------------------------------------------------------------------------- admission
 
 
-@kopf.on.mutate(m.GROUP, m.VERSION, m.Rollout.PLURAL, id="approval", operations=["CREATE", "UPDATE"],
-                persistent=True)
-def admit_approval(body: kopf.Body, old: kopf.Body | None, userinfo: dict[str, Any], patch: kopf.Patch,
-                   namespace: str, name: str, **_: Any) -> None:
-    """Approvals name the artifact's fingerprint and come from users with the ``approve`` verb.
+def decide_approval(request: dict[str, Any]) -> dict[str, str | None]:
+    """The approval webhook's review of one Rollout CREATE or UPDATE (an AdmissionReview's
+    ``request``): approvals name the artifact's fingerprint and come from users with the
+    ``approve`` verb. Returns the annotations to record (None removes one); raises
+    ``admission.Denied`` (400 malformed or mismatched, 403 no RBAC verb).
 
-    Persistent (stays registered while the operator is down) and failing closed: no approval
-    can bypass this check. It records (and signs) the approver; the ValidatingAdmissionPolicies
-    in ``manifests/base/admission-policies.yaml`` hold the verbs even without it.
+    Failing closed, and registered while the operator is down (the configuration stays): no
+    approval can bypass this check. It records (and signs) the approver; the
+    ValidatingAdmissionPolicies in ``manifests/base/admission-policies.yaml`` hold the verbs even
+    without it.
     """
-    with metrics.admission():
-        _admit_approval(body, old, userinfo, patch, namespace, name)
-
-
-def _admit_approval(body: kopf.Body, old: kopf.Body | None, userinfo: dict[str, Any], patch: kopf.Patch,
-                    namespace: str, name: str) -> None:
-    old_ann = dict((old or {}).get("metadata", {}).get("annotations") or {}) if old else None
+    body = request.get("object") or {}
+    old = request.get("oldObject")
+    userinfo = request.get("userInfo") or {}
+    namespace = request.get("namespace") or body.get("metadata", {}).get("namespace", "")
+    name = request.get("name") or body.get("metadata", {}).get("name", "")
+    old_ann = dict(old.get("metadata", {}).get("annotations") or {}) if old else None
     new_ann = dict(body.get("metadata", {}).get("annotations") or {})
     allowed_sas: tuple[str, ...] = ()
     if new_ann.get(rollout.APPROVE) not in (None, (old_ann or {}).get(rollout.APPROVE)):
         agent = kube.get_custom(namespace, m.RLAgent.PLURAL, body["spec"]["agentRef"]["name"])
         if agent is not None:
             allowed_sas = tuple(m.RLAgentSpec.model_validate(agent["spec"]).approval.allowed_service_accounts)
-    target = approvals.Target(namespace=namespace, name=name, uid=body["metadata"].get("uid", ""),
-                              fingerprint=body["spec"]["fingerprint"], allowed_service_accounts=allowed_sas)
+    target = approvals.Target(namespace=namespace, name=name, uid=body.get("metadata", {}).get("uid", ""),
+                              fingerprint=body.get("spec", {}).get("fingerprint", ""), allowed_service_accounts=allowed_sas)
     who = approvals.Requester(user=userinfo.get("username", ""), impersonator=approvals.impersonator(userinfo))
     verdict = approvals.review(old_ann, new_ann, target, who, training.now(), _KEY["value"])
     if verdict.error:
-        raise kopf.AdmissionError(verdict.error, code=400)
+        raise admission.Denied(verdict.error, code=400)
     if verdict.permission:
         allowed, why = kube.subject_access_review(approvals.sar_body(userinfo, namespace, name, verdict.permission))
         if not allowed:
-            raise kopf.AdmissionError(
+            raise admission.Denied(
                 f"user {userinfo.get('username')!r} may not {verdict.permission} rollouts.rlops.dev in namespace "
                 f"{namespace!r} (RBAC verb '{verdict.permission}', e.g. ClusterRole rlops-approver){': ' + why if why else ''}",
                 code=403)
-    for key, value in verdict.annotations.items():
-        patch.metadata.annotations[key] = value
+    return dict(verdict.annotations)

@@ -129,6 +129,35 @@ def subject_access_review(body: dict[str, Any]) -> tuple[bool, str]:
     return bool(result.status.allowed), result.status.reason or ""
 
 
+def apply_mutating_webhook_configuration(body: dict[str, Any]) -> None:
+    """Create the MutatingWebhookConfiguration ``body``, or replace the stored one with it (its
+    webhooks whole: a field the new one drops goes; labels merged). Called once per operator
+    start: replicas starting at once converge (a conflict is re-read and retried)."""
+    api = client.AdmissionregistrationV1Api()
+    name = body["metadata"]["name"]
+    for _ in range(5):
+        try:
+            current = _plain(api.read_mutating_webhook_configuration(name))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            try:
+                api.create_mutating_webhook_configuration(body)
+                return
+            except ApiException as exc2:
+                if exc2.status != 409:
+                    raise
+                continue
+        labels = {**(current["metadata"].get("labels") or {}), **(body["metadata"].get("labels") or {})}
+        try:
+            api.replace_mutating_webhook_configuration(name, {**body, "metadata": {**current["metadata"], "labels": labels}})
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    raise RuntimeError(f"MutatingWebhookConfiguration {name}: still conflicting after 5 tries")
+
+
 def ensure_key_secret(namespace: str, name: str, field: str = "key", nbytes: int = 32) -> bytes:
     """Read a random key from a Secret, creating the Secret with a new key if it is missing.
 

@@ -113,7 +113,7 @@ def run_finished(namespace: str, phase: str, duration_seconds: float | None) -> 
 
 @contextlib.contextmanager
 def admission() -> Iterator[None]:
-    """Time one approval webhook call; an exception (kopf's AdmissionError) counts as denied."""
+    """Time one approval webhook call; an exception (a refusal, or a failed review) counts as denied."""
     start = time.perf_counter()
     try:
         yield

@@ -532,8 +532,20 @@ class AnalysisRun(_Status):
     metrics: dict[str, Any] = Field(default_factory=dict, json_schema_extra=FREE_FORM)
 
 
+#: A Rollout's phases. None (no status yet) is read as Pending.
+RolloutPhase = Literal["Pending", "AwaitingApproval", "Approved", "Queued", "Progressing", "Paused", "Promoting",
+                       "Promoted", "RolledBack", "Rejected", "Ignored"]
+#: Finished for good: nothing moves a Rollout out of these.
+ROLLOUT_TERMINAL: frozenset[str] = frozenset({"Promoted", "RolledBack", "Rejected", "Ignored"})
+#: Its canary holds traffic: the agent's other Rollouts queue behind it.
+ROLLOUT_ACTIVE: frozenset[str] = frozenset({"Progressing", "Paused", "Promoting"})
+
+
 class RolloutStatus(_Status):
-    phase: str | None = None
+    phase: RolloutPhase | None = Field(None, description=(
+        "Pending, AwaitingApproval, Approved (serving disabled, or waiting to start), Queued (behind "
+        "another Rollout of the agent), Progressing, Paused, Promoting; finished: Promoted, RolledBack, "
+        "Rejected, Ignored (not made by the operator from a TrainingRun)."))
     message: str | None = None
     observed_generation: int | None = None
     stable_version: str | None = None

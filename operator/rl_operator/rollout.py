@@ -39,8 +39,8 @@ PROMOTE = f"{m.GROUP}/promote"
 ABORT = f"{m.GROUP}/abort"
 
 #: ``Ignored``: the Rollout is not in the operator's owner chain (``trust.rollout_untrusted``).
-TERMINAL = ("Promoted", "RolledBack", "Rejected", "Ignored")
-ACTIVE = ("Progressing", "Paused", "Promoting")
+TERMINAL = m.ROLLOUT_TERMINAL
+ACTIVE = m.ROLLOUT_ACTIVE
 
 
 # ----------------------------------------------------------------------------- creation

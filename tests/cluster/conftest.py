@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from incluster import ARTIFACTS_HOST_DIR, helm
+from incluster import ARTIFACTS_HOST_DIR, cluster_state, helm
 from support import CACHE, REPO, Cluster, free_port, prometheus_down, prometheus_up, wait_for
 
 NAME = "rlops-cluster"
@@ -37,6 +37,19 @@ def run(cmd: list[str], env: dict[str, str], timeout: float) -> None:
     start = time.monotonic()
     subprocess.run(cmd, env=env, check=True, timeout=timeout)
     print(f"[cluster tier] {' '.join(Path(c).name if '/' in c else c for c in cmd[:2])}: {time.monotonic() - start:.0f} s")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failure, the cluster's state goes into the report (CI's output is all there is)."""
+    outcome = yield
+    report = outcome.get_result()
+    c = item.funcargs.get("real_cluster") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(c, Cluster):
+        try:
+            report.sections.append(("cluster state at the failure", cluster_state(c)))
+        except Exception as e:  # noqa: BLE001 - diagnostics must never hide the failure itself
+            report.sections.append(("cluster state at the failure", f"could not be read: {e!r}"))
 
 
 @pytest.fixture(scope="package")

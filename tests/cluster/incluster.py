@@ -47,3 +47,40 @@ spec:
     wait_for(lambda: (c.get("pvc", "rlops-artifacts", "-n", name) or {}).get("status", {}).get("phase") == "Bound",
              60, "artifact claim bound")
     return name
+
+
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "containerd",
+                 "kubelet", "kube-proxy")
+
+
+def cluster_state(c: Cluster) -> str:
+    """What a failed test in this tier needs to be explained from CI's output alone: which
+    control-plane and node processes are alive, the nodes and pods, the latest events, and the
+    tails of the controller manager's, the scheduler's, the kubelet's and the operator's logs."""
+    out: list[str] = []
+
+    def section(title: str, text: str) -> None:
+        out.append(f"--- {title}\n{text.rstrip()}")
+
+    running = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            running.add(Path(cmdline.read_bytes().split(b"\0", 1)[0].decode(errors="replace")).name)
+        except OSError:
+            continue
+    alive = {name: name in running for name in CONTROL_PLANE}
+    section("processes alive", " ".join(f"{n}={'yes' if up else 'NO'}" for n, up in alive.items()))
+    for args in (("get", "nodes", "-o", "wide"), ("get", "pods", "-A", "-o", "wide"),
+                 ("get", "jobs,pvc,trainingruns,rollouts", "-A")):
+        proc = c.kubectl(*args, check=False)
+        section("kubectl " + " ".join(args), proc.stdout + proc.stderr)
+    events = c.kubectl("get", "events", "-A", "--sort-by=.lastTimestamp", check=False)
+    section("latest events", "\n".join((events.stdout + events.stderr).splitlines()[-40:]))
+    logs = CACHE / "kwok" / "clusters" / c.name / "logs"
+    for path in (logs / "kube-controller-manager.log", logs / "kube-scheduler.log", c.dir / "node" / "kubelet.log"):
+        if path.exists():
+            section(f"tail {path}", "\n".join(path.read_text(errors="replace").splitlines()[-25:]))
+    operator = c.kubectl("logs", "-n", "rlops-system", "-l", "app.kubernetes.io/name=rlops-operator", "--tail=30",
+                         "--all-containers", "--prefix", check=False)
+    section("operator logs", operator.stdout + operator.stderr)
+    return "\n".join(out)

@@ -252,6 +252,36 @@ def test_service_account_approval_needs_the_policy(cluster, tenant, staged):
     assert status["approval"]["approvedBy"] == ci
 
 
+def test_the_api_server_calls_the_webhook_only_when_an_approval_annotation_changes(cluster, operator, tenant,
+                                                                                   staged):
+    """The configuration's CEL matchCondition: the operator's own writes (status, other
+    annotations) and a tenant's unrelated annotation never reach the webhook; an approval
+    annotation, added or removed, always does (the counter is the webhook's own)."""
+    def reviews() -> float:
+        return sum(v for (name, _), v in operator.metrics().items() if name == "rlops_admission_reviews_total")
+
+    hook = cluster.get("mutatingwebhookconfiguration", "rlops.dev")["webhooks"][0]
+    assert hook["matchConditions"][0]["name"] == "approval-annotations-change"
+    before = reviews()
+    assert annotate(cluster, tenant, MALLORY, "example.com/note=unrelated").returncode == 0
+    assert annotate(cluster, tenant, MALLORY, "example.com/note-").returncode == 0
+    assert reviews() == before
+    refused(annotate(cluster, tenant, MALLORY, "rlops.dev/approved-at=2026-12-02T00:00:00Z"), "recorded by")
+    assert reviews() == before + 1
+    assert annotate(cluster, tenant, BOB, f"rlops.dev/approve={FP}").returncode == 0
+    assert reviews() == before + 2
+    # the operator then records the impersonation from the audit log (bob is played with
+    # kubectl --as): rlops.dev/approved-via is a reviewed annotation, so that is one more review
+    wait_for(lambda: "rlops.dev/approved-via" in cluster.get("rollout", "gate-7", "-n", tenant)["metadata"]["annotations"],
+             30, "approved-via from the audit log")
+    status = wait_for(lambda: (rollout_status(cluster, tenant, "gate-7").get("approval") or {}).get("via")
+                      and rollout_status(cluster, tenant, "gate-7"), 60, "status.approval")
+    # the operator wrote the Rollout's status (twice) and Events since: none of it was reviewed
+    assert status["phase"] == "Approved" and reviews() == before + 3
+    refused(annotate(cluster, tenant, MALLORY, "rlops.dev/approval-signature-"), "recorded by")
+    assert reviews() == before + 4
+
+
 def test_no_trust_without_the_webhook(cluster, tenant, staged):
     """With the webhook unregistered, an approver's hand-written approval is accepted by the API
     server (the policies still check the verb and the name) but the operator does not honour it."""

@@ -479,3 +479,14 @@ def test_untrusted_rollout_is_ignored_or_rolled_back():
     sar = approvals.sar_body({"username": "bob", "groups": ["devs"]}, "ml", "cp-2")
     assert sar["spec"]["resourceAttributes"] == {"group": "rlops.dev", "resource": "rollouts", "verb": "approve",
                                                  "namespace": "ml", "name": "cp-2"}
+
+
+def test_only_rollouts_that_move_with_time_keep_the_periodic_reconcile():
+    from rl_operator.handlers import rollout_ticks
+    for phase in (None, "Queued", "Progressing", "Paused", "Promoting"):
+        assert rollout_ticks({"phase": phase} if phase else None), phase
+    for phase in ("Promoted", "RolledBack", "Rejected", "Ignored", "Approved", "AwaitingApproval"):
+        assert not rollout_ticks({"phase": phase}, {}), phase
+    # an approval the webhook recorded but the operator could not act on yet (Ray Serve down)
+    assert rollout_ticks({"phase": "AwaitingApproval"}, {"rlops.dev/approved-by": "bob"})
+    assert not rollout_ticks({"phase": "Promoted"}, {"rlops.dev/approved-by": "bob"})

@@ -154,12 +154,14 @@ def test_default_comparison_covers_every_policy_field():
 
 
 def test_the_webhook_is_announced_through_its_service_in_a_cluster():
-    from rl_operator import certs
-    kopf_config = {"url": "https://rlops-operator.rlops-system.svc:9443", "caBundle": "Q0E="}
-    assert certs.service_client_config(kopf_config, "rlops-system/rlops-operator:443") == {
-        "service": {"namespace": "rlops-system", "name": "rlops-operator", "port": 443}, "caBundle": "Q0E="}
-    rooted = certs.service_client_config({"url": "https://h:9443/hooks/"}, "ns/svc:8443")
-    assert rooted == {"service": {"namespace": "ns", "name": "svc", "port": 8443, "path": "/hooks"}}
+    from rl_operator import admission, certs
+    assert admission.client_config(b"CA", service=certs.service_ref("rlops-system/rlops-operator:443")) == {
+        "service": {"namespace": "rlops-system", "name": "rlops-operator", "port": 443, "path": "/approval"},
+        "caBundle": "Q0E="}
+    assert admission.client_config(b"CA", url="https://127.0.0.1:9443/") == {
+        "url": "https://127.0.0.1:9443/approval", "caBundle": "Q0E="}
+    with pytest.raises(ValueError, match="Service or a URL"):
+        admission.client_config(b"CA")
     for bad in ("rlops-operator:443", "rlops-system/rlops-operator", "rlops-system/:443", "a/b:https"):
         with pytest.raises(ValueError, match="namespace/name:port"):
             certs.service_ref(bad)

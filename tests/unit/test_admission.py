@@ -1,0 +1,105 @@
+"""The approval webhook's server and configuration (rl_operator.admission). Whether the API server
+honours the matchCondition is checked against a real one in tests/integration/test_approval_threats.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import threading
+
+import httpx
+import jsonpatch
+import pytest
+
+from rl_operator import admission, certs
+from support import free_port
+
+
+def review(uid: str = "u-1", annotations: dict | None = None, **request) -> dict:
+    obj = {"metadata": {"name": "r", "namespace": "t"}, "spec": {"fingerprint": "sha256:x"}}
+    if annotations is not None:
+        obj["metadata"]["annotations"] = annotations
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": uid, "operation": "UPDATE", "object": obj, **request}}
+
+
+def applied(out: dict, obj: dict) -> dict:
+    ops = json.loads(base64.b64decode(out["response"]["patch"]))
+    return jsonpatch.apply_patch(obj, ops)
+
+
+def test_an_allowed_review_patches_the_annotations_it_records_and_removes():
+    ann = {"rlops.dev/approve": "sha256:x", "rlops.dev/approved-via": "impersonated by x", "keep": "1"}
+    req = review(annotations=ann)
+    out = admission.answer(req, lambda r: {"rlops.dev/approved-by": "alice", "rlops.dev/approved-via": None})
+    assert out["response"]["uid"] == "u-1" and out["response"]["allowed"] is True
+    assert out["response"]["patchType"] == "JSONPatch"
+    assert applied(out, req["request"]["object"])["metadata"]["annotations"] == {
+        "rlops.dev/approve": "sha256:x", "rlops.dev/approved-by": "alice", "keep": "1"}
+
+
+def test_a_patch_onto_an_object_without_annotations_makes_the_map_first():
+    req = review()
+    out = admission.answer(req, lambda r: {"a/b~c": "v", "gone": None})
+    assert applied(out, req["request"]["object"])["metadata"]["annotations"] == {"a/b~c": "v"}
+
+
+def test_nothing_to_record_means_no_patch():
+    out = admission.answer(review(annotations={}), lambda r: {"absent": None})
+    assert out["response"] == {"uid": "u-1", "allowed": True}
+
+
+def test_a_refusal_carries_its_code_and_message_and_a_failed_review_fails_closed():
+    def deny(_):
+        raise admission.Denied("approval refused: wrong fingerprint", code=403)
+
+    out = admission.answer(review(), deny)["response"]
+    assert out == {"uid": "u-1", "allowed": False, "status": {"code": 403, "message": "approval refused: wrong fingerprint"}}
+
+    def crash(_):
+        raise RuntimeError("API server unreachable")
+
+    out = admission.answer(review(), crash)["response"]
+    assert out["allowed"] is False and out["status"]["code"] == 500
+    assert "API server unreachable" in out["status"]["message"]
+    with pytest.raises(ValueError, match="request.uid"):
+        admission.answer({"kind": "AdmissionReview"}, crash)
+
+
+def test_the_configuration_fails_closed_and_is_called_only_when_a_reviewed_annotation_changes():
+    conf = admission.configuration(admission.client_config(b"CA", url="https://127.0.0.1:9443"))
+    (hook,) = conf["webhooks"]
+    assert conf["metadata"]["name"] == "rlops.dev" and hook["name"] == "approval.rlops.dev"
+    assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+    assert hook["rules"][0]["resources"] == ["rollouts"]  # not rollouts/status: status writes never call it
+    expr = hook["matchConditions"][0]["expression"]
+    for key in ("rlops.dev/approve", "rlops.dev/reject", "rlops.dev/approved-by", "rlops.dev/approved-at",
+                "rlops.dev/approved-via", "rlops.dev/approval-signature"):
+        assert f"'{key}' in object.metadata.annotations" in expr
+        assert f"'{key}' in oldObject.metadata.annotations" in expr
+    assert expr.startswith("request.operation == 'CREATE' ? ")
+
+
+def test_the_server_answers_over_https_on_its_own_thread(tmp_path):
+    files = certs.ensure_webhook_certs(str(tmp_path), ["127.0.0.1"])
+    threads: list[str] = []
+
+    def decide(_):
+        threads.append(threading.current_thread().name)
+        return {"rlops.dev/approved-by": "alice"}
+
+    port = free_port()
+    server = admission.AdmissionServer("127.0.0.1", port, str(files.cert), str(files.key), decide)
+    server.start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(files.ca))
+        with httpx.Client(verify=ctx, timeout=10) as http:
+            out = http.post(f"https://127.0.0.1:{port}/approval", json=review(annotations={})).json()
+            assert out["response"]["allowed"] is True and out["response"]["uid"] == "u-1"
+            assert http.post(f"https://127.0.0.1:{port}/approval", content=b"not json").status_code == 400
+            assert http.post(f"https://127.0.0.1:{port}/approval", json=[1]).status_code == 400
+            assert http.get(f"https://127.0.0.1:{port}/healthz").json() == {"ok": True}
+    finally:
+        server.stop()
+    assert threads and all(t.startswith("rlops-admission") for t in threads), threads
