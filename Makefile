@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: services ray-up ray-down bench-serve bench-train demo test test-unit test-integration test-e2e test-cluster images node-up node-down kuberay-up kuberay-down venv binaries cluster-up cluster-down install crds clean
+.PHONY: services ray-up ray-down bench-serve bench-train bench-scale demo test test-unit test-integration test-e2e test-cluster images node-up node-down kuberay-up kuberay-down venv binaries cluster-up cluster-down install crds clean
 
 demo: ## the local demo: control plane + node agent + operator, then train manifests/samples/cartpole.yaml
 	bash hack/demo.sh
@@ -36,6 +36,9 @@ kuberay-up: binaries ## KubeRay's operator (from source) and CRDs on RLOPS_CLUST
 
 kuberay-down:
 	bash hack/kuberay-down.sh
+
+bench-scale: venv binaries ## N agents (100, 500, 1000) on one operator, trainers faked by kwok Stages: latencies, CPU, RSS, API requests per agent, webhook p99 (its own cluster)
+	$(PY) hack/bench/scale.py --agents $${AGENTS:-100 500 1000}
 
 services: ## Debian's prometheus and prometheus-alertmanager (installed once; the tests start them)
 	@if [ "$$(id -u)" = 0 ]; then bash hack/install-services.sh; else sudo bash hack/install-services.sh; fi

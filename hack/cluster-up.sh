@@ -75,6 +75,11 @@ kind: KwokctlConfiguration
 options:
   kubeApiserverCertSANs: ["10.0.0.1", "10.88.0.1"]
 EOF
+    # RLOPS_KWOK_STAGES: a file of kwok Stages for this cluster (the scale benchmark's fake
+    # trainer, hack/bench/kwok-stages.yaml). kwok then uses those instead of its default ones.
+    if [ -n "${RLOPS_KWOK_STAGES:-}" ]; then
+      { echo "---"; cat "$RLOPS_KWOK_STAGES"; } >>"$clusterdir/kwokctl.yaml"
+    fi
     # kwokctl 0.8 indexes each component's extra args by the position of its first --extra-args
     # flag: the Nth component's first flag must come Nth (else it panics).
     # The controller manager and the scheduler run with leader election off: each is the only

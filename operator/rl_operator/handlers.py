@@ -29,15 +29,13 @@ import json
 import logging
 import os
 import signal
-import threading
-from collections import defaultdict
 from typing import Any, NamedTuple
 
 import kopf
 
 from kubernetes.client.exceptions import ApiException
 
-from rl_operator import admission, alerts, analysis, approvals, audit, certs, kube, metrics, rayserve, rollout, training, trust
+from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, kube, metrics, rayserve, rollout, training, trust
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
@@ -46,7 +44,6 @@ log = logging.getLogger(__name__)
 SETTINGS = OperatorSettings.from_env()
 #: The operator's signing key (``settings.approval_key_secret``), loaded at start-up.
 _KEY: dict[str, bytes | None] = {"value": None}
-_locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
 
 
 FINALIZER = f"{m.GROUP}/finalizer"
@@ -110,6 +107,7 @@ async def watch_webhook_cert(memo: kopf.Memo, **_: Any) -> None:
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.load_config()
     settings.posting.level = logging.WARNING  # Events are posted explicitly, not from log lines
+    settings.execution.max_workers = SETTINGS.workers  # bounded reconcile concurrency
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     # our own finalizer name: a ValidatingAdmissionPolicy lets only the operator remove it
@@ -224,7 +222,7 @@ async def stop_alert_receiver(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.update(m.GROUP, m.VERSION, m.RLAgent.PLURAL, field="spec")
 def reconcile_agent(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     agent = dict(body)
-    runs = _owned(agent, kube.list_custom(namespace, m.TrainingRun.PLURAL, f"{m.AGENT_LABEL}={name}"))
+    runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))
     desired = training.desired_training_run(agent, runs)
     if desired is not None:
         run, created = kube.create_custom_or_get(desired, m.TrainingRun.PLURAL)
@@ -245,18 +243,49 @@ def _owned(owner: dict[str, Any], objs: list[dict[str, Any]]) -> list[dict[str, 
     return [o for o in objs if trust.controlled_by(o, owner, owner["kind"])]
 
 
+class Synced(NamedTuple):
+    """The outcome of :func:`_sync_status`."""
+
+    obj: dict[str, Any]  #: the object as written (or as read, when nothing changed)
+    prev: Any  #: its status before
+    status: Any  #: its status now
+    events: list[training.Event]
+    changed: bool
+
+
+def _sync_status(namespace: str, plural: str, name: str, status_type: type, observe: Any) -> Synced | None:
+    """Compute an object's status with ``observe(obj) -> (status, events)`` from the cached copy
+    and write it only when it differs, guarded by that copy's resourceVersion. A conflict means
+    the cache was behind: re-read the object from the API server and compute again (3 tries).
+    None when the object is gone."""
+    obj = cache.get_custom(namespace, plural, name)
+    for _ in range(3):
+        if obj is None:
+            return None
+        prev = status_type.model_validate(obj.get("status") or {})
+        status, events = observe(obj)
+        if status.wire() == prev.wire():
+            return Synced(obj, prev, status, events, False)
+        try:
+            written = kube.patch_status(namespace, plural, name, status.wire(), obj["metadata"].get("resourceVersion"))
+        except kube.Conflict:
+            obj = cache.fresh(namespace, plural, name)
+            continue
+        return Synced(written, prev, status, events, True) if written is not None else None
+    raise kube.Conflict(f"{plural}/{namespace}/{name}: status write conflicted 3 times")  # kopf retries
+
+
 @metrics.reconciler("rlagent")
 def sync_agent(namespace: str, name: str) -> None:
     """Recompute an RLAgent's status from its TrainingRuns and write it if it changed."""
-    with _locks[("rlagents", namespace, name)]:
-        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, name)
-        if agent is None:
-            return
-        runs = _owned(agent, kube.list_custom(namespace, m.TrainingRun.PLURAL, f"{m.AGENT_LABEL}={name}"))
-        status, events = training.observe_agent(agent, runs, training.now())
-        if status.wire() != m.RLAgentStatus.model_validate(agent.get("status") or {}).wire():
-            kube.patch_status(namespace, m.RLAgent.PLURAL, name, status.wire())
-        _post(agent, events)
+    with cache.locked("rlagents", namespace, name):
+        def observe(agent: dict[str, Any]) -> tuple[m.RLAgentStatus, list[training.Event]]:
+            runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))
+            return training.observe_agent(agent, runs, training.now())
+
+        synced = _sync_status(namespace, m.RLAgent.PLURAL, name, m.RLAgentStatus, observe)
+        if synced is not None:
+            _post(synced.obj, synced.events)
 
 
 # ----------------------------------------------------------------------------- TrainingRun
@@ -268,18 +297,23 @@ def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     run = dict(body)
     phase = (run.get("status") or {}).get("phase")
     if phase not in ("Succeeded", "Failed"):
-        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
+        agent = cache.get_custom(namespace, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
         why = trust.run_untrusted(run, agent)
         if why:
             _fail_run(run, "NotInOwnerChain", f"the operator ignores this TrainingRun: {why}")
             return
+        job, created = cache.get_job(namespace, name), False
         try:
-            job, created = kube.create_job_or_get(training.desired_job(run, SETTINGS))
+            if job is None:
+                job, created = kube.create_job_or_get(training.desired_job(run, SETTINGS))
         except ApiException as exc:
             if exc.status is None or not 400 <= exc.status < 500 or exc.status in (409, 429):
                 raise  # a transient error: kopf retries with backoff
             _fail_run(run, "JobRejected", f"the API server refused the training Job ({exc.status} {exc.reason}): "
                                           f"{_api_message(exc)}")
+            return
+        if not trust.controlled_by(job, run, m.TrainingRun.KIND):  # a Job squatting the run's name
+            _fail_run(run, "JobNotOwned", f"Job {namespace}/{name} exists but is not controlled by this TrainingRun (uid)")
             return
         if created:
             gpus = run["spec"]["training"].get("resources", {}).get("gpu", 0)
@@ -312,7 +346,7 @@ def _api_message(exc: ApiException) -> str:
 def _fail_run(run: dict[str, Any], reason: str, message: str) -> None:
     """Set a run Failed with a reason (once), and sync its agent."""
     namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
-    with _locks[("trainingruns", namespace, name)]:
+    with cache.locked("trainingruns", namespace, name):
         status, events = training.failed_status(run, reason, message, training.now())
         if events and kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire()) is not None:
             _count_finished(namespace, m.TrainingRunStatus.model_validate(run.get("status") or {}), status)
@@ -335,41 +369,38 @@ def sync_run(namespace: str, name: str) -> None:
     count: a Job that a tenant made with the run's name fails the run (``JobNotOwned``), and a
     pod that a tenant made with its labels is ignored, with a condition and an Event.
     """
-    with _locks[("trainingruns", namespace, name)]:
-        run = kube.get_custom(namespace, m.TrainingRun.PLURAL, name)
-        if run is None:
-            return
-        prev = m.TrainingRunStatus.model_validate(run.get("status") or {})
-        job = kube.get_job(namespace, name)
-        at = training.now()
-        if job is not None and not trust.controlled_by(job, run, m.TrainingRun.KIND):
-            status, events = training.failed_status(
-                run, "JobNotOwned", f"Job {namespace}/{name} exists but is not controlled by this TrainingRun (uid)", at)
-        else:
-            pods = kube.list_pods(namespace, f"{m.RUN_LABEL}={name}") if job is not None else []
+    with cache.locked("trainingruns", namespace, name):
+        def observe(run: dict[str, Any]) -> tuple[m.TrainingRunStatus, list[training.Event]]:
+            job = cache.get_job(namespace, name)
+            at = training.now()
+            if job is not None and not trust.controlled_by(job, run, m.TrainingRun.KIND):
+                return training.failed_status(
+                    run, "JobNotOwned", f"Job {namespace}/{name} exists but is not controlled by this TrainingRun (uid)", at)
+            pods = cache.list_pods(namespace, name) if job is not None else []
             verdicts = [(pod, trust.pod_untrusted(pod, job, training.TRAINER_CONTAINER)) for pod in pods]
             status, events = training.observe_run(run, job, [p for p, why in verdicts if why is None], at,
                                                   training.artifact_uri(SETTINGS, run))
             ignored = "; ".join(why for _, why in verdicts if why)
-            events += training.note_ignored_pods(status, ignored, at)
-        changed = status.wire() != prev.wire()
-        if changed:
-            run = kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())
-            if run is None:
-                return  # deleted since read
-            _count_finished(namespace, prev, status)
-        _post(run, events)
-    if changed:
+            return status, events + training.note_ignored_pods(status, ignored, at)
+
+        synced = _sync_status(namespace, m.TrainingRun.PLURAL, name, m.TrainingRunStatus, observe)
+        if synced is None:
+            return  # gone (deleted since read)
+        if synced.changed:
+            _count_finished(namespace, synced.prev, synced.status)
+        _post(synced.obj, synced.events)
+    run = synced.obj
+    if synced.changed:
         sync_agent(namespace, run["spec"]["agentRef"]["name"])
-    if status.phase == "Succeeded":
+    if synced.status.phase == "Succeeded":
         ensure_rollout(run)
 
 
 def ensure_rollout(run: dict[str, Any]) -> None:
     """A Succeeded run whose evaluation passes the agent's bar gets its Rollout (create-or-get)."""
     ns = run["metadata"]["namespace"]
-    agent = kube.get_custom(ns, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
-    if agent is None or kube.get_custom(ns, m.Rollout.PLURAL, run["metadata"]["name"]) is not None:
+    agent = cache.get_custom(ns, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
+    if agent is None or cache.get_custom(ns, m.Rollout.PLURAL, run["metadata"]["name"]) is not None:
         return
     if trust.run_untrusted(run, agent):
         return  # reconcile_run already failed it with the reason
@@ -421,7 +452,7 @@ def tick_rollout(namespace: str, name: str, **_: Any) -> None:
 def nudge_waiting_rollouts(namespace: str, name: str, **_: Any) -> None:
     """An agent's spec changed (approval policy, serving enabled, ...): its Rollouts that wait
     without a timer (``WAITING``) are reconciled now."""
-    for ro in kube.list_custom(namespace, m.Rollout.PLURAL, f"{m.AGENT_LABEL}={name}"):
+    for ro in cache.list_custom(namespace, m.Rollout.PLURAL, name):
         if (ro.get("status") or {}).get("phase") in WAITING:
             reconcile_rollout(namespace, ro["metadata"]["name"])
 
@@ -456,14 +487,19 @@ def _analysis_due(st: m.RolloutStatus, spec: m.RLAgentSpec, now: Any) -> bool:
 
 @metrics.reconciler("rollout")
 def reconcile_rollout(namespace: str, name: str) -> None:
-    """Observe the world for one Rollout, run the pure pipeline, and carry out its actions."""
-    with _locks[("rollouts", namespace, name)]:
-        ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
+    """Observe the world for one Rollout, run the pure pipeline, and carry out its actions.
+
+    The Rollout itself is read from the API server, not the cache: this state machine moves
+    traffic, and must never act on a copy older than its own last write (a stale "not started"
+    would restart the canary at 0%). The agent, the run and the agent's other Rollouts come
+    from the cache."""
+    with cache.locked("rollouts", namespace, name):
+        ro = cache.fresh(namespace, m.Rollout.PLURAL, name)
         if ro is None or (ro.get("status") or {}).get("phase") in rollout.TERMINAL:
             return
         agent_name = ro["spec"]["agentRef"]["name"]
-        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, agent_name)
-        run = kube.get_custom(namespace, m.TrainingRun.PLURAL, ro["spec"]["trainingRunRef"]["name"])
+        agent = cache.get_custom(namespace, m.RLAgent.PLURAL, agent_name)
+        run = cache.get_custom(namespace, m.TrainingRun.PLURAL, ro["spec"]["trainingRunRef"]["name"])
         untrusted = trust.rollout_untrusted(ro, run, agent, training.artifact_uri(SETTINGS, run) if run else None)
         if agent is None:
             if untrusted:
@@ -471,7 +507,7 @@ def reconcile_rollout(namespace: str, name: str) -> None:
             return
         agent_spec = m.RLAgentSpec.model_validate(agent["spec"])
         agent_status = m.RLAgentStatus.model_validate(agent.get("status") or {})
-        others = kube.list_custom(namespace, m.Rollout.PLURAL, f"{m.AGENT_LABEL}={agent_name}")
+        others = cache.list_custom(namespace, m.Rollout.PLURAL, agent_name)
         blocking = next((o["metadata"]["name"] for o in others if o["metadata"]["name"] != name
                          and (o.get("status") or {}).get("phase") in rollout.ACTIVE), None)
         now = training.now()
@@ -535,7 +571,7 @@ def _act(namespace: str, agent: str, spec: m.RLAgentSpec, acts: rollout.Actions,
 
 
 def _set_active_model(namespace: str, agent: str, model: m.ActiveModel, rollout_name: str) -> None:
-    with _locks[("rlagents", namespace, agent)]:
+    with cache.locked("rlagents", namespace, agent):
         kube.patch_status(namespace, m.RLAgent.PLURAL, agent,
                           {"activeModel": model.wire(), "latestRollout": rollout_name})
 
@@ -552,16 +588,16 @@ def _write_rollout(ro: dict[str, Any], status: m.RolloutStatus, events: list[tra
 
 def abort_agent_rollout(namespace: str, agent: str, reason: str) -> str | None:
     """Abort the agent's in-progress Rollout (canary weight 0 at once). Returns its name, or None."""
-    for ro in kube.list_custom(namespace, m.Rollout.PLURAL, f"{m.AGENT_LABEL}={agent}"):
+    for ro in cache.list_custom(namespace, m.Rollout.PLURAL, agent):
         if (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
             continue
         name = ro["metadata"]["name"]
-        with _locks[("rollouts", namespace, name)]:
-            ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
+        with cache.locked("rollouts", namespace, name):
+            ro = cache.fresh(namespace, m.Rollout.PLURAL, name)
             if ro is None or (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
                 continue
             status, acts = rollout.abort(ro, reason, training.now())
-            agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
+            agent_obj = cache.get_custom(namespace, m.RLAgent.PLURAL, agent)
             spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else None
             entries = _serving(namespace, agent).entries
             _act(namespace, agent, spec or m.RLAgentSpec(environment=m.EnvironmentSpec(id="-")), acts, entries)
@@ -585,8 +621,8 @@ def record_impersonation(record: audit.ImpersonatedApproval) -> bool:
     """Record on the Rollout who really made an approval with impersonation: annotation
     ``rlops.dev/approved-via`` (the operator alone may write it after the fact) and an Event.
     Only when the Rollout's recorded approval is the audited one (same approver, close in time)."""
-    with _locks[("rollouts", record.namespace, record.name)]:
-        ro = kube.get_custom(record.namespace, m.Rollout.PLURAL, record.name)
+    with cache.locked("rollouts", record.namespace, record.name):
+        ro = cache.get_custom(record.namespace, m.Rollout.PLURAL, record.name)
         if ro is None:
             return False
         ann = ro["metadata"].get("annotations") or {}
@@ -632,8 +668,8 @@ def on_rollout_deleted(namespace: str, name: str, **_: Any) -> None:
     """The Rollout's finalizer: deleted mid-canary, its canary goes to weight 0 (traffic on the
     stable version) and leaves the application; with no stable version the application goes."""
     metrics.rollout_deleted(namespace, name)
-    with _locks[("rollouts", namespace, name)]:
-        ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
+    with cache.locked("rollouts", namespace, name):
+        ro = cache.fresh(namespace, m.Rollout.PLURAL, name)
         if ro is None or (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
             return
         agent = ro["spec"]["agentRef"]["name"]
@@ -642,7 +678,7 @@ def on_rollout_deleted(namespace: str, name: str, **_: Any) -> None:
             if status.stable_version is None:
                 rayserve.delete_application(SETTINGS.ray_dashboard_url, rayserve.app_name(namespace, agent))
             else:
-                agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
+                agent_obj = cache.get_custom(namespace, m.RLAgent.PLURAL, agent)
                 spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else \
                     m.RLAgentSpec(environment=m.EnvironmentSpec(id="-"))
                 _act(namespace, agent, spec, acts, _serving(namespace, agent).entries)
@@ -677,7 +713,7 @@ def decide_approval(request: dict[str, Any]) -> dict[str, str | None]:
     new_ann = dict(body.get("metadata", {}).get("annotations") or {})
     allowed_sas: tuple[str, ...] = ()
     if new_ann.get(rollout.APPROVE) not in (None, (old_ann or {}).get(rollout.APPROVE)):
-        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, body["spec"]["agentRef"]["name"])
+        agent = cache.get_custom(namespace, m.RLAgent.PLURAL, body["spec"]["agentRef"]["name"])
         if agent is not None:
             allowed_sas = tuple(m.RLAgentSpec.model_validate(agent["spec"]).approval.allowed_service_accounts)
     target = approvals.Target(namespace=namespace, name=name, uid=body.get("metadata", {}).get("uid", ""),

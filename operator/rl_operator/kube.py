@@ -16,18 +16,33 @@ from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3.util.retry import Retry
 
 from rl_operator import models as m
 
 log = logging.getLogger(__name__)
 
 
+#: Retries of the client library's HTTP layer (urllib3): connection errors, and answers 429 (the
+#: API server's rate limiting; its Retry-After is honoured) and 5xx, with exponential backoff
+#: (0.25 s, 0.5 s, 1 s, ...). Every write the operator makes is safe to repeat: creates are by
+#: name (a repeat gets 409, read as "exists"), status writes carry a resourceVersion or are
+#: idempotent merge patches.
+RETRIES = Retry(total=5, connect=3, read=2, status=5, backoff_factor=0.25,
+                status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
+                respect_retry_after_header=True, raise_on_status=False)
+
+
 def load_config() -> None:
-    """In-cluster service-account credentials when in a pod, else ``$KUBECONFIG`` / ``~/.kube/config``."""
+    """In-cluster service-account credentials when in a pod, else ``$KUBECONFIG`` / ``~/.kube/config``;
+    the client retries as :data:`RETRIES` says."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    cfg = client.Configuration.get_default_copy()
+    cfg.retries = RETRIES
+    client.Configuration.set_default(cfg)
 
 
 def _api() -> client.ApiClient:
@@ -77,16 +92,28 @@ def create_custom_or_get(body: dict[str, Any], plural: str) -> tuple[dict[str, A
     return existing, False
 
 
-def patch_status(namespace: str, plural: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+class Conflict(RuntimeError):
+    """A write named a resourceVersion the object no longer has: it was read from a stale copy."""
+
+
+def patch_status(namespace: str, plural: str, name: str, status: dict[str, Any],
+                 resource_version: str | None = None) -> dict[str, Any] | None:
     """Merge-patch the ``status`` subresource of a rlops.dev object. Returns the object, or None
-    when it is gone (deleted since it was read, e.g. with its namespace): nothing to record."""
+    when it is gone (deleted since it was read, e.g. with its namespace): nothing to record.
+
+    With ``resource_version`` (of the copy the status was computed from) the API server applies
+    the patch only to that version of the object; raises :class:`Conflict` otherwise.
+    """
+    body: dict[str, Any] = {"status": status}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
     try:
-        return _custom().patch_namespaced_custom_object_status(
-            m.GROUP, m.VERSION, namespace, plural, name, {"status": status}
-        )
+        return _custom().patch_namespaced_custom_object_status(m.GROUP, m.VERSION, namespace, plural, name, body)
     except ApiException as exc:
         if exc.status == 404:
             return None
+        if exc.status == 409 and resource_version:
+            raise Conflict(f"{plural}/{namespace}/{name} changed since resourceVersion {resource_version}") from exc
         raise
 
 

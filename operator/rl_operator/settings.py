@@ -37,6 +37,11 @@ class OperatorSettings:
     """Period (seconds) of the Rollout reconcile while a rollout is in progress.
     Env: ``RLOPS_ROLLOUT_INTERVAL_SECONDS``."""
 
+    workers: int = 8
+    """Threads that run the reconciles (kopf's executor for sync handlers): at most this many
+    objects are reconciled at once; events for one object are always handled in order, one at
+    a time. The approval webhook has its own threads. Env: ``RLOPS_WORKERS``."""
+
     webhook_addr: str | None = "127.0.0.1"
     """Address of the admission webhook server (HTTPS); empty disables the webhooks (no approval
     by annotation is then possible). Env: ``RLOPS_WEBHOOK_ADDR``."""
@@ -121,6 +126,7 @@ class OperatorSettings:
             ray_dashboard_url=env.get("RLOPS_RAY_DASHBOARD_URL", cls.ray_dashboard_url),
             prometheus_url=env.get("RLOPS_PROMETHEUS_URL", cls.prometheus_url),
             rollout_interval_seconds=float(env.get("RLOPS_ROLLOUT_INTERVAL_SECONDS", cls.rollout_interval_seconds)),
+            workers=int(env.get("RLOPS_WORKERS", cls.workers)),
             webhook_addr=env.get("RLOPS_WEBHOOK_ADDR", cls.webhook_addr) or None,
             webhook_port=int(env.get("RLOPS_WEBHOOK_PORT", cls.webhook_port)),
             webhook_host=env.get("RLOPS_WEBHOOK_HOST") or None,

@@ -26,3 +26,29 @@ def test_a_status_patch_of_a_deleted_object_is_a_no_op(cluster, namespace):
     cluster.kubectl("delete", "rlagent", "gone", "-n", namespace, "--wait=true")
     assert kube.patch_status(namespace, m.RLAgent.PLURAL, "gone", {"phase": "Training"}) is None
     assert kube.patch_status(namespace, m.Rollout.PLURAL, "never-existed", {"phase": "Paused"}) is None
+
+
+def test_a_status_patch_from_a_stale_copy_conflicts_and_a_current_one_lands(cluster, namespace):
+    """The operator computes statuses from its watch cache and writes them guarded by the cached
+    copy's resourceVersion: the API server refuses a write computed from an older copy. (The
+    session's operator reconciles this agent too: a write from a copy it just replaced is
+    retried from a fresh read, as the operator itself does.)"""
+    import pytest
+
+    config.load_kube_config(config_file=str(cluster.kubeconfig))
+    assert cluster.apply(AGENT, namespace).returncode == 0
+
+    def patch_current(phase: str) -> dict:
+        for _ in range(10):
+            rv = kube.get_custom(namespace, m.RLAgent.PLURAL, "gone")["metadata"]["resourceVersion"]
+            try:
+                return kube.patch_status(namespace, m.RLAgent.PLURAL, "gone", {"phase": phase}, rv)
+            except kube.Conflict:
+                continue
+        raise AssertionError("the agent never held still")
+
+    stale = kube.get_custom(namespace, m.RLAgent.PLURAL, "gone")["metadata"]["resourceVersion"]
+    assert patch_current("Pending")["status"]["phase"] == "Pending"
+    with pytest.raises(kube.Conflict, match="changed since resourceVersion"):
+        kube.patch_status(namespace, m.RLAgent.PLURAL, "gone", {"phase": "Training"}, stale)
+    assert patch_current("Training")["status"]["phase"] == "Training"

@@ -1,0 +1,50 @@
+"""The operator's watch-cache reads and per-object locks (rl_operator.cache)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+from rl_operator import cache
+from rl_operator import models as m
+
+
+def test_reads_come_from_the_indexes_as_copies_the_reader_may_change():
+    run = {"metadata": {"name": "a-1", "namespace": "t", "labels": {m.AGENT_LABEL: "a"}}, "status": {"phase": "Running"}}
+    cache.bind(rlagents_idx={}, trainingruns_idx={("t", "a-1"): [run], ("agent", "t", "a"): [run]}, rollouts_idx={},
+               jobs_idx={}, pods_idx={("t", "a-1"): [{"metadata": {"name": "p"}}]})
+    try:
+        got = cache.get_custom("t", m.TrainingRun.PLURAL, "a-1")
+        assert got == run and got is not run
+        got["status"]["phase"] = "Failed"
+        assert run["status"]["phase"] == "Running"
+        assert [r["metadata"]["name"] for r in cache.list_custom("t", m.TrainingRun.PLURAL, "a")] == ["a-1"]
+        assert cache.list_custom("t", m.Rollout.PLURAL, "a") == []
+        assert cache.get_custom("t", m.RLAgent.PLURAL, "a") is None
+        assert cache.get_job("t", "a-1") is None
+        assert cache.list_pods("t", "a-1") == [{"metadata": {"name": "p"}}]
+    finally:
+        cache.unbind()
+
+
+def test_locks_serialize_one_object_and_do_not_outlive_their_use():
+    inside, order = threading.Event(), []
+
+    def second() -> None:
+        with cache.locked("trainingruns", "t", "a-1"):
+            order.append("second")
+
+    with cache.locked("trainingruns", "t", "a-1"):
+        t = threading.Thread(target=second)
+        t.start()
+        inside.wait(0.2)
+        order.append("first")
+        with cache.locked("trainingruns", "t", "a-1"):  # re-entrant in one thread
+            pass
+    t.join(5)
+    assert order == ["first", "second"]
+    for i in range(1000):
+        with cache.locked("rollouts", "t", f"r-{i}"):
+            pass
+    gc.collect()
+    assert cache.lock_count() == 0
