@@ -224,18 +224,17 @@ def reconcile_agent(body: kopf.Body, namespace: str, name: str, **_: Any) -> Non
     agent = dict(body)
     runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))
     desired = training.desired_training_run(agent, runs)
+    new_run = None
     if desired is not None:
-        run, created = kube.create_custom_or_get(desired, m.TrainingRun.PLURAL)
+        new_run, created = kube.create_custom_or_get(desired, m.TrainingRun.PLURAL)
         if created:
             trigger = desired["spec"]["trigger"]
             _post(agent, [training.Event("Normal", "TrainingRunCreated",
-                                         f"TrainingRun {run['metadata']['name']} ({trigger['reason']}, "
+                                         f"TrainingRun {new_run['metadata']['name']} ({trigger['reason']}, "
                                          f"generation {trigger['agentGeneration']})")])
-    generation = agent["metadata"].get("generation")
-    if (agent.get("status") or {}).get("observedGeneration") != generation:
-        # the generation is handled: a new run, or a change that needs none (canary plan, approval, ...)
-        kube.patch_status(namespace, m.RLAgent.PLURAL, name, {"observedGeneration": generation})
-    sync_agent(namespace, name)
+    # the generation is handled: a new run, or a change that needs none (canary plan, approval, ...);
+    # recorded in the same status write as the rest (one write, not two that race)
+    sync_agent(namespace, name, handled_generation=agent["metadata"].get("generation"), new_run=new_run)
 
 
 def _owned(owner: dict[str, Any], objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -276,12 +275,22 @@ def _sync_status(namespace: str, plural: str, name: str, status_type: type, obse
 
 
 @metrics.reconciler("rlagent")
-def sync_agent(namespace: str, name: str) -> None:
-    """Recompute an RLAgent's status from its TrainingRuns and write it if it changed."""
+def sync_agent(namespace: str, name: str, handled_generation: int | None = None,
+               new_run: dict[str, Any] | None = None) -> None:
+    """Recompute an RLAgent's status from its TrainingRuns and write it if it changed.
+
+    ``handled_generation``: the agent's generation that the caller has acted on
+    (``observedGeneration``). ``new_run``: a run the caller just created or wrote, which the
+    cache may not hold yet (or holds in an older version)."""
     with cache.locked("rlagents", namespace, name):
         def observe(agent: dict[str, Any]) -> tuple[m.RLAgentStatus, list[training.Event]]:
-            runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))
-            return training.observe_agent(agent, runs, training.now())
+            runs = cache.list_custom(namespace, m.TrainingRun.PLURAL, name)
+            if new_run is not None:  # newer than the cache's copy, or not in it yet
+                runs = [r for r in runs if r["metadata"]["name"] != new_run["metadata"]["name"]] + [new_run]
+            status, events = training.observe_agent(agent, _owned(agent, runs), training.now())
+            if handled_generation is not None:
+                status.observed_generation = max(status.observed_generation or 0, handled_generation)
+            return status, events
 
         synced = _sync_status(namespace, m.RLAgent.PLURAL, name, m.RLAgentStatus, observe)
         if synced is not None:
@@ -291,8 +300,17 @@ def sync_agent(namespace: str, name: str) -> None:
 # ----------------------------------------------------------------------------- TrainingRun
 
 
-@kopf.on.resume(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
-@kopf.on.create(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
+@kopf.on.event(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
+def on_run_event(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
+    """Every event of a run (its creation, the operator's start-up listing, its status writes)
+    reconciles it. An event handler, not create/resume ones: kopf then writes no progress
+    annotations on the run (three API writes per run fewer), and every step below is
+    idempotent and reads from the caches, so a repeat costs no API call. A failure is retried
+    by the resync timer."""
+    if type != "DELETED":
+        reconcile_run(body, namespace, name)
+
+
 def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     run = dict(body)
     phase = (run.get("status") or {}).get("phase")
@@ -325,8 +343,8 @@ def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
 
 @kopf.timer(m.GROUP, m.VERSION, m.TrainingRun.PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds,
             when=lambda status, **_: (status or {}).get("phase") not in ("Succeeded", "Failed"))
-def resync_run(namespace: str, name: str, **_: Any) -> None:
-    sync_run(namespace, name)
+def resync_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+    reconcile_run(body, namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={m.RUN_LABEL: kopf.PRESENT})
@@ -346,12 +364,13 @@ def _api_message(exc: ApiException) -> str:
 def _fail_run(run: dict[str, Any], reason: str, message: str) -> None:
     """Set a run Failed with a reason (once), and sync its agent."""
     namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
+    written = None
     with cache.locked("trainingruns", namespace, name):
         status, events = training.failed_status(run, reason, message, training.now())
-        if events and kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire()) is not None:
+        if events and (written := kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())) is not None:
             _count_finished(namespace, m.TrainingRunStatus.model_validate(run.get("status") or {}), status)
             _post(run, events)
-    sync_agent(namespace, run["spec"]["agentRef"]["name"])
+    sync_agent(namespace, run["spec"]["agentRef"]["name"], new_run=written)
 
 
 def _count_finished(namespace: str, prev: m.TrainingRunStatus, status: m.TrainingRunStatus) -> None:
@@ -391,7 +410,7 @@ def sync_run(namespace: str, name: str) -> None:
         _post(synced.obj, synced.events)
     run = synced.obj
     if synced.changed:
-        sync_agent(namespace, run["spec"]["agentRef"]["name"])
+        sync_agent(namespace, run["spec"]["agentRef"]["name"], new_run=run)
     if synced.status.phase == "Succeeded":
         ensure_rollout(run)
 
@@ -489,17 +508,18 @@ def _analysis_due(st: m.RolloutStatus, spec: m.RLAgentSpec, now: Any) -> bool:
 def reconcile_rollout(namespace: str, name: str) -> None:
     """Observe the world for one Rollout, run the pure pipeline, and carry out its actions.
 
-    The Rollout itself is read from the API server, not the cache: this state machine moves
+    Everything here is read from the API server, not the caches: this state machine moves
     traffic, and must never act on a copy older than its own last write (a stale "not started"
-    would restart the canary at 0%). The agent, the run and the agent's other Rollouts come
-    from the cache."""
+    would restart the canary at 0%), nor on an agent's or a sibling Rollout's stale status (its
+    stable version, a Rollout that still looks in progress). Rollout reconciles are few: on an
+    annotation, on a change of the agent's spec, and every 2 s only while a canary runs."""
     with cache.locked("rollouts", namespace, name):
-        ro = cache.fresh(namespace, m.Rollout.PLURAL, name)
+        ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
         if ro is None or (ro.get("status") or {}).get("phase") in rollout.TERMINAL:
             return
         agent_name = ro["spec"]["agentRef"]["name"]
-        agent = cache.get_custom(namespace, m.RLAgent.PLURAL, agent_name)
-        run = cache.get_custom(namespace, m.TrainingRun.PLURAL, ro["spec"]["trainingRunRef"]["name"])
+        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, agent_name)
+        run = kube.get_custom(namespace, m.TrainingRun.PLURAL, ro["spec"]["trainingRunRef"]["name"])
         untrusted = trust.rollout_untrusted(ro, run, agent, training.artifact_uri(SETTINGS, run) if run else None)
         if agent is None:
             if untrusted:
@@ -507,7 +527,7 @@ def reconcile_rollout(namespace: str, name: str) -> None:
             return
         agent_spec = m.RLAgentSpec.model_validate(agent["spec"])
         agent_status = m.RLAgentStatus.model_validate(agent.get("status") or {})
-        others = cache.list_custom(namespace, m.Rollout.PLURAL, agent_name)
+        others = kube.list_custom(namespace, m.Rollout.PLURAL, f"{m.AGENT_LABEL}={agent_name}")
         blocking = next((o["metadata"]["name"] for o in others if o["metadata"]["name"] != name
                          and (o.get("status") or {}).get("phase") in rollout.ACTIVE), None)
         now = training.now()
@@ -588,16 +608,16 @@ def _write_rollout(ro: dict[str, Any], status: m.RolloutStatus, events: list[tra
 
 def abort_agent_rollout(namespace: str, agent: str, reason: str) -> str | None:
     """Abort the agent's in-progress Rollout (canary weight 0 at once). Returns its name, or None."""
-    for ro in cache.list_custom(namespace, m.Rollout.PLURAL, agent):
+    for ro in kube.list_custom(namespace, m.Rollout.PLURAL, f"{m.AGENT_LABEL}={agent}"):
         if (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
             continue
         name = ro["metadata"]["name"]
         with cache.locked("rollouts", namespace, name):
-            ro = cache.fresh(namespace, m.Rollout.PLURAL, name)
+            ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
             if ro is None or (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
                 continue
             status, acts = rollout.abort(ro, reason, training.now())
-            agent_obj = cache.get_custom(namespace, m.RLAgent.PLURAL, agent)
+            agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
             spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else None
             entries = _serving(namespace, agent).entries
             _act(namespace, agent, spec or m.RLAgentSpec(environment=m.EnvironmentSpec(id="-")), acts, entries)
@@ -622,7 +642,7 @@ def record_impersonation(record: audit.ImpersonatedApproval) -> bool:
     ``rlops.dev/approved-via`` (the operator alone may write it after the fact) and an Event.
     Only when the Rollout's recorded approval is the audited one (same approver, close in time)."""
     with cache.locked("rollouts", record.namespace, record.name):
-        ro = cache.get_custom(record.namespace, m.Rollout.PLURAL, record.name)
+        ro = kube.get_custom(record.namespace, m.Rollout.PLURAL, record.name)
         if ro is None:
             return False
         ann = ro["metadata"].get("annotations") or {}
@@ -669,7 +689,7 @@ def on_rollout_deleted(namespace: str, name: str, **_: Any) -> None:
     stable version) and leaves the application; with no stable version the application goes."""
     metrics.rollout_deleted(namespace, name)
     with cache.locked("rollouts", namespace, name):
-        ro = cache.fresh(namespace, m.Rollout.PLURAL, name)
+        ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
         if ro is None or (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
             return
         agent = ro["spec"]["agentRef"]["name"]
@@ -678,7 +698,7 @@ def on_rollout_deleted(namespace: str, name: str, **_: Any) -> None:
             if status.stable_version is None:
                 rayserve.delete_application(SETTINGS.ray_dashboard_url, rayserve.app_name(namespace, agent))
             else:
-                agent_obj = cache.get_custom(namespace, m.RLAgent.PLURAL, agent)
+                agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
                 spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else \
                     m.RLAgentSpec(environment=m.EnvironmentSpec(id="-"))
                 _act(namespace, agent, spec, acts, _serving(namespace, agent).entries)
@@ -713,7 +733,7 @@ def decide_approval(request: dict[str, Any]) -> dict[str, str | None]:
     new_ann = dict(body.get("metadata", {}).get("annotations") or {})
     allowed_sas: tuple[str, ...] = ()
     if new_ann.get(rollout.APPROVE) not in (None, (old_ann or {}).get(rollout.APPROVE)):
-        agent = cache.get_custom(namespace, m.RLAgent.PLURAL, body["spec"]["agentRef"]["name"])
+        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, body["spec"]["agentRef"]["name"])
         if agent is not None:
             allowed_sas = tuple(m.RLAgentSpec.model_validate(agent["spec"]).approval.allowed_service_accounts)
     target = approvals.Target(namespace=namespace, name=name, uid=body.get("metadata", {}).get("uid", ""),
