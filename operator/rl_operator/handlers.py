@@ -300,17 +300,8 @@ def sync_agent(namespace: str, name: str, handled_generation: int | None = None,
 # ----------------------------------------------------------------------------- TrainingRun
 
 
-@kopf.on.event(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
-def on_run_event(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
-    """Every event of a run (its creation, the operator's start-up listing, its status writes)
-    reconciles it. An event handler, not create/resume ones: kopf then writes no progress
-    annotations on the run (three API writes per run fewer), and every step below is
-    idempotent and reads from the caches, so a repeat costs no API call. A failure is retried
-    by the resync timer."""
-    if type != "DELETED":
-        reconcile_run(body, namespace, name)
-
-
+@kopf.on.resume(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
+@kopf.on.create(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
 def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     run = dict(body)
     phase = (run.get("status") or {}).get("phase")
@@ -462,7 +453,9 @@ def on_rollout(namespace: str, name: str, **_: Any) -> None:
     reconcile_rollout(namespace, name)
 
 
-@kopf.timer(m.GROUP, m.VERSION, m.Rollout.PLURAL, interval=SETTINGS.rollout_interval_seconds, when=rollout_ticks)
+# initial_delay: the create/resume handler makes the first reconcile (a timer runs at once otherwise)
+@kopf.timer(m.GROUP, m.VERSION, m.Rollout.PLURAL, interval=SETTINGS.rollout_interval_seconds,
+            initial_delay=SETTINGS.rollout_interval_seconds, when=rollout_ticks)
 def tick_rollout(namespace: str, name: str, **_: Any) -> None:
     reconcile_rollout(namespace, name)
 
