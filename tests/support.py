@@ -204,21 +204,25 @@ def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact
     status = {"status": {"phase": "Succeeded", "artifactURI": uri, "fingerprint": fingerprint,
                          "metrics": {"meanReturn": mean_return}}}
 
+    def patch() -> None:
+        cluster.kubectl("patch", "trainingrun", run, "-n", namespace, "--subresource=status", "--type=merge",
+                        "-p", json.dumps(status))
+
+    patch()
+    # the operator re-reads a run on its Job's events: touch the Job so that it sees Succeeded,
+    # then delete it, so that no trainer runs beside the test (and writes over the artifact)
+    cluster.kubectl("annotate", "job", run, "-n", namespace, "rlops-test/staged=true", "--overwrite", check=False)
+    cluster.kubectl("delete", "job", run, "-n", namespace, "--cascade=foreground", "--wait=false", check=False)
+
     def succeeded() -> dict[str, Any] | None:
         # The test plays the trainer here, racing the operator: a sync that read the run before
-        # this patch writes Pending back over it. Patch again until Succeeded holds.
+        # the patch writes Pending back over it. Patch again until Succeeded holds.
         if ((cluster.get("trainingrun", run, "-n", namespace) or {}).get("status") or {}).get("phase") != "Succeeded":
-            cluster.kubectl("patch", "trainingrun", run, "-n", namespace, "--subresource=status", "--type=merge",
-                            "-p", json.dumps(status))
-            # the operator re-reads a run on its Job's events: touch the Job so that it sees Succeeded
-            cluster.kubectl("annotate", "job", run, "-n", namespace, f"rlops-test/staged={time.monotonic()}",
-                            "--overwrite", check=False)
+            patch()
             return None
         return cluster.get("rollout", run, "-n", namespace)
 
-    ro = wait_for(succeeded, 60, f"Rollout {run} from the operator")
-    cluster.kubectl("delete", "job", run, "-n", namespace, "--cascade=foreground", "--wait=false", check=False)
-    return ro
+    return wait_for(succeeded, 60, f"Rollout {run} from the operator")
 
 
 def count_opens(monkeypatch, swap: dict[str, bytes] | None = None) -> "collections.Counter[str]":
