@@ -4,8 +4,8 @@ kopf already watches every kind the operator handles; ``@kopf.index`` keeps what
 deliver in memory, and kopf starts the handlers only once every index holds its first full
 list. Reads here are O(1) lookups in those indexes: an agent, a run, a Rollout by name; an
 agent's runs and Rollouts; a run's Job and pods. The API server is called only to create, to
-write a real change, and when a write finds the cache stale (a resourceVersion conflict:
-:func:`fresh` re-reads the object from the API).
+write a real change, and when a write finds the cache stale (a resourceVersion conflict: the
+caller re-reads the object from the API).
 
 Objects in the indexes are the watch's objects without ``metadata.managedFields`` (the bulk of
 a stored object, never read here). Readers get deep copies: they may change them freely.
@@ -122,11 +122,6 @@ def list_pods(namespace: str, run: str) -> list[dict[str, Any]]:
     if not _INDEXES:
         return kube.list_pods(namespace, f"{m.RUN_LABEL}={run}")
     return _values("pods_idx", (namespace, run))
-
-
-def fresh(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
-    """The object as the API server has it now (after a write found the cache stale)."""
-    return kube.get_custom(namespace, plural, name)
 
 
 # ----------------------------------------------------------------------------- per-object locks

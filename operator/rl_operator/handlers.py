@@ -268,7 +268,7 @@ def _sync_status(namespace: str, plural: str, name: str, status_type: type, obse
         try:
             written = kube.patch_status(namespace, plural, name, status.wire(), obj["metadata"].get("resourceVersion"))
         except kube.Conflict:
-            obj = cache.fresh(namespace, plural, name)
+            obj = kube.get_custom(namespace, plural, name)  # the cache was behind: the API server's copy
             continue
         return Synced(written, prev, status, events, True) if written is not None else None
     raise kube.Conflict(f"{plural}/{namespace}/{name}: status write conflicted 3 times")  # kopf retries
@@ -322,7 +322,7 @@ def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
                                           f"{_api_message(exc)}")
             return
         if not trust.controlled_by(job, run, m.TrainingRun.KIND):  # a Job squatting the run's name
-            _fail_run(run, "JobNotOwned", f"Job {namespace}/{name} exists but is not controlled by this TrainingRun (uid)")
+            _fail_run(run, "JobNotOwned", _job_not_owned(namespace, name))
             return
         if created:
             gpus = run["spec"]["training"].get("resources", {}).get("gpu", 0)
@@ -342,6 +342,10 @@ def resync_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
 @kopf.on.event("", "v1", "pods", labels={m.RUN_LABEL: kopf.PRESENT})
 def on_child_event(labels: dict[str, str], namespace: str, type: str | None, **_: Any) -> None:
     sync_run(namespace, labels[m.RUN_LABEL])
+
+
+def _job_not_owned(namespace: str, name: str) -> str:
+    return f"Job {namespace}/{name} exists but is not controlled by this TrainingRun (uid)"
 
 
 def _api_message(exc: ApiException) -> str:
@@ -384,8 +388,7 @@ def sync_run(namespace: str, name: str) -> None:
             job = cache.get_job(namespace, name)
             at = training.now()
             if job is not None and not trust.controlled_by(job, run, m.TrainingRun.KIND):
-                return training.failed_status(
-                    run, "JobNotOwned", f"Job {namespace}/{name} exists but is not controlled by this TrainingRun (uid)", at)
+                return training.failed_status(run, "JobNotOwned", _job_not_owned(namespace, name), at)
             pods = cache.list_pods(namespace, name) if job is not None else []
             verdicts = [(pod, trust.pod_untrusted(pod, job, training.TRAINER_CONTAINER)) for pod in pods]
             status, events = training.observe_run(run, job, [p for p, why in verdicts if why is None], at,
