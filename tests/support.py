@@ -93,7 +93,8 @@ class OperatorProcess:
             else None
         self.extra_env: dict[str, str] = {}
 
-    def start(self) -> None:
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The operator's command line and environment (``extra_env`` last: it may override)."""
         kubeconfig = subprocess.run(
             ["bash", str(REPO / "hack" / "operator-kubeconfig.sh")], env=self.cluster.env,
             check=True, capture_output=True, text=True,
@@ -102,15 +103,17 @@ class OperatorProcess:
                "RLOPS_RESYNC_SECONDS": "5", "RLOPS_WEBHOOK_PORT": str(self.webhook_port),
                "RLOPS_CERT_DIR": str(self.workdir / "certs"),
                "RLOPS_ALERT_RECEIVER": f"127.0.0.1:{self.receiver_port}",
-               "RLOPS_METRICS_ADDR": f"127.0.0.1:{self.metrics_port}", **self.extra_env}
+               "RLOPS_METRICS_ADDR": f"127.0.0.1:{self.metrics_port}"}
         if self.audit_port:
             env.update(RLOPS_AUDIT_RECEIVER=f"127.0.0.1:{self.audit_port}",
                        RLOPS_AUDIT_CERT_DIR=str(self.cluster.dir / "audit-certs"))
+        env.update(self.extra_env)
+        return [sys.executable, "-m", "rl_operator", "--liveness", f"http://127.0.0.1:{self.port}/healthz"], env
+
+    def start(self) -> None:
+        argv, env = self.command()
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rl_operator", "--liveness", f"http://127.0.0.1:{self.port}/healthz"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._healthy, 60, "operator liveness endpoint")
 
     def _healthy(self) -> bool:

@@ -88,13 +88,23 @@ def client_config(ca_pem: bytes, *, url: str | None = None, service: tuple[str, 
     return out
 
 
-def configuration(client: dict[str, Any]) -> dict[str, Any]:
-    """The ``MutatingWebhookConfiguration`` named :data:`CONFIGURATION`: Rollout CREATE and
-    UPDATE, failing closed, called only under :func:`match_expression`."""
+def configuration_name(shard: str | None = None) -> str:
+    """The configuration's name: ``rlops.dev``, or ``<shard>.rlops.dev`` for one shard of
+    several (each shard's webhook reviews its own namespaces)."""
+    return f"{shard}.{CONFIGURATION}" if shard else CONFIGURATION
+
+
+def configuration(client: dict[str, Any], shard: str | None = None, namespaces: tuple[str, ...] = ()
+                  ) -> dict[str, Any]:
+    """The ``MutatingWebhookConfiguration`` named :func:`configuration_name`: Rollout CREATE and
+    UPDATE, failing closed, called only under :func:`match_expression`; with ``namespaces``,
+    only for Rollouts in those namespaces (a ``namespaceSelector`` on their names)."""
+    selector = ({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In",
+                                       "values": sorted(namespaces)}]} if namespaces else {})
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": CONFIGURATION, "labels": {"app.kubernetes.io/part-of": "rlops"}},
+        "metadata": {"name": configuration_name(shard), "labels": {"app.kubernetes.io/part-of": "rlops"}},
         "webhooks": [{
             "name": WEBHOOK,
             "admissionReviewVersions": ["v1"],
@@ -106,6 +116,7 @@ def configuration(client: dict[str, Any]) -> dict[str, Any]:
             "rules": [{"apiGroups": [m.GROUP], "apiVersions": ["*"], "resources": [m.Rollout.PLURAL],
                        "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"}],
             "matchConditions": [{"name": "approval-annotations-change", "expression": match_expression()}],
+            "namespaceSelector": selector,
             "clientConfig": client,
         }],
     }

@@ -35,7 +35,7 @@ import kopf
 
 from kubernetes.client.exceptions import ApiException
 
-from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, kube, metrics, rayserve, rollout, training, trust
+from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, kube, metrics, rayserve, rollout, shards, training, trust
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
@@ -104,6 +104,27 @@ async def watch_webhook_cert(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.startup()
+async def keep_ray_claim(memo: kopf.Memo, **_: Any) -> None:
+    """Renew this operator's claim on its Ray cluster (``rl_operator.shards``; first made before
+    kopf started) every third of its lifetime. Lost to another shard (this operator stalled for
+    longer than the claim counts): stop, so that one operator alone writes that Serve config."""
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(shards.CLAIM_SECONDS / 3)
+            try:
+                error = await asyncio.to_thread(shards.claim_ray_cluster, SETTINGS)
+            except Exception as exc:  # the API server unreachable for a moment: try again
+                log.warning("could not renew the claim on the Ray cluster: %s", exc)
+                continue
+            if error:
+                log.error("stopping: %s", error)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    memo.ray_claim = asyncio.create_task(loop())
+
+
+@kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.load_config()
     settings.posting.level = logging.WARNING  # Events are posted explicitly, not from log lines
@@ -128,7 +149,8 @@ _ADMISSION: dict[str, admission.AdmissionServer] = {}
 
 def _start_admission() -> None:
     """The approval webhook: its server in a thread of its own (``rl_operator.admission``), then
-    the MutatingWebhookConfiguration ``rlops.dev`` pointed at it (through the Service when
+    the MutatingWebhookConfiguration ``rlops.dev`` (a shard's: ``<shard>.rlops.dev``, for its
+    namespaces only) pointed at it (through the Service when
     ``webhook_service`` is set, else by URL), with this certificate's CA."""
     host = SETTINGS.webhook_host or SETTINGS.webhook_addr or ""
     names, service = [host, SETTINGS.webhook_addr or ""], None
@@ -141,7 +163,8 @@ def _start_admission() -> None:
     server.start()
     _ADMISSION["server"] = server
     kube.apply_mutating_webhook_configuration(admission.configuration(admission.client_config(
-        files.ca.read_bytes(), url=f"https://{host}:{SETTINGS.webhook_port}", service=service)))
+        files.ca.read_bytes(), url=f"https://{host}:{SETTINGS.webhook_port}", service=service),
+        SETTINGS.shard, SETTINGS.namespaces))
 
 
 @kopf.on.cleanup()
@@ -206,7 +229,8 @@ async def start_audit_receiver(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def stop_alert_receiver(memo: kopf.Memo, **_: Any) -> None:
-    for task in (getattr(memo, "token_refresher", None), getattr(memo, "cert_watch", None)):
+    for task in (getattr(memo, "token_refresher", None), getattr(memo, "cert_watch", None),
+                 getattr(memo, "ray_claim", None)):
         if task is not None:
             task.cancel()
     for runner in (getattr(memo, "receiver", None), getattr(memo, "audit_receiver", None)):
@@ -300,12 +324,15 @@ def sync_agent(namespace: str, name: str, handled_generation: int | None = None,
 # ----------------------------------------------------------------------------- TrainingRun
 
 
+RUN_FINISHED = ("Succeeded", "Failed")
+
+
 @kopf.on.resume(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
 @kopf.on.create(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
 def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     run = dict(body)
     phase = (run.get("status") or {}).get("phase")
-    if phase not in ("Succeeded", "Failed"):
+    if phase not in RUN_FINISHED:
         agent = cache.get_custom(namespace, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
         why = trust.run_untrusted(run, agent)
         if why:
@@ -332,10 +359,18 @@ def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
         ensure_rollout(run)
 
 
-@kopf.timer(m.GROUP, m.VERSION, m.TrainingRun.PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds,
-            when=lambda status, **_: (status or {}).get("phase") not in ("Succeeded", "Failed"))
-def resync_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
-    reconcile_run(body, namespace, name)
+@kopf.timer(m.GROUP, m.VERSION, m.RLAgent.PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds,
+            when=lambda status, **_: (status or {}).get("phase") in (None, "Pending", "Training"))
+def resync_runs(namespace: str, name: str, **_: Any) -> None:
+    """The safety net for missed Job and pod events: every ``resync_seconds`` while an agent
+    trains, the reconcile of each of its unfinished TrainingRuns runs again.
+
+    On the agent, not on each run: kopf keeps a finalizer on every object that has a timer, so a
+    timer per run cost two more writes per run (the finalizer added, then removed when the run
+    finished), and run deletions waited for the operator. Agents carry a finalizer anyway."""
+    for run in cache.list_custom(namespace, m.TrainingRun.PLURAL, name):
+        if (run.get("status") or {}).get("phase") not in RUN_FINISHED:
+            reconcile_run(run, namespace, run["metadata"]["name"])
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={m.RUN_LABEL: kopf.PRESENT})
@@ -493,13 +528,6 @@ def _serving(namespace: str, agent: str) -> Serving:
     return Serving(versions, rayserve.application_weights(config), summary["status"], entries)
 
 
-def _analysis_due(st: m.RolloutStatus, spec: m.RLAgentSpec, now: Any) -> bool:
-    if st.phase not in ("Progressing", "Paused") or not st.stable_version or not 0 < (st.canary_weight or 0) < 100:
-        return False
-    last = st.analysis.measured_at if st.analysis else None
-    return last is None or (now - last).total_seconds() >= spec.canary.analysis.interval_seconds
-
-
 @metrics.reconciler("rollout")
 def reconcile_rollout(namespace: str, name: str) -> None:
     """Observe the world for one Rollout, run the pure pipeline, and carry out its actions.
@@ -531,10 +559,8 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         obs = rollout.Observed(now=now, annotations=dict(ro["metadata"].get("annotations") or {}),
                                agent_spec=agent_spec, active_model=agent_status.active_model,
                                blocking_rollout=blocking, approval_key=_KEY["value"], untrusted=untrusted)
-        approved = status.approval is not None or obs.annotations.get(rollout.APPROVED_BY) or \
-            agent_spec.approval.mode == "auto"
         entries: dict[str, Any] = {}
-        if approved and agent_spec.serving.enabled and not blocking and (not untrusted or status.phase in rollout.ACTIVE):
+        if rollout.approval_given(status, obs.annotations, agent_spec) and agent_spec.serving.enabled and not blocking and (not untrusted or status.phase in rollout.ACTIVE):
             try:
                 serving = _serving(namespace, agent_name)
                 obs.serving_versions, obs.serving_weights, obs.app_status = serving.versions, serving.weights, serving.status
@@ -542,9 +568,7 @@ def reconcile_rollout(namespace: str, name: str) -> None:
             except rayserve.RayServeError as exc:
                 _write_rollout(ro, status.model_copy(update={"message": f"Ray Serve unavailable: {exc}"}), [])
                 return
-            if _analysis_due(status, agent_spec, now):
-                window = int(min(agent_spec.canary.analysis.window_seconds,
-                                 max(10.0, (now - (status.step_started_at or now)).total_seconds())))
+            if (window := rollout.analysis_window(status, agent_spec, now)) is not None:
                 try:
                     meas = analysis.measure(SETTINGS.prometheus_url, namespace, agent_name, ro["spec"]["version"],
                                             status.stable_version, window)
@@ -623,7 +647,13 @@ def abort_agent_rollout(namespace: str, agent: str, reason: str) -> str | None:
 
 
 async def on_alert(target: alerts.AlertTarget) -> None:
-    """Alertmanager receiver callback: a firing alert naming an RLAgent aborts its canary."""
+    """Alertmanager receiver callback: a firing alert naming an RLAgent aborts its canary.
+    An agent outside this operator's namespaces is another shard's: left alone."""
+    if not shards.serves(SETTINGS, target.namespace):
+        metrics.ALERTS.labels("other_shard").inc()
+        log.warning("alert %s for %s/%s: not a namespace this operator serves (%s); ignored", target.alertname,
+                    target.namespace, target.agent, ", ".join(SETTINGS.namespaces))
+        return
     reason = f"alert {target.alertname} firing" + (f": {target.summary}" if target.summary else "")
     name = await asyncio.to_thread(abort_agent_rollout, target.namespace, target.agent, reason)
     metrics.ALERTS.labels("aborted" if name else "none").inc()
@@ -657,7 +687,10 @@ def record_impersonation(record: audit.ImpersonatedApproval) -> bool:
 
 
 async def on_impersonated_approval(record: audit.ImpersonatedApproval) -> None:
-    """Audit webhook callback (``alerts.start_receiver``)."""
+    """Audit webhook callback (``alerts.start_receiver``); Rollouts outside this operator's
+    namespaces are another shard's."""
+    if not shards.serves(SETTINGS, record.namespace):
+        return
     if await asyncio.to_thread(record_impersonation, record):
         log.warning("%s/%s: approved by %s impersonating %s", record.namespace, record.name, record.user,
                     record.impersonated)

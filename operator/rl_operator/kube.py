@@ -185,6 +185,51 @@ def apply_mutating_webhook_configuration(body: dict[str, Any]) -> None:
     raise RuntimeError(f"MutatingWebhookConfiguration {name}: still conflicting after 5 tries")
 
 
+def claim(namespace: str, name: str, holder: str, annotations: dict[str, str], duration_seconds: int,
+          now: datetime | None = None) -> str:
+    """Claim a thing outside Kubernetes (a Ray cluster) for ``holder`` through the Lease
+    ``namespace/name``, or renew the claim: ``spec.holderIdentity`` = ``holder`` and
+    ``spec.renewTime`` = now. A claim not renewed for ``duration_seconds`` (its holder is gone)
+    may be taken over. The create, and every update (guarded by the read's resourceVersion), is
+    atomic, so of two operators that claim at once exactly one wins.
+
+    Returns:
+        The holder on record afterwards: ``holder`` when the claim is ours, else the other
+        (live) holder, whose claim is left as it is.
+    """
+    api = client.CoordinationV1Api()
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    spec = {"holderIdentity": holder, "leaseDurationSeconds": duration_seconds, "renewTime": stamp}
+    for _ in range(3):
+        try:
+            api.create_namespaced_lease(namespace, {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "namespace": namespace, "annotations": annotations,
+                             "labels": {"app.kubernetes.io/part-of": "rlops"}},
+                "spec": {**spec, "acquireTime": stamp}})
+            return holder
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        lease = _plain(api.read_namespaced_lease(name, namespace))
+        current = lease.get("spec") or {}
+        other = current.get("holderIdentity") or ""
+        if other and other != holder:
+            renewed = current.get("renewTime") or current.get("acquireTime")
+            age = (now or datetime.now(timezone.utc)) - datetime.fromisoformat(renewed.replace("Z", "+00:00")) \
+                if renewed else None
+            if age is None or age.total_seconds() < int(current.get("leaseDurationSeconds") or duration_seconds):
+                return other
+        lease["spec"] = {**current, **spec, **({} if other == holder else {"acquireTime": stamp})}
+        try:
+            api.replace_namespaced_lease(name, namespace, lease)
+            return holder
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # deleted or changed since the read: read again
+                raise
+    raise Conflict(f"Lease {namespace}/{name}: still conflicting after 3 tries")
+
+
 def ensure_key_secret(namespace: str, name: str, field: str = "key", nbytes: int = 32) -> bytes:
     """Read a random key from a Secret, creating the Secret with a new key if it is missing.
 

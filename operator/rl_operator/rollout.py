@@ -343,7 +343,33 @@ class Actions:
     remove_annotations: list[str] = field(default_factory=list)
     promote_active_model: m.ActiveModel | None = None
     events: list[Event] = field(default_factory=list)
-    run_analysis: bool = False
+
+
+def approval_given(status: m.RolloutStatus, annotations: dict[str, str], agent_spec: m.RLAgentSpec) -> bool:
+    """Whether the Rollout may move traffic, as far as its approval goes: an approval already
+    recorded in its status, one the webhook recorded on it (:func:`reconcile` still checks its
+    signature and fingerprint), or an agent whose policy approves automatically. The handler
+    reads Serve only then: a Rollout that waits for approval needs nothing from Ray."""
+    return status.approval is not None or bool(annotations.get(APPROVED_BY)) or agent_spec.approval.mode == "auto"
+
+
+def analysis_window(status: m.RolloutStatus, agent_spec: m.RLAgentSpec, now: datetime) -> int | None:
+    """The metrics window (seconds) to judge the canary on now, or None when no analysis is due.
+
+    Due while the canary takes traffic beside a stable version (0 < weight < 100, phase
+    Progressing or Paused) and the last measurement is at least ``analysis.intervalSeconds``
+    old. The window is the time at this step, at least 10 s and at most
+    ``analysis.windowSeconds``: a measurement never reaches back into the previous step's weight.
+    """
+    if status.phase not in ("Progressing", "Paused") or not status.stable_version \
+            or not 0 < (status.canary_weight or 0) < 100:
+        return None
+    plan = agent_spec.canary.analysis
+    last = status.analysis.measured_at if status.analysis else None
+    if last is not None and (now - last).total_seconds() < plan.interval_seconds:
+        return None
+    at_step = (now - (status.step_started_at or now)).total_seconds()
+    return int(min(plan.window_seconds, max(10.0, at_step)))
 
 
 def weights_for(stable: str | None, canary: str, canary_weight: int) -> dict[str, int]:
@@ -528,7 +554,6 @@ def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
             st.phase, st.message = "Progressing", f"canary weight {step.set_weight}%"
             if step.set_weight == 100:
                 break  # promotion below
-            acts.run_analysis = True
             return st, acts
         if step.set_weight == 100:
             break
@@ -540,7 +565,6 @@ def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
                                         measured_at=at, metrics=metrics)
             if phase == "Failed":
                 return _abort(st, spec, f"analysis failed at {st.canary_weight}%: {message}", at, acts)
-        acts.run_analysis = True
         if promote is not None:
             promote = None  # consumed by this step
         elif step.pause is not None:

@@ -109,6 +109,21 @@ class OperatorSettings:
     admission webhook signs the approvals it records with it, and per-application feedback keys
     are derived from it. Created with a random key when missing. Env: ``RLOPS_APPROVAL_KEY_SECRET``."""
 
+    namespaces: tuple[str, ...] = ()
+    """The namespaces this operator serves (``-n``/``--namespace``, repeatable); empty: every
+    namespace. Its watches, its webhook (a ``namespaceSelector``), its alert and audit receivers
+    all stay inside them. Env: ``RLOPS_NAMESPACES`` (comma separated)."""
+
+    shard: str | None = None
+    """Name of this operator's shard, when several operators split the cluster's namespaces
+    (each with its own ``namespaces`` and its own Ray cluster). It names the shard's webhook
+    configuration (``<shard>.rlops.dev``) and its claim on the Ray cluster. Needs ``namespaces``.
+    Env: ``RLOPS_SHARD``."""
+
+    operator_namespace: str = "rlops-system"
+    """Namespace of the operator's own objects (the Ray cluster claims of shards).
+    Env: ``RLOPS_OPERATOR_NAMESPACE``."""
+
     extra_env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for training pods, from ``RLOPS_TRAINER_ENV_<NAME>=value``
     (e.g. a Python path or a CUDA setting the cluster needs)."""
@@ -142,5 +157,8 @@ class OperatorSettings:
             audit_cert_dir=env.get("RLOPS_AUDIT_CERT_DIR", "") or None,
             audit_token_secret=env.get("RLOPS_AUDIT_TOKEN_SECRET", cls.audit_token_secret),
             approval_key_secret=env.get("RLOPS_APPROVAL_KEY_SECRET", cls.approval_key_secret),
+            namespaces=tuple(n.strip() for n in env.get("RLOPS_NAMESPACES", "").split(",") if n.strip()),
+            shard=env.get("RLOPS_SHARD") or None,
+            operator_namespace=env.get("RLOPS_OPERATOR_NAMESPACE", cls.operator_namespace),
             extra_env={k[len(prefix):]: v for k, v in env.items() if k.startswith(prefix)},
         )

@@ -51,6 +51,55 @@ def test_server_side_dry_run_accepts_everything_the_chart_renders(cluster, value
     assert applied.returncode == 0, applied.stderr
 
 
+SHARDS = ["--set", "shards[0].name=east,shards[0].namespaces={team-a,team-b},"
+                  "shards[0].rayDashboardUrl=http://ray-east-head-svc.ray.svc:8265",
+          "--set", "shards[1].name=west,shards[1].namespaces={team-c},"
+                  "shards[1].rayDashboardUrl=http://ray-west-head-svc.ray.svc:8265"]
+
+
+def test_shards_render_one_operator_each_with_its_namespaces_ray_cluster_and_webhook(cluster):
+    """Each shard: a Deployment and a Service of its own, the namespaces and Ray cluster it
+    serves, its own webhook certificate Secret, no peering; the RBAC names every shard's webhook
+    configuration and Secret, and the uninstall hook removes every configuration."""
+    proc = template(*SHARDS)
+    assert proc.returncode == 0, proc.stderr
+    rendered = docs(proc.stdout)
+    applied = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=proc.stdout, check=False)
+    assert applied.returncode == 0, applied.stderr
+    deployments = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Deployment"}
+    assert set(deployments) == {"rlops-operator-east", "rlops-operator-west"}
+    services = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Service"}
+    for shard, namespaces in (("east", "team-a,team-b"), ("west", "team-c")):
+        dep = deployments[f"rlops-operator-{shard}"]
+        env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["RLOPS_SHARD"] == shard and env["RLOPS_NAMESPACES"] == namespaces
+        assert env["RLOPS_RAY_DASHBOARD_URL"] == f"http://ray-{shard}-head-svc.ray.svc:8265"
+        assert env["RLOPS_WEBHOOK_SERVICE"] == f"rlops-system/rlops-operator-{shard}:443"
+        assert env["RLOPS_WEBHOOK_CERT_SECRET"] == f"rlops-system/rlops-webhook-tls-{shard}"
+        assert "RLOPS_PEERING" not in env
+        selector = dep["spec"]["selector"]["matchLabels"]
+        assert selector["rlops.dev/shard"] == shard == dep["spec"]["template"]["metadata"]["labels"]["rlops.dev/shard"]
+        assert services[f"rlops-operator-{shard}"]["spec"]["selector"] == selector
+    rules = [r for d in rendered if d["kind"] in ("ClusterRole", "Role") and d["metadata"]["name"].startswith("rlops-operator")
+             for r in d["rules"]]
+    assert {"east.rlops.dev", "west.rlops.dev"} <= {n for r in rules for n in r.get("resourceNames", [])}
+    assert {"rlops-webhook-tls-east", "rlops-webhook-tls-west"} <= {n for r in rules for n in r.get("resourceNames", [])}
+    (job,) = [d for d in docs(template(*SHARDS, "--show-only", "templates/uninstall-hook.yaml").stdout)]
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == ["east.rlops.dev", "west.rlops.dev"]
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    (["--set", "replicas=2"], "each shard runs one operator"),
+    (["--set", "shards[1].namespaces={team-b}"], 'namespace "team-b" is listed by shards "east" and "west"'),
+    (["--set", "shards[1].rayDashboardUrl=http://ray-east-head-svc.ray.svc:8265"], "needs a Ray cluster of its own"),
+    (["--set", "ray.kuberay.enabled=true"], "give each shard its rayDashboardUrl"),
+    (["--set", "shards[1].namespaces={team-*}"], "/shards/1/namespaces/0"),
+])
+def test_shards_that_would_share_a_namespace_or_a_ray_cluster_are_refused(cluster, override, words):
+    proc = template(*SHARDS, *override)
+    assert proc.returncode != 0 and words in proc.stderr, proc.stderr
+
+
 def wait_established(cluster, crd: str) -> None:
     """Wait for a CRD just applied to be served (``kubectl wait`` errors out while it has no
     conditions yet)."""

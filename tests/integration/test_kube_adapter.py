@@ -52,3 +52,23 @@ def test_a_status_patch_from_a_stale_copy_conflicts_and_a_current_one_lands(clus
     with pytest.raises(kube.Conflict, match="changed since resourceVersion"):
         kube.patch_status(namespace, m.RLAgent.PLURAL, "gone", {"phase": "Training"}, stale)
     assert patch_current("Training")["status"]["phase"] == "Training"
+
+
+def test_a_claim_is_one_holders_until_it_lapses(cluster, namespace):
+    """The Lease through which an operator claims its Ray cluster: created atomically, renewed
+    by its holder, refused to another holder while it is renewed, taken over once it lapses."""
+    from datetime import datetime, timedelta, timezone
+
+    config.load_kube_config(config_file=str(cluster.kubeconfig))
+    t0 = datetime.now(timezone.utc)
+    ann = {"rlops.dev/ray-dashboard-url": "http://ray.example:8265"}
+    assert kube.claim(namespace, "rlops-ray-test", "east", ann, 60, now=t0) == "east"
+    assert kube.claim(namespace, "rlops-ray-test", "west", ann, 60, now=t0 + timedelta(seconds=30)) == "east"
+    assert kube.claim(namespace, "rlops-ray-test", "east", ann, 60, now=t0 + timedelta(seconds=50)) == "east"
+    # renewed at +50 s: still east's at +100 s, west's at +111 s
+    assert kube.claim(namespace, "rlops-ray-test", "west", ann, 60, now=t0 + timedelta(seconds=100)) == "east"
+    assert kube.claim(namespace, "rlops-ray-test", "west", ann, 60, now=t0 + timedelta(seconds=111)) == "west"
+    assert kube.claim(namespace, "rlops-ray-test", "east", ann, 60, now=t0 + timedelta(seconds=112)) == "west"
+    lease = cluster.get("lease", "rlops-ray-test", "-n", namespace)
+    assert lease["spec"]["holderIdentity"] == "west" and lease["spec"]["leaseDurationSeconds"] == 60
+    assert lease["metadata"]["annotations"] == ann

@@ -79,6 +79,16 @@ def test_the_configuration_fails_closed_and_is_called_only_when_a_reviewed_annot
         assert f"'{key}' in object.metadata.annotations" in expr
         assert f"'{key}' in oldObject.metadata.annotations" in expr
     assert expr.startswith("request.operation == 'CREATE' ? ")
+    assert hook["namespaceSelector"] == {}  # one operator for every namespace
+
+
+def test_a_shards_configuration_has_its_own_name_and_selects_its_namespaces_by_name():
+    conf = admission.configuration(admission.client_config(b"CA", url="https://127.0.0.1:9443"), "east",
+                                   ("team-b", "team-a"))
+    (hook,) = conf["webhooks"]
+    assert conf["metadata"]["name"] == "east.rlops.dev" == admission.configuration_name("east")
+    assert hook["namespaceSelector"] == {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]}
 
 
 def test_the_server_answers_over_https_on_its_own_thread(tmp_path):

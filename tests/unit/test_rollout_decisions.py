@@ -175,6 +175,36 @@ def test_restart_mid_step_changes_no_traffic():
     assert world.weight_history == before and st.canary_weight == 10
 
 
+def test_serve_is_read_only_once_approval_is_given():
+    spec, status = agent_spec(), m.RolloutStatus(phase="AwaitingApproval")
+    assert not r.approval_given(status, {}, spec)
+    assert r.approval_given(status, APPROVED, spec)  # reconcile still checks the signature
+    assert r.approval_given(status, {}, agent_spec(approval={"mode": "auto"}))
+    approved = m.RolloutStatus(phase="Approved", approval=m.Approval(approved_by="alice", fingerprint=FP, policy="manual",
+                                                                     approved_at=T0))
+    assert r.approval_given(approved, {}, spec)
+
+
+@pytest.mark.parametrize(("status", "seconds_later", "window"), [
+    (dict(phase="Progressing", stable_version="cp-1", canary_weight=10), 3, 10),    # at least 10 s
+    (dict(phase="Progressing", stable_version="cp-1", canary_weight=10), 30, 30),   # the time at this step
+    (dict(phase="Paused", stable_version="cp-1", canary_weight=50), 600, 60),       # at most windowSeconds
+    (dict(phase="Progressing", stable_version="cp-1", canary_weight=10, measured=2), 30, None),  # measured 2 s ago
+    (dict(phase="Progressing", stable_version="cp-1", canary_weight=10, measured=5), 30, 30),    # interval is 5 s
+    (dict(phase="Progressing", stable_version=None, canary_weight=10), 30, None),   # nothing to compare with
+    (dict(phase="Progressing", stable_version="cp-1", canary_weight=100), 30, None),
+    (dict(phase="AwaitingApproval", stable_version="cp-1", canary_weight=0), 30, None),
+])
+def test_analysis_is_due_every_interval_over_the_time_at_this_step(status, seconds_later, window):
+    measured = status.pop("measured", None)
+    now = T0 + timedelta(seconds=seconds_later)
+    st = m.RolloutStatus(**status, step_started_at=T0,
+                         analysis=m.AnalysisRun(phase="Successful", message="ok", step_index=0,
+                                                measured_at=now - timedelta(seconds=measured))
+                         if measured is not None else None)
+    assert r.analysis_window(st, agent_spec(), now) == window
+
+
 def test_first_rollout_without_stable_goes_straight_to_100():
     world = World(stable=None)
     ro = make_rollout(APPROVED)

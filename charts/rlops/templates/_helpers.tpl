@@ -29,3 +29,62 @@ http://{{ .Values.ray.kuberay.name }}-head-svc.{{ include "rlops.rayNamespace" .
 {{- define "rlops.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
+
+{{/* The operators to run: one for every namespace, or one per entry of `shards` (each with
+its namespaces and its own Ray cluster). A YAML list of {name, suffix, namespaces,
+rayDashboardUrl}; the suffix goes after "rlops-operator" and "rlops-webhook-tls". */}}
+{{- define "rlops.shards" -}}
+{{- if .Values.shards -}}
+{{- if gt (int .Values.replicas) 1 -}}
+{{- fail "shards: each shard runs one operator (replicas: 1); a standby per shard is not supported yet" -}}
+{{- end -}}
+{{- if .Values.ray.kuberay.enabled -}}
+{{- fail "shards: give each shard its rayDashboardUrl (ray.kuberay.enabled makes one Ray cluster, and two shards must never write the same Serve config)" -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- range $shard := .Values.shards -}}
+{{- range $ns := $shard.namespaces -}}
+{{- if hasKey $seen $ns -}}
+{{- fail (printf "shards: namespace %q is listed by shards %q and %q: each namespace belongs to one shard" $ns (get $seen $ns) $shard.name) -}}
+{{- end -}}
+{{- $_ := set $seen $ns $shard.name -}}
+{{- end -}}
+{{- end -}}
+{{- $urls := dict -}}
+{{- range .Values.shards -}}
+{{- if hasKey $urls .rayDashboardUrl -}}
+{{- fail (printf "shards: %q and %q have the same rayDashboardUrl %s: each shard needs a Ray cluster of its own" (get $urls .rayDashboardUrl) .name .rayDashboardUrl) -}}
+{{- end -}}
+{{- $_ := set $urls .rayDashboardUrl .name -}}
+{{- end -}}
+{{- range .Values.shards }}
+- name: {{ .name }}
+  suffix: "-{{ .name }}"
+  namespaces: {{ .namespaces | toJson }}
+  rayDashboardUrl: {{ .rayDashboardUrl | quote }}
+{{- end }}
+{{- else }}
+- name: ""
+  suffix: ""
+  namespaces: []
+  rayDashboardUrl: {{ include "rlops.rayDashboardUrl" . | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/* The MutatingWebhookConfigurations the operators manage (one per shard). */}}
+{{- define "rlops.webhookConfigurations" -}}
+{{- if .Values.shards -}}
+{{- range $i, $s := .Values.shards }}{{ if $i }}, {{ end }}{{ $s.name }}.rlops.dev{{ end -}}
+{{- else -}}
+rlops.dev
+{{- end -}}
+{{- end -}}
+
+{{/* The webhook certificates' Secrets (one per shard). */}}
+{{- define "rlops.webhookSecrets" -}}
+{{- if .Values.shards -}}
+{{- range $i, $s := .Values.shards }}{{ if $i }}, {{ end }}rlops-webhook-tls-{{ $s.name }}{{ end -}}
+{{- else -}}
+rlops-webhook-tls
+{{- end -}}
+{{- end -}}
