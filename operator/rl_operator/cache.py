@@ -10,6 +10,13 @@ caller re-reads the object from the API).
 Objects in the indexes are the watch's objects without ``metadata.managedFields`` (the bulk of
 a stored object, never read here). Readers get deep copies: they may change them freely.
 
+The operator's own writes (:func:`create_custom_or_get`, :func:`patch_status`,
+:func:`patch_custom`) are remembered until the watch delivers them (client-go's
+MutationCache): a read returns the written copy while the watch's copy is older (a smaller
+``resourceVersion``), so a reconcile never acts on a state older than its own last write, even
+a few milliseconds after it. An entry goes once the watch holds that version or a newer one,
+or after :data:`WRITTEN_TTL_SECONDS` (an object deleted before its watch event came).
+
 Before :func:`bind` (kopf's start-up: unit tests, scripts) every read goes to the API server
 through :mod:`rl_operator.kube`, with the same results.
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,13 +49,16 @@ def _slim(body: kopf.Body) -> dict[str, Any]:
 
 @kopf.index(m.GROUP, m.VERSION, m.RLAgent.PLURAL)
 async def rlagents_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): _slim(body)}
+    obj = _slim(body)
+    _seen(m.RLAgent.PLURAL, obj)
+    return {(namespace, name): obj}
 
 
 @kopf.index(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
 async def trainingruns_idx(namespace: str, name: str, body: kopf.Body, labels: dict[str, str], **_: Any
                            ) -> dict[Any, Any]:
     obj = _slim(body)
+    _seen(m.TrainingRun.PLURAL, obj)
     return {(namespace, name): obj, ("agent", namespace, labels.get(m.AGENT_LABEL, "")): obj}
 
 
@@ -55,6 +66,7 @@ async def trainingruns_idx(namespace: str, name: str, body: kopf.Body, labels: d
 async def rollouts_idx(namespace: str, name: str, body: kopf.Body, labels: dict[str, str], **_: Any
                        ) -> dict[Any, Any]:
     obj = _slim(body)
+    _seen(m.Rollout.PLURAL, obj)
     return {(namespace, name): obj, ("agent", namespace, labels.get(m.AGENT_LABEL, "")): obj}
 
 
@@ -81,6 +93,9 @@ def bind(**kwargs: Any) -> None:
 
 def unbind() -> None:
     _INDEXES.clear()
+    with _written_guard:
+        _written.clear()
+        _by_agent.clear()
 
 
 def _values(index: str, key: Any) -> list[dict[str, Any]]:
@@ -95,18 +110,126 @@ def _values(index: str, key: Any) -> list[dict[str, Any]]:
 
 
 def get_custom(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
-    """An RLAgent, TrainingRun or Rollout by name, or None."""
+    """An RLAgent, TrainingRun or Rollout by name (the operator's own newer write, if any), or None."""
     if not _INDEXES:
         return kube.get_custom(namespace, plural, name)
     found = _values(_PLURAL_INDEX[plural], (namespace, name))
-    return found[0] if found else None
+    return _newest(plural, namespace, name, found[0] if found else None)
 
 
 def list_custom(namespace: str, plural: str, agent: str) -> list[dict[str, Any]]:
-    """The TrainingRuns or Rollouts labelled with this agent (``rlops.dev/agent``)."""
+    """The TrainingRuns or Rollouts labelled with this agent (``rlops.dev/agent``), each in the
+    newer of the watch's and the operator's own last written version."""
     if not _INDEXES:
         return kube.list_custom(namespace, plural, f"{m.AGENT_LABEL}={agent}")
-    return _values(_PLURAL_INDEX[plural], ("agent", namespace, agent))
+    found = {o["metadata"]["name"]: o for o in _values(_PLURAL_INDEX[plural], ("agent", namespace, agent))}
+    with _written_guard:
+        names = set(found) | _by_agent.get((plural, namespace, agent), set())
+    out = [_newest(plural, namespace, n, found.get(n)) for n in sorted(names)]
+    return [o for o in out if o is not None]
+
+
+# ----------------------------------------------------------------------------- the operator's own writes
+
+#: Seconds a written copy is kept when the watch never delivers it (the object was deleted).
+WRITTEN_TTL_SECONDS = 30.0
+
+#: (plural, namespace, name) -> (the object as the API server answered a write, when)
+_written: dict[tuple[str, str, str], tuple[dict[str, Any], float]] = {}
+#: (plural, namespace, agent label) -> names in _written: lists find objects the watch has not delivered yet
+_by_agent: dict[tuple[str, str, str], set[str]] = {}
+_written_guard = threading.Lock()
+_writes = [0]
+
+
+def _rv(obj: dict[str, Any]) -> int | None:
+    try:
+        return int(obj["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _forget(key: tuple[str, str, str]) -> None:
+    """Drop a written copy (the caller holds ``_written_guard``)."""
+    entry = _written.pop(key, None)
+    if entry is None:
+        return
+    agent_key = (key[0], key[1], (entry[0]["metadata"].get("labels") or {}).get(m.AGENT_LABEL, ""))
+    names = _by_agent.get(agent_key)
+    if names is not None:
+        names.discard(key[2])
+        if not names:
+            del _by_agent[agent_key]
+
+
+def remember(plural: str, obj: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Keep ``obj``, just returned by a write to the API server, until the watch delivers it.
+    Returns ``obj``."""
+    if obj is None or not _INDEXES or _rv(obj) is None:
+        return obj
+    meta = obj["metadata"]
+    key = (plural, meta["namespace"], meta["name"])
+    now = time.monotonic()
+    with _written_guard:
+        current = _written.get(key)
+        if current is None or (_rv(current[0]) or 0) < (_rv(obj) or 0):
+            _forget(key)
+            _written[key] = (_slim(obj), now)
+            agent = (meta.get("labels") or {}).get(m.AGENT_LABEL, "")
+            _by_agent.setdefault((plural, key[1], agent), set()).add(key[2])
+        _writes[0] += 1
+        if _writes[0] % 256 == 0:  # the expired ones, now and then: memory stays bounded
+            for k in [k for k, (_, at) in _written.items() if now - at > WRITTEN_TTL_SECONDS]:
+                _forget(k)
+    return obj
+
+
+def _seen(plural: str, obj: dict[str, Any]) -> None:
+    """The watch delivered ``obj``: a written copy that is not newer is no longer needed."""
+    meta = obj.get("metadata") or {}
+    key = (plural, meta.get("namespace", ""), meta.get("name", ""))
+    if key not in _written:  # a dict lookup: cheap on every event
+        return
+    with _written_guard:
+        entry = _written.get(key)
+        if entry is not None and (_rv(obj) is None or _rv(entry[0]) is None or _rv(obj) >= _rv(entry[0])):
+            _forget(key)
+
+
+def _newest(plural: str, namespace: str, name: str, cached: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``cached`` (the watch's copy), or the operator's own written copy when that is newer."""
+    key = (plural, namespace, name)
+    if key not in _written:
+        return cached
+    with _written_guard:
+        entry = _written.get(key)
+        if entry is None:
+            return cached
+        written, at = entry
+        expired = time.monotonic() - at > WRITTEN_TTL_SECONDS
+        if expired or (cached is not None and (_rv(cached) is None or _rv(written) is None
+                                               or _rv(cached) >= _rv(written))):
+            _forget(key)
+            return cached
+        return copy.deepcopy(written)
+
+
+def create_custom_or_get(body: dict[str, Any], plural: str) -> tuple[dict[str, Any], bool]:
+    """:func:`rl_operator.kube.create_custom_or_get`, remembered."""
+    obj, created = kube.create_custom_or_get(body, plural)
+    remember(plural, obj)
+    return obj, created
+
+
+def patch_status(namespace: str, plural: str, name: str, status: dict[str, Any],
+                 resource_version: str | None = None) -> dict[str, Any] | None:
+    """:func:`rl_operator.kube.patch_status`, remembered."""
+    return remember(plural, kube.patch_status(namespace, plural, name, status, resource_version))
+
+
+def patch_custom(namespace: str, plural: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """:func:`rl_operator.kube.patch_custom`, remembered."""
+    return remember(plural, kube.patch_custom(namespace, plural, name, body))
 
 
 def get_job(namespace: str, name: str) -> dict[str, Any] | None:

@@ -250,7 +250,7 @@ def reconcile_agent(body: kopf.Body, namespace: str, name: str, **_: Any) -> Non
     desired = training.desired_training_run(agent, runs)
     new_run = None
     if desired is not None:
-        new_run, created = kube.create_custom_or_get(desired, m.TrainingRun.PLURAL)
+        new_run, created = cache.create_custom_or_get(desired, m.TrainingRun.PLURAL)
         if created:
             trigger = desired["spec"]["trigger"]
             _post(agent, [training.Event("Normal", "TrainingRunCreated",
@@ -290,7 +290,7 @@ def _sync_status(namespace: str, plural: str, name: str, status_type: type, obse
         if status.wire() == prev.wire():
             return Synced(obj, prev, status, events, False)
         try:
-            written = kube.patch_status(namespace, plural, name, status.wire(), obj["metadata"].get("resourceVersion"))
+            written = cache.patch_status(namespace, plural, name, status.wire(), obj["metadata"].get("resourceVersion"))
         except kube.Conflict:
             obj = kube.get_custom(namespace, plural, name)  # the cache was behind: the API server's copy
             continue
@@ -397,7 +397,7 @@ def _fail_run(run: dict[str, Any], reason: str, message: str) -> None:
     written = None
     with cache.locked("trainingruns", namespace, name):
         status, events = training.failed_status(run, reason, message, training.now())
-        if events and (written := kube.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())) is not None:
+        if events and (written := cache.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())) is not None:
             _count_finished(namespace, m.TrainingRunStatus.model_validate(run.get("status") or {}), status)
             _post(run, events)
     sync_agent(namespace, run["spec"]["agentRef"]["name"], new_run=written)
@@ -459,7 +459,7 @@ def ensure_rollout(run: dict[str, Any]) -> None:
     if not ok:
         _post(run, [training.Event("Normal", "RolloutSkipped", why)])
         return
-    obj, created = kube.create_custom_or_get(rollout.desired_rollout(run), m.Rollout.PLURAL)
+    obj, created = cache.create_custom_or_get(rollout.desired_rollout(run), m.Rollout.PLURAL)
     if created:
         _post(agent, [training.Event("Normal", "RolloutCreated",
                                      f"Rollout {obj['metadata']['name']} for {obj['spec']['fingerprint']} ({why})")])
@@ -532,18 +532,20 @@ def _serving(namespace: str, agent: str) -> Serving:
 def reconcile_rollout(namespace: str, name: str) -> None:
     """Observe the world for one Rollout, run the pure pipeline, and carry out its actions.
 
-    Everything here is read from the API server, not the caches: this state machine moves
-    traffic, and must never act on a copy older than its own last write (a stale "not started"
-    would restart the canary at 0%), nor on an agent's or a sibling Rollout's stale status (its
-    stable version, a Rollout that still looks in progress). Rollout reconciles are few: on an
-    annotation, on a change of the agent's spec, and every 2 s only while a canary runs."""
+    Reads come from the caches, which return the operator's own last write of an object until
+    the watch delivers it (``rl_operator.cache``): this state machine moves traffic, and must
+    never act on a copy older than its own last write (a stale "not started" would restart the
+    canary at 0%), nor on an agent's or a sibling Rollout's status older than the operator's
+    last write of it (its stable version, a Rollout that still looks in progress). Rollout
+    reconciles are few: on an annotation (the index holds that event's copy before the handler
+    runs), on a change of the agent's spec, and every 2 s only while a canary runs."""
     with cache.locked("rollouts", namespace, name):
-        ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
+        ro = cache.get_custom(namespace, m.Rollout.PLURAL, name)
         if ro is None or (ro.get("status") or {}).get("phase") in rollout.TERMINAL:
             return
         agent_name = ro["spec"]["agentRef"]["name"]
-        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, agent_name)
-        run = kube.get_custom(namespace, m.TrainingRun.PLURAL, ro["spec"]["trainingRunRef"]["name"])
+        agent = cache.get_custom(namespace, m.RLAgent.PLURAL, agent_name)
+        run = cache.get_custom(namespace, m.TrainingRun.PLURAL, ro["spec"]["trainingRunRef"]["name"])
         untrusted = trust.rollout_untrusted(ro, run, agent, training.artifact_uri(SETTINGS, run) if run else None)
         if agent is None:
             if untrusted:
@@ -551,7 +553,7 @@ def reconcile_rollout(namespace: str, name: str) -> None:
             return
         agent_spec = m.RLAgentSpec.model_validate(agent["spec"])
         agent_status = m.RLAgentStatus.model_validate(agent.get("status") or {})
-        others = kube.list_custom(namespace, m.Rollout.PLURAL, f"{m.AGENT_LABEL}={agent_name}")
+        others = cache.list_custom(namespace, m.Rollout.PLURAL, agent_name)
         blocking = next((o["metadata"]["name"] for o in others if o["metadata"]["name"] != name
                          and (o.get("status") or {}).get("phase") in rollout.ACTIVE), None)
         now = training.now()
@@ -579,7 +581,7 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         new_status, acts = rollout.reconcile(ro, obs)
         _act(namespace, agent_name, agent_spec, acts, entries)
         if acts.remove_annotations:
-            kube.patch_custom(namespace, m.Rollout.PLURAL, name,
+            cache.patch_custom(namespace, m.Rollout.PLURAL, name,
                               {"metadata": {"annotations": {k: None for k in acts.remove_annotations}}})
         if acts.promote_active_model is not None:
             _set_active_model(namespace, agent_name, acts.promote_active_model, name)
@@ -612,15 +614,15 @@ def _act(namespace: str, agent: str, spec: m.RLAgentSpec, acts: rollout.Actions,
 
 def _set_active_model(namespace: str, agent: str, model: m.ActiveModel, rollout_name: str) -> None:
     with cache.locked("rlagents", namespace, agent):
-        kube.patch_status(namespace, m.RLAgent.PLURAL, agent,
-                          {"activeModel": model.wire(), "latestRollout": rollout_name})
+        cache.patch_status(namespace, m.RLAgent.PLURAL, agent,
+                           {"activeModel": model.wire(), "latestRollout": rollout_name})
 
 
 def _write_rollout(ro: dict[str, Any], status: m.RolloutStatus, events: list[training.Event]) -> None:
     namespace, name = ro["metadata"]["namespace"], ro["metadata"]["name"]
     old = m.RolloutStatus.model_validate(ro.get("status") or {})
     if status.wire() != old.wire():
-        kube.patch_status(namespace, m.Rollout.PLURAL, name, status.wire())
+        cache.patch_status(namespace, m.Rollout.PLURAL, name, status.wire())
     metrics.rollout_written(namespace, name, ro["spec"]["agentRef"]["name"], old.phase, status.phase,
                             status.canary_weight, status.phase in rollout.TERMINAL)
     _post(ro, events)
@@ -679,7 +681,7 @@ def record_impersonation(record: audit.ImpersonatedApproval) -> bool:
         via = f"impersonated by {record.user}"
         if ann.get(rollout.APPROVED_VIA) == via:
             return False
-        kube.patch_custom(record.namespace, m.Rollout.PLURAL, record.name, {"metadata": {"annotations": {rollout.APPROVED_VIA: via}}})
+        cache.patch_custom(record.namespace, m.Rollout.PLURAL, record.name, {"metadata": {"annotations": {rollout.APPROVED_VIA: via}}})
         _post(ro, [training.Event("Warning", "ApprovedWithImpersonation",
                                   f"{record.user} approved as {record.impersonated} (impersonation, audit ID "
                                   f"{record.audit_id})")])

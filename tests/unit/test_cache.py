@@ -48,3 +48,37 @@ def test_locks_serialize_one_object_and_do_not_outlive_their_use():
             pass
     gc.collect()
     assert cache.lock_count() == 0
+
+
+def _rollout(name: str, rv: int, phase: str) -> dict:
+    return {"metadata": {"name": name, "namespace": "t", "resourceVersion": str(rv), "labels": {m.AGENT_LABEL: "a"}},
+            "status": {"phase": phase}}
+
+
+def test_the_operators_own_write_wins_until_the_watch_delivers_it(monkeypatch):
+    """client-go's MutationCache: a reconcile never reads a copy older than its own last write."""
+    stored = _rollout("a-1", 10, "AwaitingApproval")
+    index = {("t", "a-1"): [stored], ("agent", "t", "a"): [stored]}
+    cache.bind(rlagents_idx={}, trainingruns_idx={}, rollouts_idx=index, jobs_idx={}, pods_idx={})
+    try:
+        cache.remember(m.Rollout.PLURAL, _rollout("a-1", 12, "Progressing"))
+        cache.remember(m.Rollout.PLURAL, _rollout("a-1", 11, "Approved"))  # an older answer never wins
+        assert cache.get_custom("t", m.Rollout.PLURAL, "a-1")["status"]["phase"] == "Progressing"
+        # a create whose watch event has not come yet is found by name and in its agent's list
+        cache.remember(m.Rollout.PLURAL, _rollout("a-2", 13, "AwaitingApproval"))
+        assert [r["metadata"]["name"] for r in cache.list_custom("t", m.Rollout.PLURAL, "a")] == ["a-1", "a-2"]
+        assert cache.list_custom("t", m.Rollout.PLURAL, "a")[0]["status"]["phase"] == "Progressing"
+        # the watch catches up (its index function sees the version, then the index holds it)
+        newer = _rollout("a-1", 14, "Progressing")
+        cache._seen(m.Rollout.PLURAL, newer)
+        index[("t", "a-1")] = [newer]
+        assert cache.get_custom("t", m.Rollout.PLURAL, "a-1")["metadata"]["resourceVersion"] == "14"
+        assert ("rollouts", "t", "a-1") not in cache._written
+        # an object deleted before its watch event came: its written copy lapses
+        clock = [cache.time.monotonic() + cache.WRITTEN_TTL_SECONDS + 1]
+        monkeypatch.setattr(cache.time, "monotonic", lambda: clock[0])
+        assert cache.get_custom("t", m.Rollout.PLURAL, "a-2") is None
+        assert [r["metadata"]["name"] for r in cache.list_custom("t", m.Rollout.PLURAL, "a")] == ["a-1"]
+        assert not cache._by_agent
+    finally:
+        cache.unbind()
