@@ -30,6 +30,11 @@ Usage (its own cluster, ``rlops-bench``; deleted at the end unless ``--keep``)::
     .venv/bin/python hack/bench/scale.py --agents 100 500 1000 --json /tmp/scale.json
     .venv/bin/python hack/bench/scale.py --agents 100 --tree /tmp/rlops-before   # an older checkout
 
+``--baseline`` first runs each size with the least controller in the operator's place
+(``hack/bench/minimal_controller.py``: per agent, the same run and Job, one status write, no
+kopf, no caches, no Events, no Rollouts) and prints the operator's figures as ratios to it:
+the baseline is the floor that this machine and control plane set.
+
 ``--tree`` runs the operator, its CRDs and RBAC from another checkout (the "before" figures of
 docs/benchmarks.md); the stages, the nodes and the measuring stay this checkout's.
 """
@@ -153,8 +158,8 @@ def cluster_down() -> None:
 class Operator:
     """``python -m rl_operator`` from ``tree``, as the rlops-operator ServiceAccount."""
 
-    def __init__(self, tree: Path, workdir: Path, breakdown: bool = False):
-        self.tree, self.workdir, self.breakdown = tree, workdir, breakdown
+    def __init__(self, tree: Path, workdir: Path, breakdown: bool = False, baseline: bool = False):
+        self.tree, self.workdir, self.breakdown, self.baseline = tree, workdir, breakdown, baseline
         self.requests_path = workdir / "requests.json"
         self.metrics_port, self.health_port, self.webhook_port = free_port(), free_port(), free_port()
         self.log_path = workdir / "operator.log"
@@ -168,7 +173,9 @@ class Operator:
                "RLOPS_METRICS_ADDR": f"127.0.0.1:{self.metrics_port}", "RLOPS_ALERT_RECEIVER": "",
                "RLOPS_AUDIT_RECEIVER": "127.0.0.1:8391", "RLOPS_AUDIT_CERT_DIR": str(CLUSTER_DIR / "audit-certs")}
         main = ["-m", "rl_operator"]
-        if self.breakdown:  # the same operator, its requests counted by kind (hack/bench/count_requests.py)
+        if self.baseline:  # the least a controller does per agent (hack/bench/minimal_controller.py)
+            main = [str(REPO / "hack" / "bench" / "minimal_controller.py")]
+        elif self.breakdown:  # the same operator, its requests counted by kind (hack/bench/count_requests.py)
             main = [str(REPO / "hack" / "bench" / "count_requests.py")]
             env["RLOPS_COUNT_REQUESTS_OUT"] = str(self.requests_path)
             self.requests_path.unlink(missing_ok=True)
@@ -302,11 +309,12 @@ class Watcher:
         self._stop.set()
 
 
-def run_once(n: int, tree: Path, workdir: Path, timeout: float, breakdown: bool = False) -> dict[str, Any]:
+def run_once(n: int, tree: Path, workdir: Path, timeout: float, breakdown: bool = False,
+             baseline: bool = False) -> dict[str, Any]:
     nodes = max(1, math.ceil(n / (PODS_PER_NODE * 0.8)))
     cluster_up(tree, nodes)
     kubernetes.config.load_kube_config(str(CLUSTER_DIR / "kubeconfig"))
-    op = Operator(tree, workdir, breakdown)
+    op = Operator(tree, workdir, breakdown, baseline)
     try:
         result = _measure(n, nodes, op, timeout)
     finally:
@@ -357,9 +365,10 @@ def _measure(n: int, nodes: int, op: Operator, timeout: float) -> dict[str, Any]
             watcher.cond.wait(timeout=1.0)
             todo, watcher.awaiting = watcher.awaiting, []
             approved = sum(1 for p in watcher.rollout_phase.values() if p == "Approved")
+            succeeded = len(watcher.run_succeeded)
         for item in todo:
             approvers.submit(approve, *item)
-        if approved >= n:
+        if approved >= n or (op.baseline and succeeded >= n):  # the baseline makes no Rollouts
             break
         if time.monotonic() - last_report > 30:
             last_report = time.monotonic()
@@ -369,7 +378,7 @@ def _measure(n: int, nodes: int, op: Operator, timeout: float) -> dict[str, Any]
     elapsed = time.monotonic() - start
     watcher.stop()
     requests1, cpu1 = operator_requests(), op.cpu_seconds()
-    metrics = op.metrics()
+    metrics = {} if op.baseline else op.metrics()
     peak = op.peak_rss_mb()
     op.stop()
     text = op.log_path.read_text(errors="replace")
@@ -381,7 +390,7 @@ def _measure(n: int, nodes: int, op: Operator, timeout: float) -> dict[str, Any]
     to_done = [watcher.run_succeeded[k] - t for k, t in watcher.job_complete.items() if k in watcher.run_succeeded]
     approved = sum(1 for p in watcher.rollout_phase.values() if p == "Approved")
     result = {
-        "agents": n, "tree": str(op.tree), "seconds": round(elapsed, 1), "jobs": len(watcher.job_created),
+        "controller": "baseline" if op.baseline else "rlops", "agents": n, "tree": str(op.tree), "seconds": round(elapsed, 1), "jobs": len(watcher.job_created),
         "runs_succeeded": len(watcher.run_succeeded), "rollouts_approved": approved,
         "apply_to_job_p50": quantile(to_job, 0.5), "apply_to_job_p99": quantile(to_job, 0.99),
         "job_complete_to_succeeded_p50": quantile(to_done, 0.5), "job_complete_to_succeeded_p99": quantile(to_done, 0.99),
@@ -413,12 +422,24 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the last size's cluster")
     ap.add_argument("--breakdown", action="store_true",
                     help="also count the operator's requests by client, verb and kind (hack/bench/count_requests.py)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="each size also with the least controller (hack/bench/minimal_controller.py, in its own "
+                         "cluster, before the operator): the machine's floor for the same latencies, and the ratio")
     args = ap.parse_args()
     results = []
     workroot = CACHE / "bench-scale"
     for i, n in enumerate(args.agents):
         workdir = workroot / f"{n}"
         workdir.mkdir(parents=True, exist_ok=True)
+        floor = None
+        if args.baseline:
+            cluster_down()
+            try:
+                floor = run_once(n, args.tree.resolve(), workdir, args.timeout, baseline=True)
+            finally:
+                cluster_down()
+            log(json.dumps(floor))
+            results.append(floor)
         cluster_down()
         try:
             results.append(run_once(n, args.tree.resolve(), workdir, args.timeout, args.breakdown))
@@ -426,6 +447,11 @@ def main() -> None:
             if not (args.keep and i == len(args.agents) - 1):
                 cluster_down()
         log(json.dumps(results[-1]))
+        if floor is not None:
+            for key in ("apply_to_job_p50", "apply_to_job_p99", "job_complete_to_succeeded_p50",
+                        "job_complete_to_succeeded_p99", "operator_cpu_seconds", "api_requests_per_agent"):
+                if floor.get(key) and results[-1].get(key) is not None:
+                    log(f"{n} agents: {key} rlops / baseline = {results[-1][key] / floor[key]:.1f}")
     cols = [c for c in results[0] if c != "requests_per_agent_by_kind"]
     print("| " + " | ".join(cols) + " |")
     print("|" + " --- |" * len(cols))

@@ -47,6 +47,7 @@ def shards(cluster, operator, tmp_path):
     urls = {s: f"http://127.0.0.1:{free_port()}" for s in "ab"}  # no Ray there: serving is off
     try:
         for s, ns in names.items():
+            (tmp_path / s).mkdir()
             op = OperatorProcess(cluster, tmp_path / s)
             op.artifact_root = operator.artifact_root
             op.extra_env.update(RLOPS_SHARD=s, RLOPS_NAMESPACES=ns, RLOPS_RAY_DASHBOARD_URL=urls[s],
@@ -125,6 +126,7 @@ def test_two_shards_each_serve_their_own_namespaces(cluster, shards):
         assert f"[{other}/" not in op.log(), f"shard {s} acted in {other}"
 
     # a third operator pointed at shard a's Ray cluster refuses to start, naming the holder
+    (ops["a"].workdir.parent / "c").mkdir()
     third = OperatorProcess(cluster, ops["a"].workdir.parent / "c")
     third.extra_env.update(RLOPS_SHARD="c", RLOPS_NAMESPACES="default", RLOPS_RAY_DASHBOARD_URL=urls["a"],
                            RLOPS_AUDIT_RECEIVER="")
