@@ -84,10 +84,8 @@ class OperatorProcess:
         self.artifact_root = f"file://{workdir / 'artifacts'}"
         self.log_path = workdir / "operator.log"
         self.proc: subprocess.Popen | None = None
-        self.port = free_port()
-        self.webhook_port = free_port()
-        self.receiver_port = free_port()
-        self.metrics_port = free_port()
+        # distinct: ports picked one at a time may repeat (each is free once released)
+        self.port, self.webhook_port, self.receiver_port, self.metrics_port = free_ports(4)
         # the API server's audit webhook points at a fixed port and CA (hack/cluster-up.sh)
         self.audit_port = int((cluster.dir / "audit-port").read_text()) if (cluster.dir / "audit-port").exists() \
             else None

@@ -52,8 +52,8 @@ def shards(cluster, operator, tmp_path):
             op.artifact_root = operator.artifact_root
             op.extra_env.update(RLOPS_SHARD=s, RLOPS_NAMESPACES=ns, RLOPS_RAY_DASHBOARD_URL=urls[s],
                                 RLOPS_AUDIT_RECEIVER="")  # the API server's audit webhook has one address
+            ops[s] = op  # stopped in the end even if its start fails
             op.start()
-            ops[s] = op
         yield ops, names, urls
     finally:
         for op in ops.values():
