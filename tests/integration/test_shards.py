@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from support import OperatorProcess, free_port, sample, stage_chain, wait_for
+from support import CACHE, REPO, OperatorProcess, free_port, sample, stage_chain, wait_for
 
 FP = "sha256:" + "5" * 64
 AGENT = """apiVersion: rlops.dev/v1alpha1
@@ -42,9 +42,18 @@ def shards(cluster, operator, tmp_path):
     cluster.kubectl("-n", "rlops-system", "delete", "secret", "rlops-alertmanager", "--ignore-not-found")
     cluster.kubectl("-n", "rlops-system", "create", "secret", "generic", "rlops-alertmanager",
                     f"--from-literal=token={TOKEN}")
+    urls = {s: f"http://127.0.0.1:{free_port()}" for s in "ab"}  # no Ray there: serving is off
+    # the operator's RBAC as the chart renders it for these shards (their webhook configurations
+    # and certificate Secrets by name), instead of the single operator's
+    values = [f"shards[{i}].name={s},shards[{i}].namespaces={{{names[s]}}},shards[{i}].rayDashboardUrl={urls[s]}"
+              for i, s in enumerate("ab")]
+    rbac = subprocess.run([str(CACHE / "bin" / "current" / "helm"), "template", "rlops", str(REPO / "charts" / "rlops"),
+                           "--namespace", "rlops-system", "--show-only", "templates/rbac.yaml",
+                           *[a for v in values for a in ("--set", v)]],
+                          capture_output=True, text=True, check=True, timeout=60).stdout
+    cluster.kubectl("apply", "-f", "-", input=rbac)
     operator.kill(signal.SIGTERM)
     ops: dict[str, OperatorProcess] = {}
-    urls = {s: f"http://127.0.0.1:{free_port()}" for s in "ab"}  # no Ray there: serving is off
     try:
         for s, ns in names.items():
             (tmp_path / s).mkdir()
@@ -64,6 +73,7 @@ def shards(cluster, operator, tmp_path):
                         "--ignore-not-found")
         for ns in names.values():
             cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        cluster.kubectl("apply", "-k", str(REPO / "manifests" / "overlays" / "local"))  # the single operator's RBAC
         operator.start()
 
 
