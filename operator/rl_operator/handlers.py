@@ -162,6 +162,11 @@ def _start_admission() -> None:
                                        str(files.key), decide_approval)
     server.start()
     _ADMISSION["server"] = server
+    if SETTINGS.shard and kube.delete_mutating_webhook_configuration(admission.CONFIGURATION):
+        # the single operator's configuration (every namespace, failing closed) would send this
+        # shard's Rollouts to an operator that shards replace: it goes
+        log.warning("deleted the MutatingWebhookConfiguration %s of the operator of every namespace: shard %s "
+                    "serves %s", admission.CONFIGURATION, SETTINGS.shard, ", ".join(SETTINGS.namespaces))
     kube.apply_mutating_webhook_configuration(admission.configuration(admission.client_config(
         files.ca.read_bytes(), url=f"https://{host}:{SETTINGS.webhook_port}", service=service),
         SETTINGS.shard, SETTINGS.namespaces))

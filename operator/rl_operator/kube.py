@@ -185,6 +185,17 @@ def apply_mutating_webhook_configuration(body: dict[str, Any]) -> None:
     raise RuntimeError(f"MutatingWebhookConfiguration {name}: still conflicting after 5 tries")
 
 
+def delete_mutating_webhook_configuration(name: str) -> bool:
+    """Delete the MutatingWebhookConfiguration ``name``; False when there was none."""
+    try:
+        client.AdmissionregistrationV1Api().delete_mutating_webhook_configuration(name)
+        return True
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        return False
+
+
 def claim(namespace: str, name: str, holder: str, annotations: dict[str, str], duration_seconds: int,
           now: datetime | None = None) -> str:
     """Claim a thing outside Kubernetes (a Ray cluster) for ``holder`` through the Lease

@@ -85,7 +85,8 @@ def test_shards_render_one_operator_each_with_its_namespaces_ray_cluster_and_web
     assert {"east.rlops.dev", "west.rlops.dev"} <= {n for r in rules for n in r.get("resourceNames", [])}
     assert {"rlops-webhook-tls-east", "rlops-webhook-tls-west"} <= {n for r in rules for n in r.get("resourceNames", [])}
     (job,) = [d for d in docs(template(*SHARDS, "--show-only", "templates/uninstall-hook.yaml").stdout)]
-    assert job["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == ["east.rlops.dev", "west.rlops.dev"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][-3:] == ["rlops.dev", "east.rlops.dev",
+                                                                                 "west.rlops.dev"]
 
 
 @pytest.mark.parametrize(("override", "words"), [

@@ -99,6 +99,8 @@ def test_two_shards_each_serve_their_own_namespaces(cluster, shards):
         assert hook["namespaceSelector"]["matchExpressions"] == [
             {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [ns]}]
         assert hook["matchConditions"][0]["name"] == "approval-annotations-change"
+    # the single operator's configuration (every namespace, failing closed) went when the shards started
+    assert cluster.get("mutatingwebhookconfiguration", "rlops.dev") is None
 
     for s, ns in names.items():
         assert cluster.apply(AGENT, ns).returncode == 0

@@ -71,13 +71,12 @@ rayDashboardUrl}; the suffix goes after "rlops-operator" and "rlops-webhook-tls"
 {{- end -}}
 {{- end -}}
 
-{{/* The MutatingWebhookConfigurations the operators manage (one per shard). */}}
+{{/* The MutatingWebhookConfigurations the operators manage: rlops.dev (the single operator's;
+shards delete it when they start, since it would send their Rollouts to an operator they
+replace), and one per shard. */}}
 {{- define "rlops.webhookConfigurations" -}}
-{{- if .Values.shards -}}
-{{- range $i, $s := .Values.shards }}{{ if $i }}, {{ end }}{{ $s.name }}.rlops.dev{{ end -}}
-{{- else -}}
 rlops.dev
-{{- end -}}
+{{- range .Values.shards }}, {{ .name }}.rlops.dev{{ end -}}
 {{- end -}}
 
 {{/* The webhook certificates' Secrets (one per shard). */}}
