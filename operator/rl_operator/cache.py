@@ -10,8 +10,8 @@ caller re-reads the object from the API).
 Objects in the indexes are the watch's objects without ``metadata.managedFields`` (the bulk of
 a stored object, never read here). Readers get deep copies: they may change them freely.
 
-The operator's own writes (:func:`create_custom_or_get`, :func:`patch_status`,
-:func:`patch_custom`) are remembered until the watch delivers them (client-go's
+The operator's own writes (:func:`create_custom_or_get`, :func:`create_job_or_get`,
+:func:`patch_status`, :func:`patch_custom`) are remembered until the watch delivers them (client-go's
 MutationCache): a read returns the written copy while the watch's copy is older (a smaller
 ``resourceVersion``), so a reconcile never acts on a state older than its own last write, even
 a few milliseconds after it. An entry goes once the watch holds that version or a newer one,
@@ -72,13 +72,17 @@ async def rollouts_idx(namespace: str, name: str, body: kopf.Body, labels: dict[
 
 @kopf.index("batch", "v1", "jobs", labels={m.RUN_LABEL: kopf.PRESENT})
 async def jobs_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): _slim(body)}
+    obj = _slim(body)
+    _seen(JOBS, obj)
+    return {(namespace, name): obj}
 
 
 @kopf.index("", "v1", "pods", labels={m.RUN_LABEL: kopf.PRESENT})
 async def pods_idx(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels[m.RUN_LABEL]): _slim(body)}
 
+
+JOBS = "jobs"  #: the key of Jobs among the operator's own writes
 
 _PLURAL_INDEX = {m.RLAgent.PLURAL: "rlagents_idx", m.TrainingRun.PLURAL: "trainingruns_idx",
                  m.Rollout.PLURAL: "rollouts_idx"}
@@ -221,6 +225,14 @@ def create_custom_or_get(body: dict[str, Any], plural: str) -> tuple[dict[str, A
     return obj, created
 
 
+def create_job_or_get(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """:func:`rl_operator.kube.create_job_or_get`, remembered: a reconcile that runs again before
+    the watch delivers the Job (the resync timer, a restart's resume) finds it, and creates none."""
+    job, created = kube.create_job_or_get(body)
+    remember(JOBS, job)
+    return job, created
+
+
 def patch_status(namespace: str, plural: str, name: str, status: dict[str, Any],
                  resource_version: str | None = None) -> dict[str, Any] | None:
     """:func:`rl_operator.kube.patch_status`, remembered."""
@@ -237,7 +249,7 @@ def get_job(namespace: str, name: str) -> dict[str, Any] | None:
     if not _INDEXES:
         return kube.get_job(namespace, name)
     found = _values("jobs_idx", (namespace, name))
-    return found[0] if found else None
+    return _newest(JOBS, namespace, name, found[0] if found else None)
 
 
 def list_pods(namespace: str, run: str) -> list[dict[str, Any]]:

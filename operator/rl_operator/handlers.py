@@ -343,10 +343,11 @@ def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
         if why:
             _fail_run(run, "NotInOwnerChain", f"the operator ignores this TrainingRun: {why}")
             return
-        job, created = cache.get_job(namespace, name), False
         try:
-            if job is None:
-                job, created = kube.create_job_or_get(training.desired_job(run, SETTINGS))
+            with cache.locked("jobs", namespace, name):  # the create handler and the resync timer
+                job, created = cache.get_job(namespace, name), False
+                if job is None:
+                    job, created = cache.create_job_or_get(training.desired_job(run, SETTINGS))
         except ApiException as exc:
             if exc.status is None or not 400 <= exc.status < 500 or exc.status in (409, 429):
                 raise  # a transient error: kopf retries with backoff

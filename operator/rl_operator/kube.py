@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -33,20 +34,46 @@ RETRIES = Retry(total=5, connect=3, read=2, status=5, backoff_factor=0.25,
                 respect_retry_after_header=True, raise_on_status=False)
 
 
+#: Connections kept open to the API server (urllib3's pool size): more than the reconcile
+#: workers, the webhook's threads and the receivers use at once.
+POOL_CONNECTIONS = 32
+
+
 def load_config() -> None:
     """In-cluster service-account credentials when in a pod, else ``$KUBECONFIG`` / ``~/.kube/config``;
-    the client retries as :data:`RETRIES` says."""
+    the client retries as :data:`RETRIES` says, over at most :data:`POOL_CONNECTIONS` kept-alive
+    connections."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
     cfg = client.Configuration.get_default_copy()
     cfg.retries = RETRIES
+    cfg.connection_pool_maxsize = POOL_CONNECTIONS
     client.Configuration.set_default(cfg)
+    with _shared_lock:
+        _shared.clear()  # the next call makes a client with this configuration
+
+
+_shared: dict[int, client.ApiClient] = {}
+_shared_lock = threading.Lock()
 
 
 def _api() -> client.ApiClient:
-    return client.ApiClient()
+    """The process's one ApiClient, shared by every thread (urllib3's pool is thread-safe): its
+    connections to the API server stay open across calls. (A new ApiClient per call opened a new
+    connection, with a TLS handshake on both ends, for every request: 30% of the operator's CPU
+    with 1,000 agents in flight.)"""
+    # keyed by the default configuration object: a later load (another kubeconfig) gets a new client
+    key = id(getattr(client.Configuration, "_default", None))
+    api = _shared.get(key)
+    if api is None:
+        with _shared_lock:
+            api = _shared.get(key)
+            if api is None:
+                _shared.clear()
+                api = _shared[key] = client.ApiClient()
+    return api
 
 
 def _plain(obj: Any) -> dict[str, Any]:
@@ -54,7 +81,7 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 
 def _custom() -> client.CustomObjectsApi:
-    return client.CustomObjectsApi()
+    return client.CustomObjectsApi(_api())
 
 
 def get_custom(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
@@ -119,7 +146,7 @@ def patch_status(namespace: str, plural: str, name: str, status: dict[str, Any],
 
 def get_job(namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        return _plain(client.BatchV1Api().read_namespaced_job(name, namespace))
+        return _plain(client.BatchV1Api(_api()).read_namespaced_job(name, namespace))
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -130,7 +157,7 @@ def create_job_or_get(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Create a Job; if one with that name exists, return it instead. Returns ``(job, created)``."""
     ns = body["metadata"]["namespace"]
     try:
-        return _plain(client.BatchV1Api().create_namespaced_job(ns, body)), True
+        return _plain(client.BatchV1Api(_api()).create_namespaced_job(ns, body)), True
     except ApiException as exc:
         if exc.status != 409:
             raise
@@ -141,7 +168,7 @@ def create_job_or_get(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 
 
 def list_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
-    pods = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=label_selector)
+    pods = client.CoreV1Api(_api()).list_namespaced_pod(namespace, label_selector=label_selector)
     return [_plain(p) for p in pods.items]
 
 
@@ -152,7 +179,7 @@ def patch_custom(namespace: str, plural: str, name: str, body: dict[str, Any]) -
 
 def subject_access_review(body: dict[str, Any]) -> tuple[bool, str]:
     """Ask the API server whether a user may do something. Returns ``(allowed, reason)``."""
-    result = client.AuthorizationV1Api().create_subject_access_review(body)
+    result = client.AuthorizationV1Api(_api()).create_subject_access_review(body)
     return bool(result.status.allowed), result.status.reason or ""
 
 
@@ -160,7 +187,7 @@ def apply_mutating_webhook_configuration(body: dict[str, Any]) -> None:
     """Create the MutatingWebhookConfiguration ``body``, or replace the stored one with it (its
     webhooks whole: a field the new one drops goes; labels merged). Called once per operator
     start: replicas starting at once converge (a conflict is re-read and retried)."""
-    api = client.AdmissionregistrationV1Api()
+    api = client.AdmissionregistrationV1Api(_api())
     name = body["metadata"]["name"]
     for _ in range(5):
         try:
@@ -188,7 +215,7 @@ def apply_mutating_webhook_configuration(body: dict[str, Any]) -> None:
 def delete_mutating_webhook_configuration(name: str) -> bool:
     """Delete the MutatingWebhookConfiguration ``name``; False when there was none."""
     try:
-        client.AdmissionregistrationV1Api().delete_mutating_webhook_configuration(name)
+        client.AdmissionregistrationV1Api(_api()).delete_mutating_webhook_configuration(name)
         return True
     except ApiException as exc:
         if exc.status != 404:
@@ -208,7 +235,7 @@ def claim(namespace: str, name: str, holder: str, annotations: dict[str, str], d
         The holder on record afterwards: ``holder`` when the claim is ours, else the other
         (live) holder, whose claim is left as it is.
     """
-    api = client.CoordinationV1Api()
+    api = client.CoordinationV1Api(_api())
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     spec = {"holderIdentity": holder, "leaseDurationSeconds": duration_seconds, "renewTime": stamp}
     for _ in range(3):
@@ -247,7 +274,7 @@ def ensure_key_secret(namespace: str, name: str, field: str = "key", nbytes: int
     Returns the key's bytes. Two operators starting at once agree: the loser of the create
     race (409) reads the winner's key.
     """
-    core = client.CoreV1Api()
+    core = client.CoreV1Api(_api())
     for _ in range(2):
         found = read_secret_data(namespace, name)
         if found is not None:
@@ -267,7 +294,7 @@ def ensure_key_secret(namespace: str, name: str, field: str = "key", nbytes: int
 def read_secret_data(namespace: str, name: str) -> tuple[dict[str, bytes], str] | None:
     """A Secret's data (base64-decoded) and its resourceVersion, or None when it does not exist."""
     try:
-        secret = client.CoreV1Api().read_namespaced_secret(name, namespace)
+        secret = client.CoreV1Api(_api()).read_namespaced_secret(name, namespace)
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -291,7 +318,7 @@ def ensure_tls_secret(
         TimeoutError: managed, and no usable data after ``wait_seconds``.
         ApiException: an API error other than the races above (e.g. 403).
     """
-    core = client.CoreV1Api()
+    core = client.CoreV1Api(_api())
     deadline = time.monotonic() + wait_seconds
     while True:
         found = read_secret_data(namespace, name)
@@ -334,4 +361,4 @@ def post_event(obj: dict[str, Any], type: str, reason: str, message: str) -> Non
         "reportingComponent": "rlops", "reportingInstance": "rlops-operator",
         "firstTimestamp": now.isoformat(), "lastTimestamp": now.isoformat(), "count": 1,
     }
-    client.CoreV1Api().create_namespaced_event(meta["namespace"], body)
+    client.CoreV1Api(_api()).create_namespaced_event(meta["namespace"], body)

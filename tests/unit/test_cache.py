@@ -82,3 +82,15 @@ def test_the_operators_own_write_wins_until_the_watch_delivers_it(monkeypatch):
         assert not cache._by_agent
     finally:
         cache.unbind()
+
+
+def test_a_job_just_created_is_found_before_its_watch_event():
+    """The resync timer or a resume that reconciles a run again creates no second Job."""
+    cache.bind(rlagents_idx={}, trainingruns_idx={}, rollouts_idx={}, jobs_idx={}, pods_idx={})
+    try:
+        job = {"metadata": {"name": "a-1", "namespace": "t", "resourceVersion": "7", "labels": {m.RUN_LABEL: "a-1"}}}
+        assert cache.get_job("t", "a-1") is None
+        cache.remember(cache.JOBS, job)
+        assert cache.get_job("t", "a-1") == job
+    finally:
+        cache.unbind()
