@@ -7,8 +7,8 @@ agent's runs and Rollouts; a run's Job and pods. The API server is called only t
 write a real change, and when a write finds the cache stale (a resourceVersion conflict: the
 caller re-reads the object from the API).
 
-Objects in the indexes are the watch's objects without ``metadata.managedFields`` (the bulk of
-a stored object, never read here). Readers get deep copies: they may change them freely.
+Objects in the indexes are the watch's objects without ``metadata.managedFields`` and kopf's
+annotations (the bulk of a stored object, never read here). Readers get deep copies: they may change them freely.
 
 The operator's own writes (:func:`create_custom_or_get`, :func:`create_job_or_get`,
 :func:`patch_status`, :func:`patch_custom`) are remembered until the watch delivers them (client-go's
@@ -40,9 +40,13 @@ _INDEXES: dict[str, Any] = {}
 
 
 def _slim(body: kopf.Body) -> dict[str, Any]:
+    """The object without what the operator never reads: ``metadata.managedFields`` and kopf's
+    own annotations (``kopf.zalando.org/last-handled-configuration`` is a second copy of the spec)."""
     obj = dict(body)
     meta = dict(obj.get("metadata") or {})
     meta.pop("managedFields", None)
+    if meta.get("annotations"):
+        meta["annotations"] = {k: v for k, v in meta["annotations"].items() if not k.startswith("kopf.zalando.org/")}
     obj["metadata"] = meta
     return obj
 

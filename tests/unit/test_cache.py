@@ -94,3 +94,12 @@ def test_a_job_just_created_is_found_before_its_watch_event():
         assert cache.get_job("t", "a-1") == job
     finally:
         cache.unbind()
+
+
+def test_cached_copies_leave_out_what_is_never_read():
+    body = {"metadata": {"name": "a", "managedFields": [{"manager": "kubectl"}],
+                         "annotations": {"kopf.zalando.org/last-handled-configuration": "{...}", "rlops.dev/approve": "x"}},
+            "spec": {"k": 1}}
+    slim = cache._slim(body)
+    assert slim["metadata"] == {"name": "a", "annotations": {"rlops.dev/approve": "x"}} and slim["spec"] == {"k": 1}
+    assert "managedFields" in body["metadata"]  # the watch's own object is left as it is
