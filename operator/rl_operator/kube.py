@@ -36,7 +36,7 @@ RETRIES = Retry(total=5, connect=3, read=2, status=5, backoff_factor=0.25,
 
 #: Connections kept open to the API server (urllib3's pool size): more than the reconcile
 #: workers, the webhook's threads and the receivers use at once.
-POOL_CONNECTIONS = 32
+POOL_CONNECTIONS = 64
 
 
 def load_config() -> None:

@@ -37,10 +37,13 @@ class OperatorSettings:
     """Period (seconds) of the Rollout reconcile while a rollout is in progress.
     Env: ``RLOPS_ROLLOUT_INTERVAL_SECONDS``."""
 
-    workers: int = 8
+    workers: int = 32
     """Threads that run the reconciles (kopf's executor for sync handlers): at most this many
     objects are reconciled at once; events for one object are always handled in order, one at
-    a time. The approval webhook has its own threads. Env: ``RLOPS_WORKERS``."""
+    a time. The approval webhook has its own threads. A reconcile spends most of its time
+    waiting for the API server, so threads beyond the cores pay: with 500 agents at once, 32
+    cut the p99 from apply to Job from 29 s to 19 s against 8 (``make bench-scale``).
+    Env: ``RLOPS_WORKERS``."""
 
     webhook_addr: str | None = "127.0.0.1"
     """Address of the admission webhook server (HTTPS); empty disables the webhooks (no approval
