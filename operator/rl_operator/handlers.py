@@ -162,7 +162,7 @@ def _start_admission() -> None:
                                        str(files.key), decide_approval)
     server.start()
     _ADMISSION["server"] = server
-    if SETTINGS.shard and kube.delete_mutating_webhook_configuration(admission.CONFIGURATION):
+    if SETTINGS.shard and kube.delete_webhook_configuration(admission.CONFIGURATION):
         # the single operator's configuration (every namespace, failing closed) would send this
         # shard's Rollouts to an operator that shards replace: it goes
         log.warning("deleted the MutatingWebhookConfiguration %s of the operator of every namespace: shard %s "
@@ -253,7 +253,6 @@ def reconcile_agent(body: kopf.Body, namespace: str, name: str, **_: Any) -> Non
     agent = dict(body)
     runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))
     desired = training.desired_training_run(agent, runs)
-    new_run = None
     if desired is not None:
         new_run, created = cache.create_custom_or_get(desired, m.TrainingRun.PLURAL)
         if created:
@@ -263,7 +262,7 @@ def reconcile_agent(body: kopf.Body, namespace: str, name: str, **_: Any) -> Non
                                          f"generation {trigger['agentGeneration']})")])
     # the generation is handled: a new run, or a change that needs none (canary plan, approval, ...);
     # recorded in the same status write as the rest (one write, not two that race)
-    sync_agent(namespace, name, handled_generation=agent["metadata"].get("generation"), new_run=new_run)
+    sync_agent(namespace, name, handled_generation=agent["metadata"].get("generation"))
 
 
 def _owned(owner: dict[str, Any], objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -304,18 +303,15 @@ def _sync_status(namespace: str, plural: str, name: str, status_type: type, obse
 
 
 @metrics.reconciler("rlagent")
-def sync_agent(namespace: str, name: str, handled_generation: int | None = None,
-               new_run: dict[str, Any] | None = None) -> None:
+def sync_agent(namespace: str, name: str, handled_generation: int | None = None) -> None:
     """Recompute an RLAgent's status from its TrainingRuns and write it if it changed.
 
     ``handled_generation``: the agent's generation that the caller has acted on
-    (``observedGeneration``). ``new_run``: a run the caller just created or wrote, which the
-    cache may not hold yet (or holds in an older version)."""
+    (``observedGeneration``). A run the caller just created or wrote is read back from the
+    cache, which holds the operator's own writes until the watch delivers them."""
     with cache.locked("rlagents", namespace, name):
         def observe(agent: dict[str, Any]) -> tuple[m.RLAgentStatus, list[training.Event]]:
             runs = cache.list_custom(namespace, m.TrainingRun.PLURAL, name)
-            if new_run is not None:  # newer than the cache's copy, or not in it yet
-                runs = [r for r in runs if r["metadata"]["name"] != new_run["metadata"]["name"]] + [new_run]
             status, events = training.observe_agent(agent, _owned(agent, runs), training.now())
             if handled_generation is not None:
                 status.observed_generation = max(status.observed_generation or 0, handled_generation)
@@ -400,13 +396,12 @@ def _api_message(exc: ApiException) -> str:
 def _fail_run(run: dict[str, Any], reason: str, message: str) -> None:
     """Set a run Failed with a reason (once), and sync its agent."""
     namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
-    written = None
     with cache.locked("trainingruns", namespace, name):
         status, events = training.failed_status(run, reason, message, training.now())
-        if events and (written := cache.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())) is not None:
+        if events and cache.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire()) is not None:
             _count_finished(namespace, m.TrainingRunStatus.model_validate(run.get("status") or {}), status)
             _post(run, events)
-    sync_agent(namespace, run["spec"]["agentRef"]["name"], new_run=written)
+    sync_agent(namespace, run["spec"]["agentRef"]["name"])
 
 
 def _count_finished(namespace: str, prev: m.TrainingRunStatus, status: m.TrainingRunStatus) -> None:
@@ -445,7 +440,7 @@ def sync_run(namespace: str, name: str) -> None:
         _post(synced.obj, synced.events)
     run = synced.obj
     if synced.changed:
-        sync_agent(namespace, run["spec"]["agentRef"]["name"], new_run=run)
+        sync_agent(namespace, run["spec"]["agentRef"]["name"])
     if synced.status.phase == "Succeeded":
         ensure_rollout(run)
 

@@ -212,10 +212,12 @@ def apply_mutating_webhook_configuration(body: dict[str, Any]) -> None:
     raise RuntimeError(f"MutatingWebhookConfiguration {name}: still conflicting after 5 tries")
 
 
-def delete_mutating_webhook_configuration(name: str) -> bool:
-    """Delete the MutatingWebhookConfiguration ``name``; False when there was none."""
+def delete_webhook_configuration(name: str, validating: bool = False) -> bool:
+    """Delete the MutatingWebhookConfiguration ``name`` (with ``validating``: the
+    ValidatingWebhookConfiguration); False when there was none."""
+    api = client.AdmissionregistrationV1Api(_api())
     try:
-        client.AdmissionregistrationV1Api(_api()).delete_mutating_webhook_configuration(name)
+        (api.delete_validating_webhook_configuration if validating else api.delete_mutating_webhook_configuration)(name)
         return True
     except ApiException as exc:
         if exc.status != 404:

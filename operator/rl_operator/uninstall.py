@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from rl_operator import kube
@@ -21,16 +20,16 @@ from rl_operator import models as m
 def main(argv: list[str] | None = None) -> int:
     names = [n.strip(",") for n in (sys.argv[1:] if argv is None else argv) if n.strip(",")] or [m.GROUP]
     kube.load_config()
-    api = client.AdmissionregistrationV1Api()
     for name in names:
-        for delete in (api.delete_mutating_webhook_configuration, api.delete_validating_webhook_configuration):
+        for validating in (False, True):
+            kind = "validating" if validating else "mutating"
             try:
-                delete(name)
-                print(f"deleted {delete.__name__.removeprefix('delete_')} {name}")
+                if kube.delete_webhook_configuration(name, validating):
+                    print(f"deleted {kind}_webhook_configuration {name}")
             except ApiException as exc:
-                if exc.status != 404:
-                    print(f"cannot delete the {name} webhook configuration: {exc.status} {exc.reason}", file=sys.stderr)
-                    return 1
+                print(f"cannot delete the {name} {kind} webhook configuration: {exc.status} {exc.reason}",
+                      file=sys.stderr)
+                return 1
     return 0
 
 
