@@ -49,6 +49,10 @@ def test_agent_creates_one_run_and_one_job_per_generation(cluster, operator, nam
                       and cluster.get("rlagent", "lander", "-n", namespace)["status"], 60, "agent phase Training")
     assert status["latestRun"] == "lander-1" and status["observedGeneration"] == 1
     assert any(c["type"] == "Training" and c["status"] == "True" for c in status["conditions"])
+    # kopf's last-handled state stays in the operator's memory: nothing of it written onto the objects
+    for kind, obj in (("rlagent", "lander"), ("trainingrun", "lander-1")):
+        annotations = cluster.get(kind, obj, "-n", namespace)["metadata"].get("annotations") or {}
+        assert not [k for k in annotations if k.startswith("kopf.zalando.org/")], (kind, annotations)
 
     # A spec change is a new generation: a second run, snapshotting the new spec.
     assert cluster.apply(UNSCHEDULABLE.format(steps=30000), namespace).returncode == 0
