@@ -19,8 +19,13 @@ RUN python3 -m venv /opt/venv \
 
 FROM base AS operator
 COPY operator/ /src/operator/
+# rl_engine without its dependencies (no torch, no ray): the operator imports only
+# rl_engine.serving.contract from it (standard library only), the names that it shares with the
+# serving application (router, version entries, metric names).
+COPY rl_engine/ /src/rl_engine/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --disable-pip-version-check /src/operator && rm -rf /src
+    pip install --disable-pip-version-check --no-deps /src/rl_engine \
+    && pip install --disable-pip-version-check /src/operator && rm -rf /src
 USER 1000:1000
 WORKDIR /home/rlops
 ENTRYPOINT ["python", "-m", "rl_operator"]

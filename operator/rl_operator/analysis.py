@@ -13,18 +13,16 @@ from __future__ import annotations
 from typing import Mapping
 
 import httpx
+from rl_engine.serving import contract
 
 from rl_operator.rollout import Measurement
 
-#: Exported Prometheus series (``docs/serving.md``): Ray prefixes ``ray_``; counters end in ``_total``.
+#: Exported Prometheus series (``docs/serving.md``), named by the serving application's own
+#: contract: Ray prefixes ``ray_``; counters end in ``_total``.
 SERIES: Mapping[str, str] = {
-    "requests": "ray_rlops_serve_requests_total",
-    "errors": "ray_rlops_serve_errors_total",
-    "feedback": "ray_rlops_serve_feedback_total",
-    "reward_positive": "ray_rlops_serve_feedback_reward_positive_total",
-    "reward_negative": "ray_rlops_serve_feedback_reward_negative_total",
-    "negative_feedback": "ray_rlops_serve_negative_feedback_total",
-    "reward_scaled_bucket": "ray_rlops_serve_feedback_reward_scaled_bucket",
+    **{role: contract.counter_series(role) for role in
+       ("requests", "errors", "feedback", "reward_positive", "reward_negative", "negative_feedback")},
+    "reward_scaled_bucket": contract.bucket_series("reward_scaled"),
 }
 
 

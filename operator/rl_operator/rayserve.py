@@ -35,6 +35,7 @@ import time
 from typing import Any, Mapping
 
 import httpx
+from rl_engine.serving.contract import IMPORT_PATH, ROUTER_DEPLOYMENT, VERSION_KEYS, WEIGHTS_KEY
 
 __all__ = [
     "IMPORT_PATH",
@@ -64,8 +65,6 @@ __all__ = [
     "wait_running",
 ]
 
-IMPORT_PATH = "rl_engine.serving.app:build_app"
-ROUTER_DEPLOYMENT = "router"
 DEFAULT_TIMEOUT_S = 10.0
 API_PATH = "/api/serve/applications/"
 #: Ray Serve application statuses (``ray.serve.schema.ApplicationStatus``).
@@ -132,7 +131,7 @@ def normalize_weights(weights: Mapping[str, Any], versions: list[str] | tuple[st
 def _version_entry(version: str, spec: Any) -> dict[str, Any]:
     if isinstance(spec, Mapping):
         uri, fingerprint = spec.get("artifactURI"), spec.get("fingerprint")
-        unknown = sorted(set(spec) - {"artifactURI", "fingerprint"})
+        unknown = sorted(set(spec) - VERSION_KEYS)
         if unknown:
             raise ValueError(f"versions.{version}.{unknown[0]}: unknown field (artifactURI, fingerprint)")
     elif isinstance(spec, (tuple, list)) and len(spec) == 2:
@@ -225,7 +224,7 @@ def app_config(
             "feedback": feedback,
             **({"artifactRoot": artifact_root} if artifact_root else {}),
         },
-        "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": {"weights": split}}],
+        "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": {WEIGHTS_KEY: split}}],
     }
 
 
@@ -238,7 +237,7 @@ def application_weights(app: Mapping[str, Any]) -> dict[str, int] | None:
     """The router's weights in an application entry, or None when it sets none."""
     for dep in app.get("deployments") or []:
         if dep.get("name") == ROUTER_DEPLOYMENT:
-            weights = (dep.get("user_config") or {}).get("weights")
+            weights = (dep.get("user_config") or {}).get(WEIGHTS_KEY)
             return dict(weights) if isinstance(weights, Mapping) else None
     return None
 
@@ -254,10 +253,10 @@ def with_weights(app: Mapping[str, Any], weights: Mapping[str, int]) -> dict[str
     deployments = list(out.get("deployments") or [])
     for i, dep in enumerate(deployments):
         if dep.get("name") == ROUTER_DEPLOYMENT:
-            deployments[i] = {**dep, "user_config": {"weights": split}}
+            deployments[i] = {**dep, "user_config": {WEIGHTS_KEY: split}}
             break
     else:
-        deployments.append({"name": ROUTER_DEPLOYMENT, "user_config": {"weights": split}})
+        deployments.append({"name": ROUTER_DEPLOYMENT, "user_config": {WEIGHTS_KEY: split}})
     out["deployments"] = deployments
     return out
 

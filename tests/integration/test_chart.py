@@ -200,6 +200,9 @@ def test_the_operator_pod_is_non_root_with_a_read_only_root_filesystem(cluster):
     assert env["RLOPS_WEBHOOK_SERVICE"] == "rlops-system/rlops-operator:443"
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {env["RLOPS_CERT_DIR"], "/tmp"}
     assert container["image"] == "ghcr.io/rlops/operator:0.1.0"
+    assert env["RLOPS_WORKERS"] == "32"
+    (deploy,) = [d for d in docs(template("--set", "reconcileWorkers=4").stdout) if d["kind"] == "Deployment"]
+    assert {"name": "RLOPS_WORKERS", "value": "4"} in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -208,6 +211,7 @@ def test_the_operator_pod_is_non_root_with_a_read_only_root_filesystem(cluster):
     (["--set", "image.pullPolicy=Sometimes"], ["/image/pullPolicy"]),
     (["--set", "ray.dashboardUrl=ray-head:8265"], ["/ray/dashboardUrl"]),
     (["--set", "webhook.port=443"], ["/webhook/port", "minimum"]),
+    (["--set", "reconcileWorkers=0"], ["/reconcileWorkers", "minimum"]),
     (["--set", "unknown=1"], ["unknown"]),
 ])
 def test_bad_values_are_refused_naming_them(cluster, args, words):

@@ -39,27 +39,18 @@ from .config import (
     parse_weights,
     policy_deployment_name,
 )
+# ray.util.metrics names, exported by Ray's metrics agent as ``ray_<name>`` (counters with a
+# ``_total`` suffix): the operator's analysis queries them by the same names (docs/serving.md)
+from .contract import METRIC_NAMES, METRIC_TAGS
 
 __all__ = ["build_app", "build_policy_app", "Router", "PolicyDeployment", "METRIC_NAMES", "LATENCY_BUCKETS_S",
            "REWARD_BUCKETS"]
 
 logger = logging.getLogger("ray.serve")
 
-#: ray.util.metrics names (exported by Ray's metrics agent with a ``ray_`` prefix, and
-#: counters with a ``_total`` suffix: see docs/serving.md for the exact series).
-METRIC_NAMES = {
-    "requests": "rlops_serve_requests",
-    "errors": "rlops_serve_errors",
-    "latency": "rlops_serve_latency_seconds",
-    "feedback": "rlops_serve_feedback",
-    "reward_positive": "rlops_serve_feedback_reward_positive",
-    "reward_negative": "rlops_serve_feedback_reward_negative",
-    "negative_feedback": "rlops_serve_negative_feedback",
-    "reward_scaled": "rlops_serve_feedback_reward_scaled",
-}
 #: Latency histogram bucket bounds (seconds).
 LATENCY_BUCKETS_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-_TAGS = ("namespace", "agent", "version")
+_TAGS = METRIC_TAGS
 # Access logs cost more CPU than the request itself here; the metrics count every request.
 _LOGGING = {"enable_access_log": False}
 

@@ -29,6 +29,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
+# the names the operator writes and reads too (router, versions, args fields): one home
+from .contract import (
+    ARGS_KEYS as _ARGS_KEYS,
+    FEEDBACK_KEYS as _FEEDBACK_KEYS,
+    ROUTER_DEPLOYMENT,
+    VERSION_KEYS as _VERSION_KEYS,
+    VERSION_RE,
+    WEIGHTS_KEY,
+    policy_deployment_name,
+)
+
 __all__ = [
     "VERSION_RE",
     "ServingConfigError",
@@ -53,15 +64,7 @@ __all__ = [
     "ROUTER_DEPLOYMENT",
 ]
 
-#: Name of the ingress deployment.
-ROUTER_DEPLOYMENT = "router"
-#: A version name: letters, digits, ``.``, ``_``, ``-``; starts and ends alphanumeric; <= 63.
-VERSION_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _KEY_RE = re.compile(r"^[0-9a-f]{32,256}$")
-_FEEDBACK_KEYS = {"key", "rewardMin", "rewardMax", "ttlSeconds"}
-_ARGS_KEYS = {"agent", "namespace", "versions", "maxBatchSize", "batchWaitTimeoutS", "policyNumCpus", "policyNumGpus",
-              "artifactRoot", "feedback"}
-_VERSION_KEYS = {"artifactURI", "fingerprint"}
 _FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -80,11 +83,6 @@ class DuplicateFeedback(ValueError):
 class FeedbackUnavailable(RuntimeError):
     """Feedback cannot be taken at all (answered with 503): no feedback key is configured,
     or the ledger of credited ids is full."""
-
-
-def policy_deployment_name(version: str) -> str:
-    """``policy-<version>``."""
-    return f"policy-{version}"
 
 
 @dataclass(frozen=True)
@@ -377,10 +375,10 @@ def parse_weights(user_config: Any, versions: Any) -> dict[str, int]:
     names = list(versions)
     if not isinstance(user_config, Mapping):
         raise ServingConfigError(f"user_config: must be an object with 'weights', got {user_config!r}")
-    unknown = sorted(set(user_config) - {"weights"})
+    unknown = sorted(set(user_config) - {WEIGHTS_KEY})
     if unknown:
         raise ServingConfigError(f"user_config.{unknown[0]}: unknown field")
-    weights = user_config.get("weights")
+    weights = user_config.get(WEIGHTS_KEY)
     if not isinstance(weights, Mapping):
         raise ServingConfigError(f"user_config.weights: required, an object version -> percent, got {weights!r}")
     out = {name: 0 for name in names}

@@ -1,0 +1,87 @@
+"""The contract between the operator and the serving application: one home, the standard library only.
+
+The operator (``rl_operator.rayserve``, ``rl_operator.analysis``) writes Ray Serve configs and
+queries Prometheus; the serving application (:mod:`rl_engine.serving.config`,
+:mod:`rl_engine.serving.app`) reads those configs and exports those metrics. Both import the
+names below from here, so that they cannot drift apart. The operator image installs
+``rl_engine`` without its dependencies for this module alone: it must import nothing outside
+the standard library (``tests/unit/test_serving_contract.py`` checks that in a bare interpreter).
+
+* The application: its builder (:data:`IMPORT_PATH`), its ``args`` fields
+  (:data:`ARGS_KEYS`, :data:`VERSION_KEYS`, :data:`FEEDBACK_KEYS`), version names
+  (:data:`VERSION_RE`).
+* The deployments: the ``router`` ingress (:data:`ROUTER_DEPLOYMENT`), whose ``user_config``
+  holds the traffic split under :data:`WEIGHTS_KEY`; one ``policy-<version>`` per version
+  (:func:`policy_deployment_name`).
+* The metrics: the router's ``ray.util.metrics`` names (:data:`METRIC_NAMES`) with their tags
+  (:data:`METRIC_TAGS`), and the Prometheus series Ray's metrics agent exports them as
+  (:func:`counter_series`, :func:`bucket_series`).
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "IMPORT_PATH",
+    "ROUTER_DEPLOYMENT",
+    "WEIGHTS_KEY",
+    "VERSION_RE",
+    "ARGS_KEYS",
+    "VERSION_KEYS",
+    "FEEDBACK_KEYS",
+    "METRIC_NAMES",
+    "METRIC_TAGS",
+    "policy_deployment_name",
+    "counter_series",
+    "bucket_series",
+]
+
+#: The application builder (Serve's ``import_path``).
+IMPORT_PATH = "rl_engine.serving.app:build_app"
+#: The ingress deployment: it splits traffic between the versions.
+ROUTER_DEPLOYMENT = "router"
+#: The router's ``user_config``: ``{"weights": {"<version>": <percent>, ...}}``.
+WEIGHTS_KEY = "weights"
+#: A version name: letters, digits, ``.``, ``_``, ``-``; starts and ends alphanumeric; <= 63.
+VERSION_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+#: The application's ``args`` fields.
+ARGS_KEYS = frozenset({"agent", "namespace", "versions", "maxBatchSize", "batchWaitTimeoutS", "policyNumCpus",
+                       "policyNumGpus", "artifactRoot", "feedback"})
+#: One entry of ``args.versions``: the artifact and the fingerprint it must have.
+VERSION_KEYS = frozenset({"artifactURI", "fingerprint"})
+#: ``args.feedback``: the request-id signing key and the declared reward range.
+FEEDBACK_KEYS = frozenset({"key", "rewardMin", "rewardMax", "ttlSeconds"})
+
+#: The router's ``ray.util.metrics`` names, by role.
+METRIC_NAMES = {
+    "requests": "rlops_serve_requests",
+    "errors": "rlops_serve_errors",
+    "latency": "rlops_serve_latency_seconds",
+    "feedback": "rlops_serve_feedback",
+    "reward_positive": "rlops_serve_feedback_reward_positive",
+    "reward_negative": "rlops_serve_feedback_reward_negative",
+    "negative_feedback": "rlops_serve_negative_feedback",
+    "reward_scaled": "rlops_serve_feedback_reward_scaled",
+}
+#: The tags (Prometheus labels) of every one of those metrics.
+METRIC_TAGS = ("namespace", "agent", "version")
+#: Ray's metrics agent exports every application metric with this prefix.
+_RAY_PREFIX = "ray_"
+
+
+def policy_deployment_name(version: str) -> str:
+    """``policy-<version>``: the deployment that serves one version."""
+    return f"policy-{version}"
+
+
+def counter_series(role: str) -> str:
+    """The Prometheus series of a counter in :data:`METRIC_NAMES` (``ray_<name>_total``).
+    Raises ``KeyError`` for an unknown role."""
+    return f"{_RAY_PREFIX}{METRIC_NAMES[role]}_total"
+
+
+def bucket_series(role: str) -> str:
+    """The bucket series of a histogram in :data:`METRIC_NAMES` (``ray_<name>_bucket``).
+    Raises ``KeyError`` for an unknown role."""
+    return f"{_RAY_PREFIX}{METRIC_NAMES[role]}_bucket"
