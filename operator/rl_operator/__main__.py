@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     # kopf's own log set-up: object lines carry a [namespace/name] prefix.
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN, log_prefix=True)
     import rl_operator.handlers as handlers
-    from rl_operator import kube, shards
+    from rl_operator import kube, peering, shards
 
     kube.load_config()
     error = shards.claim_ray_cluster(handlers.SETTINGS)
@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rlops-operator: {error}", file=sys.stderr)
         sys.exit(2)
 
+    peering.IDENTITY = peering.own_identity()
     kopf.run(
         standalone=not args.peering,
+        identity=peering.IDENTITY,
         peering_name=args.peering or None,
         # distinct priorities: kopf pauses every operator that sees a peer of the same priority
         priority=secrets.randbelow(2**31) if args.peering else None,

@@ -125,6 +125,20 @@ def get_custom(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
     return _newest(plural, namespace, name, found[0] if found else None)
 
 
+def unfinished_runs() -> list[tuple[str, str]]:
+    """(namespace, name) of every TrainingRun in the watch cache that is not Succeeded or Failed
+    (none before :func:`bind`). Call it on kopf's event loop, where the indexes change."""
+    idx = _INDEXES.get(_PLURAL_INDEX[m.TrainingRun.PLURAL])
+    if idx is None:
+        return []
+    out = []
+    for key, store in idx.items():
+        if len(key) == 2 and any((run.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                                 for run in store):
+            out.append(key)
+    return sorted(out)
+
+
 def list_custom(namespace: str, plural: str, agent: str) -> list[dict[str, Any]]:
     """The TrainingRuns or Rollouts labelled with this agent (``rlops.dev/agent``), each in the
     newer of the watch's and the operator's own last written version."""

@@ -2,9 +2,10 @@
 
 Order of operations for training (one place):
 
-1. RLAgent created / spec changed / operator resumed -> ensure TrainingRun ``<agent>-<generation>``.
+1. RLAgent created / spec changed / operator resumed -> ensure TrainingRun ``<agent>-<generation>``
+   and, for a run just made, its Job at once.
 2. TrainingRun created / resumed -> ensure Job ``<run>``.
-3. Job or pod event, or the periodic resync -> ``sync_run``: observe Job + pods into the run's
+3. Job or pod event, or the operator-wide resync of unfinished runs -> ``sync_run``: observe Job + pods into the run's
    status, then ``sync_agent``: observe the agent's runs into the agent's status.
 4. A run Succeeded whose evaluation meets the agent's bar -> ensure Rollout ``<run>``.
 5. Rollout created / annotated / every ``rollout_interval_seconds`` while in progress ->
@@ -29,13 +30,14 @@ import json
 import logging
 import os
 import signal
+from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 import kopf
 
 from kubernetes.client.exceptions import ApiException
 
-from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, diffbase, kube, metrics, rayserve, rollout, shards, training, trust
+from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, diffbase, kube, metrics, peering, rayserve, rollout, shards, training, trust
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
@@ -44,9 +46,6 @@ log = logging.getLogger(__name__)
 SETTINGS = OperatorSettings.from_env()
 #: The operator's signing key (``settings.approval_key_secret``), loaded at start-up.
 _KEY: dict[str, bytes | None] = {"value": None}
-
-
-FINALIZER = f"{m.GROUP}/finalizer"
 
 
 def _post(obj: dict[str, Any], events: list[training.Event]) -> None:
@@ -132,7 +131,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     # our own finalizer name: a ValidatingAdmissionPolicy lets only the operator remove it
-    settings.persistence.finalizer = FINALIZER
+    settings.persistence.finalizer = m.FINALIZER
     # the last-handled state in memory, not as an annotation: one PATCH less per handled change
     settings.persistence.diffbase_storage = diffbase.STORAGE
     # Used only with --peering (kopf.run makes peering mandatory then; standalone otherwise:
@@ -262,6 +261,9 @@ def reconcile_agent(body: kopf.Body, namespace: str, name: str, **_: Any) -> Non
             _post(agent, [training.Event("Normal", "TrainingRunCreated",
                                          f"TrainingRun {new_run['metadata']['name']} ({trigger['reason']}, "
                                          f"generation {trigger['agentGeneration']})")])
+            # its Job now, not after the run's watch event has queued behind every other object's;
+            # the run's own handler then finds the Job and writes the run's status
+            _ensure_job(new_run)
     # the generation is handled: a new run, or a change that needs none (canary plan, approval, ...);
     # recorded in the same status write as the rest (one write, not two that race)
     sync_agent(namespace, name, handled_generation=agent["metadata"].get("generation"))
@@ -335,46 +337,93 @@ RUN_FINISHED = ("Succeeded", "Failed")
 def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     run = dict(body)
     phase = (run.get("status") or {}).get("phase")
-    if phase not in RUN_FINISHED:
-        agent = cache.get_custom(namespace, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
-        why = trust.run_untrusted(run, agent)
-        if why:
-            _fail_run(run, "NotInOwnerChain", f"the operator ignores this TrainingRun: {why}")
-            return
-        try:
-            with cache.locked("jobs", namespace, name):  # the create handler and the resync timer
-                job, created = cache.get_job(namespace, name), False
-                if job is None:
-                    job, created = cache.create_job_or_get(training.desired_job(run, SETTINGS))
-        except ApiException as exc:
-            if exc.status is None or not 400 <= exc.status < 500 or exc.status in (409, 429):
-                raise  # a transient error: kopf retries with backoff
-            _fail_run(run, "JobRejected", f"the API server refused the training Job ({exc.status} {exc.reason}): "
-                                          f"{_api_message(exc)}")
-            return
-        if not trust.controlled_by(job, run, m.TrainingRun.KIND):  # a Job squatting the run's name
-            _fail_run(run, "JobNotOwned", _job_not_owned(namespace, name))
-            return
-        if created:
-            gpus = run["spec"]["training"].get("resources", {}).get("gpu", 0)
-            _post(run, [training.Event("Normal", "JobCreated", f"Job {job['metadata']['name']} created ({gpus} GPU)")])
+    if phase not in RUN_FINISHED and not _ensure_job(run):
+        return
     sync_run(namespace, name)
     if phase == "Succeeded":
         ensure_rollout(run)
 
 
-@kopf.timer(m.GROUP, m.VERSION, m.RLAgent.PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds,
-            when=lambda status, **_: (status or {}).get("phase") in (None, "Pending", "Training"))
-def resync_runs(namespace: str, name: str, **_: Any) -> None:
-    """The safety net for missed Job and pod events: every ``resync_seconds`` while an agent
-    trains, the reconcile of each of its unfinished TrainingRuns runs again.
+def _ensure_job(run: dict[str, Any]) -> bool:
+    """The run's training Job, created unless it exists (create-or-get). False when the run was
+    failed instead: not in its agent's owner chain, its Job refused by the API server, or a Job
+    of the run's name that the run does not control.
 
-    On the agent, not on each run: kopf keeps a finalizer on every object that has a timer, so a
-    timer per run cost two more writes per run (the finalizer added, then removed when the run
-    finished), and run deletions waited for the operator. Agents carry a finalizer anyway."""
-    for run in cache.list_custom(namespace, m.TrainingRun.PLURAL, name):
-        if (run.get("status") or {}).get("phase") not in RUN_FINISHED:
-            reconcile_run(run, namespace, run["metadata"]["name"])
+    Raises:
+        ApiException: a transient error (409, 429, 5xx, no answer): kopf retries with backoff.
+    """
+    namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
+    agent = cache.get_custom(namespace, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
+    why = trust.run_untrusted(run, agent)
+    if why:
+        _fail_run(run, "NotInOwnerChain", f"the operator ignores this TrainingRun: {why}")
+        return False
+    try:
+        with cache.locked("jobs", namespace, name):  # the agent's handler, the run's, and the resync
+            job = cache.get_job(namespace, name)
+            if job is None:
+                job, _created = cache.create_job_or_get(training.desired_job(run, SETTINGS))
+    except ApiException as exc:
+        if exc.status is None or not 400 <= exc.status < 500 or exc.status in (409, 429):
+            raise
+        _fail_run(run, "JobRejected", f"the API server refused the training Job ({exc.status} {exc.reason}): "
+                                      f"{_api_message(exc)}")
+        return False
+    if not trust.controlled_by(job, run, m.TrainingRun.KIND):  # a Job squatting the run's name
+        _fail_run(run, "JobNotOwned", _job_not_owned(namespace, name))
+        return False
+    return True
+
+
+def resync_run(namespace: str, name: str) -> None:
+    """One unfinished TrainingRun reconciled again (the resync); an error is logged, and the next
+    round tries again."""
+    run = cache.get_custom(namespace, m.TrainingRun.PLURAL, name)
+    if run is None or (run.get("status") or {}).get("phase") in RUN_FINISHED:
+        return
+    try:
+        reconcile_run(run, namespace, name)
+    except Exception as exc:  # the next round, or the next Job or pod event, tries again
+        log.warning("resync of TrainingRun %s/%s failed: %s", namespace, name, exc)
+
+
+@kopf.on.startup()
+async def start_resync(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """The safety net for missed Job and pod events: every ``resync_seconds``, each unfinished
+    TrainingRun in the watch cache is reconciled again (with nothing missed, that makes no API
+    request).
+
+    One loop for the operator, not a kopf timer per object: kopf keeps a finalizer on every
+    object with a timer, which cost a write per agent and made deleting an agent wait for the
+    operator. kopf pauses its handlers on a standby replica, not this loop: the loop asks
+    :func:`rl_operator.peering.works` first, so a standby writes nothing."""
+    async def this_replica_works() -> bool:
+        if settings.peering.standalone:
+            return True
+        if peering.IDENTITY is None:
+            return False
+        records = await asyncio.to_thread(peering.read_records, settings.peering.name)
+        return peering.works(records, peering.IDENTITY, settings.peering.priority, datetime.now(timezone.utc))
+
+    async def loop() -> None:
+        working: bool | None = None
+        while True:
+            await asyncio.sleep(SETTINGS.resync_seconds)
+            try:
+                works = await this_replica_works()
+            except Exception as exc:  # the API server unreachable for a moment: the next round
+                log.warning("resync skipped: cannot read the peering records: %s", exc)
+                continue
+            if works != working:
+                working = works
+                log.info("resync of unfinished TrainingRuns: %s", "this replica works" if works else
+                         "standing by (another replica works)")
+            if not works:
+                continue
+            for namespace, name in cache.unfinished_runs():  # on the event loop: kopf's indexes change there
+                await asyncio.to_thread(resync_run, namespace, name)
+
+    memo.resync = asyncio.create_task(loop())
 
 
 @kopf.on.event(m.GROUP, m.VERSION, m.RLAgent.PLURAL)
@@ -712,12 +761,19 @@ async def on_impersonated_approval(record: audit.ImpersonatedApproval) -> None:
         await asyncio.to_thread(reconcile_rollout, record.namespace, record.name)
 
 
-@kopf.on.delete(m.GROUP, m.VERSION, m.RLAgent.PLURAL)
+def may_serve(spec: dict[str, Any] | None, status: dict[str, Any] | None, **_: Any) -> bool:
+    """Whether an agent may have a Serve application: serving enabled, or a version promoted.
+    Only those carry the operator's finalizer; deleting any other agent waits for nobody."""
+    return bool(((spec or {}).get("serving") or {}).get("enabled", True) or (status or {}).get("activeModel"))
+
+
+@kopf.on.delete(m.GROUP, m.VERSION, m.RLAgent.PLURAL, when=may_serve)
 def on_agent_deleted(status: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
-    """The agent's finalizer: its Serve application goes before the agent does, so no traffic is
-    left with no object to manage it. Ray unreachable: retried (the agent stays Terminating).
-    TrainingRuns, Jobs and Rollouts go by ownerReference garbage collection; a Rollout still in
-    progress takes its own canary off traffic (``on_rollout_deleted``)."""
+    """The agent's finalizer, while it may serve (:func:`may_serve`): its Serve application goes
+    before the agent does, so no traffic is left with no object to manage it. Ray unreachable:
+    retried (the agent stays Terminating). TrainingRuns, Jobs and Rollouts go by ownerReference
+    garbage collection; a Rollout still in progress takes its own canary off traffic
+    (``on_rollout_deleted``)."""
     if not (status or {}).get("activeModel"):
         return  # no version was ever promoted: nothing of this agent's serves but a live Rollout's canary
     try:
@@ -776,7 +832,10 @@ def decide_approval(request: dict[str, Any]) -> dict[str, str | None]:
     old_ann = dict(old.get("metadata", {}).get("annotations") or {}) if old else None
     new_ann = dict(body.get("metadata", {}).get("annotations") or {})
     allowed_sas: tuple[str, ...] = ()
-    if new_ann.get(rollout.APPROVE) not in (None, (old_ann or {}).get(rollout.APPROVE)):
+    # the agent's allowedServiceAccounts matter for a ServiceAccount's approval only: read fresh
+    # from the API server (never the cache), and only then
+    if new_ann.get(rollout.APPROVE) not in (None, (old_ann or {}).get(rollout.APPROVE)) and \
+            str(userinfo.get("username", "")).startswith(trust.SERVICE_ACCOUNT_PREFIX):
         agent = kube.get_custom(namespace, m.RLAgent.PLURAL, body["spec"]["agentRef"]["name"])
         if agent is not None:
             allowed_sas = tuple(m.RLAgentSpec.model_validate(agent["spec"]).approval.allowed_service_accounts)

@@ -94,6 +94,16 @@ def get_custom(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
         raise
 
 
+def get_cluster_custom(group: str, version: str, plural: str, name: str) -> dict[str, Any] | None:
+    """One cluster-scoped custom object (any group), or None if it does not exist."""
+    try:
+        return _custom().get_cluster_custom_object(group, version, plural, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
 def list_custom(namespace: str, plural: str, label_selector: str = "") -> list[dict[str, Any]]:
     result = _custom().list_namespaced_custom_object(
         m.GROUP, m.VERSION, namespace, plural, label_selector=label_selector

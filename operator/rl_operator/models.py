@@ -25,6 +25,9 @@ API_VERSION = f"{GROUP}/{VERSION}"
 AGENT_LABEL = f"{GROUP}/agent"
 #: Label put on a training Job and its pods, naming the TrainingRun.
 RUN_LABEL = f"{GROUP}/training-run"
+#: The operator's finalizer (kopf's, renamed): a Rollout is born with it; an agent gets it while
+#: it serves or may serve. A ValidatingAdmissionPolicy lets only the operator remove it.
+FINALIZER = f"{GROUP}/finalizer"
 
 #: The operator's identity (its ServiceAccount): the only user that creates TrainingRuns and Rollouts.
 OPERATOR_NAMESPACE = "rlops-system"

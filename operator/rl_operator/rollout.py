@@ -84,6 +84,9 @@ def desired_rollout(run: dict[str, Any]) -> dict[str, Any]:
             "namespace": meta["namespace"],
             "labels": {m.AGENT_LABEL: agent, "app.kubernetes.io/managed-by": "rlops"},
             "ownerReferences": [owner_reference(run)],
+            # born with the finalizer that its deletion handler needs: kopf would add it in a
+            # write of its own, before the first reconcile
+            "finalizers": [m.FINALIZER],
         },
         "spec": spec.wire(),
     }

@@ -393,7 +393,8 @@ def observe_run(
         status.phase = "Pending"
 
     if status.phase == "Running":
-        set_condition(status.conditions, "Running", "True", "PodRunning", "the trainer pod is running", at)
+        node = next(((p.get("spec") or {}).get("nodeName") for p in newest), None)
+        set_condition(status.conditions, "Running", "True", "PodRunning", f"the trainer pod is running on node {node}", at)
     elif status.phase == "Succeeded":
         set_condition(status.conditions, "Running", "False", "Completed", "", at)
         msg = f"mean return {status.metrics.get('meanReturn')}, fingerprint {status.fingerprint}"
@@ -407,14 +408,11 @@ def observe_run(
             events.append(Event("Warning", "TrainerNotStarting", f"{cause[0]}: {cause[1]}"[:1024]))
         set_condition(status.conditions, "Running", "False", cause[0], cause[1][:1024], at)
 
-    if status.phase != prev.phase:
-        if status.phase == "Running":
-            node = next(((p.get("spec") or {}).get("nodeName") for p in newest), None)
-            events.append(Event("Normal", "TrainingStarted", f"trainer pod running on node {node}"))
-        elif status.phase == "Succeeded":
-            events.append(Event("Normal", "TrainingSucceeded", f"mean evaluation return {status.metrics.get('meanReturn')}; artifact {status.artifact_uri}; fingerprint {status.fingerprint}"))
-        elif status.phase == "Failed":
-            events.append(Event("Warning", "TrainingFailed", f"{status.failure_reason}: {status.failure_message}"))
+    # Events on a run are Warnings only: its start and success are in its conditions (Running,
+    # Complete), and its agent posts one Event for the outcome (AgentTrained). An Event is a write
+    # to the API server; at a thousand agents they were a third of the operator's requests.
+    if status.phase != prev.phase and status.phase == "Failed":
+        events.append(Event("Warning", "TrainingFailed", f"{status.failure_reason}: {status.failure_message}"))
     return status, events
 
 
@@ -463,5 +461,8 @@ def observe_agent(
                       f"TrainingRun {status.latest_run} failed: {run_status.failure_message or ''}"[:1024], at, gen)
     if status.phase != prev.phase and status.phase in ("Trained", "Failed"):
         kind = "Normal" if status.phase == "Trained" else "Warning"
-        events.append(Event(kind, f"Agent{status.phase}", f"latest TrainingRun {status.latest_run} {phase}"))
+        detail = (f": mean evaluation return {status.latest_mean_return}, artifact {run_status.artifact_uri}, "
+                  f"fingerprint {status.latest_fingerprint}") if phase == "Succeeded" else \
+            f": {run_status.failure_reason}: {run_status.failure_message or ''}"
+        events.append(Event(kind, f"Agent{status.phase}", f"latest TrainingRun {status.latest_run} {phase}{detail}"[:1024]))
     return status, events

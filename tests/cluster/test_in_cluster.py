@@ -210,6 +210,9 @@ def test_two_replicas_one_works_and_the_standby_takes_over_from_a_sigkill(real_c
     def resumed() -> int:
         return c.kubectl("logs", "-n", "rlops-system", standby).stdout.count("Resuming operations")
 
+    # the operator's own loop (the resync of unfinished runs) stands by with kopf's handlers
+    wait_for(lambda: "resync of unfinished TrainingRuns: standing by" in
+             c.kubectl("logs", "-n", "rlops-system", standby).stdout, 60, "the standby's resync standing by")
     resumed_before = resumed()  # (a replica may have resumed earlier in its life, at a handover)
     t_kill = time.monotonic()
     subprocess.run(["ctr", "-a", "/run/rlops-node/containerd.sock", "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL",

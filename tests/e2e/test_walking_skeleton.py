@@ -61,8 +61,11 @@ def test_cartpole_trains_to_475_and_survives_an_operator_sigkill(cluster, operat
     assert st["latestFingerprint"] == status["fingerprint"]
 
     reasons = {(e["involvedObject"]["kind"], e["reason"]) for e in cluster.get("events", "-n", namespace)["items"]}
-    assert {("RLAgent", "TrainingRunCreated"), ("TrainingRun", "JobCreated"), ("TrainingRun", "TrainingStarted"),
-            ("TrainingRun", "TrainingSucceeded"), ("RLAgent", "AgentTrained")} <= reasons
+    assert {("RLAgent", "TrainingRunCreated"), ("RLAgent", "AgentTrained")} <= reasons
+    run = cluster.get("trainingrun", "cartpole-1", "-n", namespace)
+    conditions = {c["type"]: c for c in run["status"]["conditions"]}
+    assert conditions["Complete"]["status"] == "True" and conditions["Complete"]["reason"] == "TrainingSucceeded"
+    assert conditions["Running"]["status"] == "False" and conditions["Running"]["reason"] == "Completed"
 
     table = cluster.kubectl("get", "rla,trun", "-n", namespace).stdout
     for header in ("PHASE", "LATEST RUN", "MEAN RETURN", "AGENT", "AGE"):

@@ -153,10 +153,21 @@ def test_new_agent_gets_the_default_policy_without_the_verb(cluster, tenant):
 
 
 def test_tenant_cannot_remove_the_operators_finalizer(cluster, tenant):
-    wait_for(lambda: "rlops.dev/finalizer" in (cluster.get("rlagent", "gate", "-n", tenant)["metadata"]
-                                                .get("finalizers") or []), 60, "finalizer on the agent")
-    refused(as_user(cluster, MALLORY, "patch", "rlagent", "gate", "-n", tenant, "--type=merge",
+    """An agent that may serve carries the operator's finalizer (its Serve application goes
+    first); one with serving disabled and nothing promoted carries none, so deleting it waits
+    for nobody."""
+    served = AGENT.format(name="served", extra="").replace("serving: {enabled: false}", "serving: {enabled: true}")
+    proc = as_user(cluster, MALLORY, "apply", "-n", tenant, "-f", "-", input=served)
+    assert proc.returncode == 0, proc.stderr
+
+    def finalizers(name):
+        return cluster.get("rlagent", name, "-n", tenant)["metadata"].get("finalizers") or []
+
+    wait_for(lambda: "rlops.dev/finalizer" in finalizers("served"), 60, "finalizer on the agent that may serve")
+    refused(as_user(cluster, MALLORY, "patch", "rlagent", "served", "-n", tenant, "--type=merge",
                     "-p", '{"metadata": {"finalizers": null}}'), "only the rlops operator removes")
+    wait_for(lambda: cluster.get("trainingrun", "gate-1", "-n", tenant), 60, "the gate agent's run")
+    assert finalizers("gate") == []
 
 
 # ----------------------------------------------------------------------------- approvals on a real chain
@@ -179,6 +190,10 @@ def test_operator_made_rollout_is_trusted(cluster, tenant, staged):
     run = cluster.get("trainingrun", "gate-7", "-n", tenant)
     assert staged["metadata"]["ownerReferences"][0]["uid"] == run["metadata"]["uid"]
     assert staged["spec"]["artifactURI"] == run["status"]["artifactURI"]
+    # born with the operator's finalizer (no write of kopf's to add it), which edit cannot remove
+    assert staged["metadata"]["finalizers"] == ["rlops.dev/finalizer"]
+    refused(as_user(cluster, MALLORY, "patch", "rollout", "gate-7", "-n", tenant, "--type=merge",
+                    "-p", '{"metadata": {"finalizers": null}}'), "only the rlops operator removes")
 
 
 @pytest.mark.parametrize(("pairs", "words"), [

@@ -100,4 +100,27 @@ def test_events_mark_the_transitions(cluster, operator, namespace):
         items = cluster.get("events", "-n", namespace)["items"]
         return {(e["involvedObject"]["kind"], e["reason"]) for e in items}
 
-    wait_for(lambda: {("RLAgent", "TrainingRunCreated"), ("TrainingRun", "JobCreated")} <= reasons(), 30, "events")
+    wait_for(lambda: ("RLAgent", "TrainingRunCreated") in reasons(), 30, "events")
+    # the pod cannot be scheduled: the run says why, with a Warning (a run posts no Normal Events)
+    wait_for(lambda: ("TrainingRun", "TrainerNotStarting") in reasons(), 60, "TrainerNotStarting")
+    normal = [(e["involvedObject"]["kind"], e["reason"]) for e in cluster.get("events", "-n", namespace)["items"]
+              if e["involvedObject"]["kind"] == "TrainingRun" and e["type"] == "Normal"]
+    assert normal == []
+
+
+def test_the_resync_repairs_what_no_event_reports(cluster, operator, namespace):
+    """A change that no watch event brings to a handler (here: a run's status written behind the
+    operator's back) is repaired by the operator-wide resync of unfinished runs, within a few
+    periods (``RLOPS_RESYNC_SECONDS=5`` in the tests). No kopf timer on the agent: an agent that
+    cannot serve carries no finalizer."""
+    def run_phase():
+        return ((cluster.get("trainingrun", "lander-1", "-n", namespace) or {}).get("status") or {}).get("phase")
+
+    manifest = UNSCHEDULABLE.format(steps=20000) + "  serving: {enabled: false}\n"
+    assert cluster.apply(manifest, namespace).returncode == 0
+    wait_for(lambda: run_phase() == "Pending", 60, "run Pending")
+    cluster.kubectl("patch", "trainingrun", "lander-1", "-n", namespace, "--subresource=status", "--type=merge",
+                    "-p", '{"status": {"phase": "Running"}}')
+    assert run_phase() == "Running"
+    wait_for(lambda: run_phase() == "Pending", 30, "the resync's repair")
+    assert cluster.get("rlagent", "lander", "-n", namespace)["metadata"].get("finalizers") is None

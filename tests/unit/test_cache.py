@@ -103,3 +103,22 @@ def test_cached_copies_leave_out_what_is_never_read():
     slim = cache._slim(body)
     assert slim["metadata"] == {"name": "a", "annotations": {"rlops.dev/approve": "x"}} and slim["spec"] == {"k": 1}
     assert "managedFields" in body["metadata"]  # the watch's own object is left as it is
+
+
+def test_unfinished_runs_are_the_resyncs_work():
+    """The operator-wide resync visits the runs that are not Succeeded or Failed, by name (not
+    the per-agent keys of the same index), and nothing before the indexes are bound."""
+    assert cache.unfinished_runs() == []
+
+    def run(name, phase):
+        return {"metadata": {"name": name, "namespace": "t"}, "status": {"phase": phase} if phase else {}}
+
+    runs = {name: run(name, phase) for name, phase in
+            [("a-1", "Succeeded"), ("a-2", "Running"), ("b-1", "Failed"), ("c-1", None), ("d-1", "Pending")]}
+    index = {("t", n): [r] for n, r in runs.items()}
+    index[("agent", "t", "a")] = [runs["a-1"], runs["a-2"]]
+    cache.bind(rlagents_idx={}, trainingruns_idx=index, rollouts_idx={}, jobs_idx={}, pods_idx={})
+    try:
+        assert cache.unfinished_runs() == [("t", "a-2"), ("t", "c-1"), ("t", "d-1")]
+    finally:
+        cache.unbind()

@@ -109,7 +109,10 @@ def test_observe_run_pending_running_succeeded():
 
     status, events = training.observe_run(run, job_with(startTime="2026-11-22T12:00:00Z", active=1), [pod("Running")], AT)
     assert status.phase == "Running"
-    assert [e.reason for e in events] == ["TrainingStarted"]
+    assert events == []  # a run posts Warnings only; its start is the Running condition
+    running = next(c for c in status.conditions if c.type == "Running")
+    assert (running.status, running.reason, running.message) == ("True", "PodRunning",
+                                                                 "the trainer pod is running on node gpu-node")
     run["status"] = status.wire()
 
     summary = {"phase": "Succeeded", "metrics": {"meanReturn": 500.0}, "artifactURI": "file:///a", "fingerprint": FP}
@@ -117,7 +120,7 @@ def test_observe_run_pending_running_succeeded():
     status, events = training.observe_run(run, job_with(("Complete", ""), completionTime="2026-11-22T12:04:00Z"), [done], AT)
     assert status.phase == "Succeeded"
     assert status.fingerprint == FP and status.metrics["meanReturn"] == 500.0
-    assert [e.reason for e in events] == ["TrainingSucceeded"]
+    assert events == []  # the agent posts AgentTrained
     complete = next(c for c in status.conditions if c.type == "Complete")
     assert complete.status == "True"
     # terminal: nothing changes any more, whatever the Job does next
@@ -174,7 +177,16 @@ def test_observe_agent_tracks_latest_generation():
     assert status.phase == "Failed"
     trained = next(c for c in status.conditions if c.type == "Trained")
     assert trained.status == "False" and trained.reason == "NonFiniteLoss"
-    assert events and events[0].type == "Warning"
+    assert [(e.type, e.reason) for e in events] == [("Warning", "AgentFailed")]
+    assert events[0].message == "latest TrainingRun cartpole-2 Failed: NonFiniteLoss: loss nan at update 3"
+
+    new["status"] = {"phase": "Succeeded", "metrics": {"meanReturn": 480.0}, "fingerprint": FP,
+                     "artifactURI": "file:///a/cartpole-2"}
+    status, events = training.observe_agent(a, [old, new], AT)
+    assert status.phase == "Trained"
+    assert [(e.type, e.reason, e.message) for e in events] == [
+        ("Normal", "AgentTrained", f"latest TrainingRun cartpole-2 Succeeded: mean evaluation return 480.0, "
+                                   f"artifact file:///a/cartpole-2, fingerprint {FP}")]
 
 
 @pytest.mark.parametrize("bad", [{"environment": {}}, {"environment": {"id": "X"}, "algorithm": {"name": "A2C"}},
