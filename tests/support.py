@@ -174,8 +174,22 @@ def free_ports(n: int) -> list[int]:
 OPERATOR_USER = "system:serviceaccount:rlops-system:rlops-operator"
 
 
+#: An RLAgent whose pods no node takes (a node label nothing carries), with serving off: for the
+#: tests of what the operator writes. ``PENDING_AGENT.format(name=..., extra=...)``, where
+#: ``extra`` holds more lines under ``spec`` (two spaces in).
+PENDING_AGENT = """apiVersion: rlops.dev/v1alpha1
+kind: RLAgent
+metadata: {{name: {name}}}
+spec:
+  environment: {{id: CartPole-v1}}
+  training: {{totalTimesteps: 20480, nodeSelector: {{rlops.dev/test-pool: none}}}}
+  serving: {{enabled: false}}
+{extra}"""
+
+
 def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact_root: str,
-                fingerprint: str | Callable[[str], str], mean_return: float = 500.0) -> dict[str, Any]:
+                fingerprint: str | Callable[[str], str], mean_return: float = 500.0,
+                generation: int = 99, rollout: bool = True) -> dict[str, Any]:
     """A Succeeded TrainingRun without training, and the Rollout that the operator makes from it.
 
     For admission and approval tests that need a Rollout in the operator's owner chain but not a
@@ -187,6 +201,8 @@ def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact
     ``fingerprint`` may be a function that writes the artifact at the assigned URI and returns its
     fingerprint (e.g. a deliberately faulty policy for a rollback test). The run's own Job is
     deleted once the status is set, so that no training runs beside the test. The e2e tier trains for real.
+    ``generation``: the run's ``spec.trigger.agentGeneration`` (its place among the agent's runs).
+    ``rollout=False``: return the run once it holds Succeeded, without waiting for a Rollout.
     """
     owner = cluster.get("rlagent", agent, "-n", namespace)
     ref = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": agent,
@@ -194,7 +210,7 @@ def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact
     spec = owner["spec"]
     body = {"apiVersion": "rlops.dev/v1alpha1", "kind": "TrainingRun",
             "metadata": {"name": run, "labels": {"rlops.dev/agent": agent}, "ownerReferences": [ref]},
-            "spec": {"agentRef": {"name": agent}, "trigger": {"reason": "SpecChanged", "agentGeneration": 99},
+            "spec": {"agentRef": {"name": agent}, "trigger": {"reason": "SpecChanged", "agentGeneration": generation},
                      **{k: spec[k] for k in ("environment", "algorithm", "training", "evaluation")}}}
     cluster.kubectl("create", "-n", namespace, "-f", "-", f"--as={OPERATOR_USER}", input=json.dumps(body))
     tr = wait_for(lambda: (r := cluster.get("trainingrun", run, "-n", namespace)) and
@@ -221,9 +237,9 @@ def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact
         if ((cluster.get("trainingrun", run, "-n", namespace) or {}).get("status") or {}).get("phase") != "Succeeded":
             patch()
             return None
-        return cluster.get("rollout", run, "-n", namespace)
+        return cluster.get("rollout", run, "-n", namespace) if rollout else cluster.get("trainingrun", run, "-n", namespace)
 
-    return wait_for(succeeded, 60, f"Rollout {run} from the operator")
+    return wait_for(succeeded, 60, f"Rollout {run} from the operator" if rollout else f"TrainingRun {run} Succeeded")
 
 
 def count_opens(monkeypatch, swap: dict[str, bytes] | None = None) -> "collections.Counter[str]":

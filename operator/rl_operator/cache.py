@@ -139,6 +139,22 @@ def unfinished_runs() -> list[tuple[str, str]]:
     return sorted(out)
 
 
+def agents_with_triggers() -> list[tuple[str, str]]:
+    """(namespace, name) of every RLAgent in the watch cache whose triggers need the clock: a
+    schedule (``spec.triggers.schedule``), or a trigger that waits (condition ``TriggerWaiting``).
+    Call it on kopf's event loop, where the indexes change."""
+    idx = _INDEXES.get(_PLURAL_INDEX[m.RLAgent.PLURAL])
+    if idx is None:
+        return []
+
+    def needs(agent: dict[str, Any]) -> bool:
+        return bool(((agent.get("spec") or {}).get("triggers") or {}).get("schedule")) or any(
+            c.get("type") == "TriggerWaiting" and c.get("status") == "True"
+            for c in (agent.get("status") or {}).get("conditions") or [])
+
+    return sorted(key for key, store in idx.items() if any(needs(a) for a in store))
+
+
 def list_custom(namespace: str, plural: str, agent: str) -> list[dict[str, Any]]:
     """The TrainingRuns or Rollouts labelled with this agent (``rlops.dev/agent``), each in the
     newer of the watch's and the operator's own last written version."""

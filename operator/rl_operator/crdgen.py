@@ -103,10 +103,13 @@ KINDS: dict[str, dict[str, Any]] = {
             _column("Env", ".spec.environment.id", priority=1),
             _column("Algorithm", ".spec.algorithm.name", priority=1),
             _column("Fingerprint", ".status.latestFingerprint", priority=1),
+            _column("Last Schedule", ".status.lastScheduleTime", "date", priority=1),
+            _column("Suspend", ".spec.suspend", "boolean", priority=1),
             _AGE,
         ],
         # Children are named <agent>-<generation>; a Job name (and so its pods' job-name
-        # label) must stay within 63 characters.
+        # label) must stay within 63 characters (training.run_name shortens the agent part of
+        # the longer names of runs that later triggers start).
         "root_rules": [
             m._cel("self.metadata.name.size() <= 52", "metadata.name must be at most 52 characters")
         ],
@@ -117,6 +120,7 @@ KINDS: dict[str, dict[str, Any]] = {
         "short": ["trun"],
         "columns": [
             _column("Agent", ".spec.agentRef.name"),
+            _column("Trigger", ".spec.trigger.reason"),
             _column("Phase", ".status.phase"),
             _column("Mean Return", ".status.metrics.meanReturn", "number"),
             _column("Reason", ".status.failureReason"),

@@ -37,7 +37,7 @@ import kopf
 
 from kubernetes.client.exceptions import ApiException
 
-from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, diffbase, kube, metrics, peering, rayserve, rollout, shards, training, trust
+from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, diffbase, kube, metrics, peering, rayserve, rollout, shards, training, triggers, trust
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
@@ -250,23 +250,73 @@ async def stop_alert_receiver(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(m.GROUP, m.VERSION, m.RLAgent.PLURAL)
 @kopf.on.create(m.GROUP, m.VERSION, m.RLAgent.PLURAL)
 @kopf.on.update(m.GROUP, m.VERSION, m.RLAgent.PLURAL, field="spec")
+@kopf.on.update(m.GROUP, m.VERSION, m.RLAgent.PLURAL, field=("metadata", "annotations", triggers.RETRAIN))
 def reconcile_agent(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
-    agent = dict(body)
-    runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))
-    desired = training.desired_training_run(agent, runs)
-    if desired is not None:
-        new_run, created = cache.create_custom_or_get(desired, m.TrainingRun.PLURAL)
-        if created:
-            trigger = desired["spec"]["trigger"]
-            _post(agent, [training.Event("Normal", "TrainingRunCreated",
-                                         f"TrainingRun {new_run['metadata']['name']} ({trigger['reason']}, "
-                                         f"generation {trigger['agentGeneration']})")])
-            # its Job now, not after the run's watch event has queued behind every other object's;
-            # the run's own handler then finds the Job and writes the run's status
-            _ensure_job(new_run)
     # the generation is handled: a new run, or a change that needs none (canary plan, approval, ...);
     # recorded in the same status write as the rest (one write, not two that race)
-    sync_agent(namespace, name, handled_generation=agent["metadata"].get("generation"))
+    reconcile_triggers(namespace, name, handled_generation=body["metadata"].get("generation"))
+
+
+def reconcile_triggers(namespace: str, name: str, handled_generation: int | None = None) -> None:
+    """Start the TrainingRun that the agent's triggers call for now, if any (``triggers.plan``):
+    supersede the runs in progress first under ``concurrencyPolicy: Replace``; record what was
+    handled and what waits in the agent's status; delete the runs over its history limits.
+
+    Called by the agent's handlers (spec or rlops.dev/retrain changed), when a run finishes (a
+    trigger that waited under Forbid), and by the resync loop for agents with a schedule."""
+    with cache.locked("agent-triggers", namespace, name):
+        agent = cache.get_custom(namespace, m.RLAgent.PLURAL, name)
+        if agent is None:
+            return
+        runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))
+        plan = triggers.plan(agent, runs, training.now())
+        if plan.run is not None:
+            new_name = plan.run["metadata"]["name"]
+            reason = plan.run["spec"]["trigger"]["reason"]
+            for old in plan.supersede:
+                _supersede(namespace, old, new_name, reason)
+            new_run, created = cache.create_custom_or_get(plan.run, m.TrainingRun.PLURAL)
+            if created:
+                trigger = plan.run["spec"]["trigger"]
+                also = [d.reason for d in plan.due[1:]]
+                _post(agent, [training.Event("Normal", "TrainingRunCreated",
+                                             f"TrainingRun {new_name} ({trigger['reason']}"
+                                             f"{' + ' + ', '.join(also) if also else ''}, generation "
+                                             f"{trigger['agentGeneration']})"
+                                             f"{'; superseded: ' + ', '.join(plan.supersede) if plan.supersede else ''}")])
+                # its Job now, not after the run's watch event has queued behind every other
+                # object's; the run's own handler then finds the Job and writes the run's status
+                _ensure_job(new_run)
+        sync_agent(namespace, name, handled_generation=handled_generation, plan=plan)
+        _expire_runs(namespace, name)
+
+
+def _supersede(namespace: str, name: str, by: str, reason: str) -> None:
+    """A run in progress replaced by a newer one (``concurrencyPolicy: Replace``): its Job goes
+    (with its pods), and its status says ``Superseded`` and by which run."""
+    with cache.locked("trainingruns", namespace, name):
+        run = cache.get_custom(namespace, m.TrainingRun.PLURAL, name)
+        if run is None:
+            return
+        status = training.superseded_status(run, by, reason, training.now())
+        if status is None:
+            return
+        kube.delete_job(namespace, name)
+        cache.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())
+        _count_finished(namespace, m.TrainingRunStatus.model_validate(run.get("status") or {}), status)
+
+
+def _expire_runs(namespace: str, agent_name: str) -> None:
+    """Delete the agent's finished runs over its history limits (``triggers.expired_runs``);
+    their Jobs, pods and Rollouts follow by garbage collection."""
+    agent = cache.get_custom(namespace, m.RLAgent.PLURAL, agent_name)
+    if agent is None:
+        return
+    runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, agent_name))
+    rollouts = cache.list_custom(namespace, m.Rollout.PLURAL, agent_name)
+    for name in triggers.expired_runs(agent, runs, rollouts):
+        if kube.delete_custom(namespace, m.TrainingRun.PLURAL, name):
+            log.info("%s/%s: deleted TrainingRun %s (over the history limits)", namespace, agent_name, name)
 
 
 def _owned(owner: dict[str, Any], objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -307,18 +357,24 @@ def _sync_status(namespace: str, plural: str, name: str, status_type: type, obse
 
 
 @metrics.reconciler("rlagent")
-def sync_agent(namespace: str, name: str, handled_generation: int | None = None) -> None:
+def sync_agent(namespace: str, name: str, handled_generation: int | None = None,
+               plan: triggers.Plan | None = None) -> None:
     """Recompute an RLAgent's status from its TrainingRuns and write it if it changed.
 
     ``handled_generation``: the agent's generation that the caller has acted on
-    (``observedGeneration``). A run the caller just created or wrote is read back from the
-    cache, which holds the operator's own writes until the watch delivers them."""
+    (``observedGeneration``). ``plan``: the triggers' plan the caller carried out (what waits,
+    what cannot work, a schedule seen for the first time). A run the caller just created or
+    wrote is read back from the cache, which holds the operator's own writes until the watch
+    delivers them."""
     with cache.locked("rlagents", namespace, name):
         def observe(agent: dict[str, Any]) -> tuple[m.RLAgentStatus, list[training.Event]]:
             runs = cache.list_custom(namespace, m.TrainingRun.PLURAL, name)
-            status, events = training.observe_agent(agent, _owned(agent, runs), training.now())
+            at = training.now()
+            status, events = training.observe_agent(agent, _owned(agent, runs), at)
             if handled_generation is not None:
                 status.observed_generation = max(status.observed_generation or 0, handled_generation)
+            if plan is not None:
+                events += triggers.note_plan(status, plan, at)
             return status, events
 
         synced = _sync_status(namespace, m.RLAgent.PLURAL, name, m.RLAgentStatus, observe)
@@ -329,7 +385,7 @@ def sync_agent(namespace: str, name: str, handled_generation: int | None = None)
 # ----------------------------------------------------------------------------- TrainingRun
 
 
-RUN_FINISHED = ("Succeeded", "Failed")
+RUN_FINISHED = m.RUN_TERMINAL
 
 
 @kopf.on.resume(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
@@ -387,11 +443,21 @@ def resync_run(namespace: str, name: str) -> None:
         log.warning("resync of TrainingRun %s/%s failed: %s", namespace, name, exc)
 
 
+def resync_triggers(namespace: str, name: str) -> None:
+    """One agent's triggers planned again (the resync: its schedule, a trigger that waits); an
+    error is logged."""
+    try:
+        reconcile_triggers(namespace, name)
+    except Exception as exc:  # the next round tries again
+        log.warning("resync of the triggers of RLAgent %s/%s failed: %s", namespace, name, exc)
+
+
 @kopf.on.startup()
 async def start_resync(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """The safety net for missed Job and pod events: every ``resync_seconds``, each unfinished
-    TrainingRun in the watch cache is reconciled again (with nothing missed, that makes no API
-    request).
+    """The safety net for missed Job and pod events, and the clock of schedules: every
+    ``resync_seconds``, each unfinished TrainingRun in the watch cache is reconciled again (with
+    nothing missed, that makes no API request), and each agent with a schedule or a waiting
+    trigger plans its triggers (a scheduled time starts its run within ``resync_seconds``).
 
     One loop for the operator, not a kopf timer per object: kopf keeps a finalizer on every
     object with a timer, which cost a write per agent and made deleting an agent wait for the
@@ -422,6 +488,8 @@ async def start_resync(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: An
                 continue
             for namespace, name in cache.unfinished_runs():  # on the event loop: kopf's indexes change there
                 await asyncio.to_thread(resync_run, namespace, name)
+            for namespace, name in cache.agents_with_triggers():  # a scheduled time came; a wait ended
+                await asyncio.to_thread(resync_triggers, namespace, name)
 
     memo.resync = asyncio.create_task(loop())
 
@@ -466,7 +534,7 @@ def _fail_run(run: dict[str, Any], reason: str, message: str) -> None:
 
 
 def _count_finished(namespace: str, prev: m.TrainingRunStatus, status: m.TrainingRunStatus) -> None:
-    if status.phase in ("Succeeded", "Failed") and prev.phase != status.phase:
+    if status.phase in m.RUN_TERMINAL and prev.phase != status.phase:
         took = (status.completion_time - status.start_time).total_seconds() \
             if status.completion_time and status.start_time else None
         metrics.run_finished(namespace, status.phase, took)
@@ -500,10 +568,13 @@ def sync_run(namespace: str, name: str) -> None:
             _count_finished(namespace, synced.prev, synced.status)
         _post(synced.obj, synced.events)
     run = synced.obj
+    agent_name = run["spec"]["agentRef"]["name"]
     if synced.changed:
-        sync_agent(namespace, run["spec"]["agentRef"]["name"])
+        sync_agent(namespace, agent_name)
     if synced.status.phase == "Succeeded":
         ensure_rollout(run)
+    if synced.changed and synced.status.phase in m.RUN_TERMINAL:
+        reconcile_triggers(namespace, agent_name)  # a trigger that waited for it (Forbid); the history
 
 
 def ensure_rollout(run: dict[str, Any]) -> None:
@@ -515,8 +586,8 @@ def ensure_rollout(run: dict[str, Any]) -> None:
     if trust.run_untrusted(run, agent):
         return  # reconcile_run already failed it with the reason
     spec = m.RLAgentSpec.model_validate(agent["spec"])
-    if spec.mode == "observe":
-        return
+    if spec.mode == "observe" or spec.suspend:
+        return  # a suspended agent's latest run gets its Rollout when it is resumed (nudge_waiting_rollouts)
     ok, why = rollout.eligible(run, spec)
     if not ok:
         _post(run, [training.Event("Normal", "RolloutSkipped", why)])
@@ -525,6 +596,7 @@ def ensure_rollout(run: dict[str, Any]) -> None:
     if created:
         _post(agent, [training.Event("Normal", "RolloutCreated",
                                      f"Rollout {obj['metadata']['name']} for {obj['spec']['fingerprint']} ({why})")])
+        _reconcile_waiting_rollouts(ns, agent["metadata"]["name"], but=obj["metadata"]["name"])  # superseded?
 
 
 # ----------------------------------------------------------------------------- Rollout
@@ -561,11 +633,22 @@ def tick_rollout(namespace: str, name: str, **_: Any) -> None:
 
 
 @kopf.on.update(m.GROUP, m.VERSION, m.RLAgent.PLURAL, field="spec")
-def nudge_waiting_rollouts(namespace: str, name: str, **_: Any) -> None:
+def nudge_waiting_rollouts(namespace: str, name: str, old: Any, new: Any, **_: Any) -> None:
     """An agent's spec changed (approval policy, serving enabled, ...): its Rollouts that wait
-    without a timer (``WAITING``) are reconciled now."""
-    for ro in cache.list_custom(namespace, m.Rollout.PLURAL, name):
-        if (ro.get("status") or {}).get("phase") in WAITING:
+    without a timer (``WAITING``) are reconciled now. Resumed (``spec.suspend`` true -> false):
+    its latest run, if Succeeded, gets the Rollout it did not get while suspended."""
+    _reconcile_waiting_rollouts(namespace, name)
+    if (old or {}).get("suspend") and not (new or {}).get("suspend"):  # old, new: the spec (a field handler)
+        agent = cache.get_custom(namespace, m.RLAgent.PLURAL, name)
+        latest = training.latest_run(_owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))) \
+            if agent else None
+        if latest is not None and (latest.get("status") or {}).get("phase") == "Succeeded":
+            ensure_rollout(latest)
+
+
+def _reconcile_waiting_rollouts(namespace: str, agent: str, but: str | None = None) -> None:
+    for ro in cache.list_custom(namespace, m.Rollout.PLURAL, agent):
+        if ro["metadata"]["name"] != but and (ro.get("status") or {}).get("phase") in WAITING:
             reconcile_rollout(namespace, ro["metadata"]["name"])
 
 
@@ -618,11 +701,13 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         others = cache.list_custom(namespace, m.Rollout.PLURAL, agent_name)
         blocking = next((o["metadata"]["name"] for o in others if o["metadata"]["name"] != name
                          and (o.get("status") or {}).get("phase") in rollout.ACTIVE), None)
+        newer = _newer_rollout(namespace, run, others) if run is not None else None
         now = training.now()
         status = m.RolloutStatus.model_validate(ro.get("status") or {})
         obs = rollout.Observed(now=now, annotations=dict(ro["metadata"].get("annotations") or {}),
                                agent_spec=agent_spec, active_model=agent_status.active_model,
-                               blocking_rollout=blocking, approval_key=_KEY["value"], untrusted=untrusted)
+                               blocking_rollout=blocking, newer_rollout=newer, approval_key=_KEY["value"],
+                               untrusted=untrusted)
         entries: dict[str, Any] = {}
         if rollout.approval_given(status, obs.annotations, agent_spec) and agent_spec.serving.enabled and not blocking and (not untrusted or status.phase in rollout.ACTIVE):
             try:
@@ -648,6 +733,16 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         if acts.promote_active_model is not None:
             _set_active_model(namespace, agent_name, acts.promote_active_model, name)
         _write_rollout(ro, new_status, acts.events)
+
+
+def _newer_rollout(namespace: str, run: dict[str, Any], rollouts: list[dict[str, Any]]) -> str | None:
+    """A Rollout among ``rollouts`` (the agent's) made from a TrainingRun newer than ``run``."""
+    order = training.run_order(run)
+    for other in rollouts:
+        other_run = cache.get_custom(namespace, m.TrainingRun.PLURAL, other["spec"]["trainingRunRef"]["name"])
+        if other_run is not None and training.run_order(other_run) > order:
+            return other["metadata"]["name"]
+    return None
 
 
 def _ignored(ro: dict[str, Any], why: str) -> tuple[m.RolloutStatus, list[training.Event]]:

@@ -177,6 +177,29 @@ def create_job_or_get(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     return existing, False
 
 
+def delete_job(namespace: str, name: str) -> bool:
+    """Delete a Job and its pods (background propagation). False if it was gone already."""
+    try:
+        client.BatchV1Api(_api()).delete_namespaced_job(name, namespace, propagation_policy="Background")
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+def delete_custom(namespace: str, plural: str, name: str) -> bool:
+    """Delete one rlops.dev object (its children go by garbage collection). False if it was gone."""
+    try:
+        _custom().delete_namespaced_custom_object(m.GROUP, m.VERSION, namespace, plural, name,
+                                                  propagation_policy="Background")
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
 def list_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
     pods = client.CoreV1Api(_api()).list_namespaced_pod(namespace, label_selector=label_selector)
     return [_plain(p) for p in pods.items]

@@ -365,6 +365,33 @@ class ServingSpec(_Model):
     max_batch_size: int = Field(32, ge=1, le=4096, description="@serve.batch max_batch_size of policy deployments.")
 
 
+class ScheduleTrigger(_Model):
+    """Retrain on a schedule, with a CronJob's rules for missed times."""
+
+    cron: str = Field(
+        min_length=6, max_length=100,
+        pattern=r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|\s*\S+(\s+\S+){4}\s*)$",
+        description=("Five-field cron expression (minute hour day-of-month month day-of-week) or a macro "
+                     "(@hourly, @daily, @weekly, @monthly, @yearly), as in a CronJob's schedule, e.g. "
+                     "\"0 2 * * *\" (02:00 every day)."))
+    time_zone: str = Field(
+        "Etc/UTC", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*$",
+        description="IANA time zone of the cron expression, e.g. Europe/Berlin.")
+    starting_deadline_seconds: int | None = Field(
+        None, ge=0,
+        description=("A scheduled time missed by more than this (operator down, agent suspended, a run in progress "
+                     "under concurrencyPolicy Forbid) is skipped. Unset: the most recent missed time always runs, "
+                     "once."))
+
+
+class TriggersSpec(_Model):
+    """What starts a TrainingRun besides a change of the training spec (always on) and the
+    rlops.dev/retrain annotation (always on: one run per new value)."""
+
+    schedule: ScheduleTrigger | None = Field(None, description="Retrain on a cron schedule.",
+                                              json_schema_extra={NO_DEFAULT: True})
+
+
 # ----------------------------------------------------------------------------- shared status
 
 
@@ -399,6 +426,21 @@ class RLAgentSpec(_Model):
     mode: Literal["active", "observe"] = Field(
         "active", description="active: train and roll out; observe: record decisions only."
     )
+    triggers: TriggersSpec = Field(default_factory=TriggersSpec)
+    concurrency_policy: Literal["Allow", "Forbid", "Replace"] = Field(
+        "Replace", description=(
+            "When a trigger fires while a TrainingRun of the agent is Pending or Running: Replace (the default) "
+            "supersedes it (its Job is deleted, its phase is Superseded) and starts the new run; Forbid makes the "
+            "trigger wait until no run is in progress; Allow starts the new run beside it."))
+    successful_runs_history_limit: int = Field(
+        3, ge=0, le=100, description=(
+            "Succeeded TrainingRuns kept (with their Jobs and Rollouts); older ones are deleted. The agent's "
+            "latest run, its active model's run and a run whose Rollout is not finished are always kept."))
+    failed_runs_history_limit: int = Field(
+        1, ge=0, le=100, description="Failed and Superseded TrainingRuns kept; older ones are deleted.")
+    suspend: bool = Field(
+        False, description=("true: no new TrainingRun and no new Rollout start; due triggers wait (a scheduled "
+                            "time within its startingDeadlineSeconds still runs on resume)."))
 
 
 class ActiveModel(_Status):
@@ -420,6 +462,8 @@ class RLAgentStatus(_Status):
     latest_fingerprint: str | None = None
     latest_rollout: str | None = None
     active_model: ActiveModel | None = None
+    last_schedule_time: datetime | None = Field(None, description="The last scheduled time a run was started for.")
+    last_retrain: str | None = Field(None, description="The last rlops.dev/retrain value a run was started for.")
     conditions: list[Condition] = Field(default_factory=list)
 
 
@@ -434,8 +478,15 @@ class RLAgent(_Status):
 
 
 class TrainingTrigger(_Model):
-    reason: str = Field(description="Why this run exists: Created, SpecChanged, ...")
+    reason: Literal["Created", "SpecChanged", "Manual", "Scheduled"] = Field(description=(
+        "Why this run exists: Created (the agent's first), SpecChanged (its training spec changed), Manual "
+        "(a new rlops.dev/retrain value), Scheduled (spec.triggers.schedule)."))
     agent_generation: int = Field(ge=1, description="metadata.generation of the agent it snapshots.")
+    ordinal: int | None = Field(None, ge=1, description=(
+        "Its place among the runs of the same agent generation that later triggers started (1, 2, ...); "
+        "unset for the run the generation itself started."))
+    nonce: str | None = Field(None, max_length=253, description="The rlops.dev/retrain value it was started for.")
+    scheduled_time: datetime | None = Field(None, description="The scheduled time it was started for.")
 
 
 class TrainingRunSpec(_Model):
@@ -455,8 +506,12 @@ class TrainingRunSpec(_Model):
     evaluation: EvaluationSpec
 
 
+#: A TrainingRun's finished phases: nothing moves a run out of these.
+RUN_TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed", "Superseded"})
+
+
 class TrainingRunStatus(_Status):
-    phase: Literal["Pending", "Running", "Succeeded", "Failed"] | None = None
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Superseded"] | None = None
     observed_generation: int | None = None
     job_name: str | None = None
     start_time: datetime | None = None
@@ -537,9 +592,9 @@ class AnalysisRun(_Status):
 
 #: A Rollout's phases. None (no status yet) is read as Pending.
 RolloutPhase = Literal["Pending", "AwaitingApproval", "Approved", "Queued", "Progressing", "Paused", "Promoting",
-                       "Promoted", "RolledBack", "Rejected", "Ignored"]
+                       "Promoted", "RolledBack", "Rejected", "Ignored", "Superseded"]
 #: Finished for good: nothing moves a Rollout out of these.
-ROLLOUT_TERMINAL: frozenset[str] = frozenset({"Promoted", "RolledBack", "Rejected", "Ignored"})
+ROLLOUT_TERMINAL: frozenset[str] = frozenset({"Promoted", "RolledBack", "Rejected", "Ignored", "Superseded"})
 #: Its canary holds traffic: the agent's other Rollouts queue behind it.
 ROLLOUT_ACTIVE: frozenset[str] = frozenset({"Progressing", "Paused", "Promoting"})
 
@@ -548,7 +603,8 @@ class RolloutStatus(_Status):
     phase: RolloutPhase | None = Field(None, description=(
         "Pending, AwaitingApproval, Approved (serving disabled, or waiting to start), Queued (behind "
         "another Rollout of the agent), Progressing, Paused, Promoting; finished: Promoted, RolledBack, "
-        "Rejected, Ignored (not made by the operator from a TrainingRun)."))
+        "Rejected, Ignored (not made by the operator from a TrainingRun), Superseded (a newer run's Rollout "
+        "appeared before this one was approved)."))
     message: str | None = None
     observed_generation: int | None = None
     stable_version: str | None = None

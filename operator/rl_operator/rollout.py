@@ -324,6 +324,9 @@ class Observed:
     app_status: str | None = None
     #: Another Rollout of the same agent that is Progressing or Paused (blocks this one).
     blocking_rollout: str | None = None
+    #: A Rollout of the same agent made from a newer TrainingRun: an unapproved Rollout is
+    #: Superseded by it (nobody approves a stale artifact by mistake).
+    newer_rollout: str | None = None
     #: The latest analysis verdict (phase, message, metrics), if the handler ran one.
     analysis: tuple[str, str, dict[str, Any]] | None = None
     #: The key the admission webhook signs approvals with (None: not loaded; no annotation
@@ -469,6 +472,12 @@ def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
 
     # 2. approval
     if st.approval is None:
+        if obs.newer_rollout:
+            st.phase, st.completed_at = "Superseded", at
+            st.message = f"superseded by Rollout {obs.newer_rollout} (a newer TrainingRun) before approval"
+            set_condition(st.conditions, "Approved", "False", "Superseded", st.message, at)
+            acts.events.append(Event("Normal", "Superseded", st.message))
+            return st, acts
         if REJECT in ann:
             st.phase, st.completed_at = "Rejected", at
             st.message = f"rejected: {ann[REJECT]}"

@@ -55,13 +55,32 @@ def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- RLAgent -> TrainingRun
 
 
-def run_name(agent_name: str, generation: int) -> str:
-    """Deterministic TrainingRun (and Job) name for one agent generation: ``<agent>-<generation>``.
+#: The longest Job name: its pods carry it in their ``job-name`` label (at most 63 characters).
+MAX_JOB_NAME = 63
+
+
+def run_name(agent_name: str, generation: int, ordinal: int = 0) -> str:
+    """Deterministic TrainingRun (and Job, and Rollout) name: ``<agent>-<generation>`` for the run
+    an agent generation starts, ``<agent>-<generation>-<ordinal>`` for the runs later triggers
+    start in the same generation (``rl_operator.triggers``). The agent part is shortened when the
+    name would pass 63 characters.
 
     A restarted operator computes the same name and finds the run it made instead of making
     a second one.
     """
-    return f"{agent_name}-{generation}"
+    suffix = f"-{generation}" + (f"-{ordinal}" if ordinal else "")
+    return agent_name[:MAX_JOB_NAME - len(suffix)] + suffix
+
+
+def run_order(run: dict[str, Any]) -> tuple[int, int]:
+    """A run's place among its agent's runs: ``(spec.trigger.agentGeneration, spec.trigger.ordinal)``."""
+    trigger = run["spec"]["trigger"]
+    return int(trigger["agentGeneration"]), int(trigger.get("ordinal") or 0)
+
+
+def latest_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The agent's latest run (:func:`run_order`), or None."""
+    return max(runs, key=run_order, default=None)
 
 
 TRAINING_FIELDS = ("environment", "algorithm", "training", "evaluation")
@@ -91,7 +110,7 @@ def desired_training_run(agent: dict[str, Any], runs: list[dict[str, Any]] | Non
     spec = m.RLAgentSpec.model_validate(agent["spec"])
     meta = agent["metadata"]
     generation = int(meta.get("generation") or 1)
-    latest = max(runs or [], key=lambda r: int(r["spec"]["trigger"]["agentGeneration"]), default=None)
+    latest = latest_run(runs or [])
     snapshot = training_snapshot(spec.wire())
     if latest is not None and training_snapshot(latest["spec"]) == snapshot:
         return None
@@ -225,12 +244,25 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
     }
 
 
+def superseded_status(run: dict[str, Any], by: str, reason: str, at: datetime) -> m.TrainingRunStatus | None:
+    """The terminal ``Superseded`` status of a run in progress that a newer run replaces
+    (``concurrencyPolicy: Replace``), or None when it has finished already."""
+    status = m.TrainingRunStatus.model_validate(run.get("status") or {})
+    if status.phase in m.RUN_TERMINAL:
+        return None
+    status.phase, status.completion_time = "Superseded", at
+    message = f"superseded by TrainingRun {by} ({reason}, concurrencyPolicy Replace): its Job was deleted"
+    set_condition(status.conditions, "Running", "False", "Superseded", message, at)
+    set_condition(status.conditions, "Superseded", "True", reason, message, at)
+    return status
+
+
 def failed_status(run: dict[str, Any], reason: str, message: str, at: datetime) -> tuple[m.TrainingRunStatus, list[Event]]:
     """A terminal ``Failed`` status (and its Event) for a run the operator cannot carry out, e.g.
     a Job the API server refuses (``JobRejected``) or a Job name taken by an object it does not
     own (``JobNotOwned``): the run says why, instead of retrying for ever."""
     status = m.TrainingRunStatus.model_validate(run.get("status") or {})
-    if status.phase in ("Succeeded", "Failed"):
+    if status.phase in m.RUN_TERMINAL:
         return status, []
     status.phase, status.failure_reason, status.failure_message = "Failed", reason, message[:1024]
     status.completion_time = at
@@ -329,7 +361,7 @@ def observe_run(
         are immutable once finished.
     """
     prev = m.TrainingRunStatus.model_validate(run.get("status") or {})
-    if prev.phase in ("Succeeded", "Failed"):
+    if prev.phase in m.RUN_TERMINAL:
         return prev, []
     status = prev.model_copy(deep=True)
     status.observed_generation = run["metadata"].get("generation")
@@ -419,10 +451,6 @@ def observe_run(
 # ----------------------------------------------------------------------------- TrainingRuns -> RLAgent status
 
 
-def _generation_of(run: dict[str, Any]) -> int:
-    return int(run["spec"]["trigger"]["agentGeneration"])
-
-
 def observe_agent(
     agent: dict[str, Any], runs: list[dict[str, Any]], at: datetime
 ) -> tuple[m.RLAgentStatus, list[Event]]:
@@ -438,10 +466,11 @@ def observe_agent(
     if not runs:
         status.phase = "Pending"
         return status, events
-    latest = max(runs, key=_generation_of)
+    latest = latest_run(runs)
+    assert latest is not None
     run_status = m.TrainingRunStatus.model_validate(latest.get("status") or {})
     status.latest_run = latest["metadata"]["name"]
-    status.observed_generation = max(prev.observed_generation or 0, _generation_of(latest))
+    status.observed_generation = max(prev.observed_generation or 0, run_order(latest)[0])
     phase = run_status.phase or "Pending"
     gen = status.observed_generation
     if phase in ("Pending", "Running"):

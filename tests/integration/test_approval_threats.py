@@ -16,20 +16,11 @@ import json
 
 import pytest
 
-from support import OPERATOR_USER, stage_chain, wait_for
+from support import OPERATOR_USER, PENDING_AGENT as AGENT, stage_chain, wait_for
 
 FP = "sha256:" + "d" * 64
 OTHER_FP = "sha256:" + "e" * 64
 MALLORY, BOB = "mallory", "bob"
-
-AGENT = """apiVersion: rlops.dev/v1alpha1
-kind: RLAgent
-metadata: {{name: {name}}}
-spec:
-  environment: {{id: CartPole-v1}}
-  training: {{totalTimesteps: 20480, nodeSelector: {{rlops.dev/test-pool: none}}}}
-  serving: {{enabled: false}}
-{extra}"""
 
 
 @pytest.fixture

@@ -62,8 +62,12 @@ def test_agent_creates_one_run_and_one_job_per_generation(cluster, operator, nam
     wait_for(lambda: cluster.get("job", "lander-2", "-n", namespace), 60, "Job lander-2")
     wait_for(lambda: (cluster.get("rlagent", "lander", "-n", namespace)["status"]).get("observedGeneration") == 2,
              60, "agent observedGeneration 2")
+    # the default concurrencyPolicy (Replace): the first run, still Pending, is superseded and its Job goes
+    wait_for(lambda: (cluster.get("trainingrun", "lander-1", "-n", namespace).get("status") or {}).get("phase")
+             == "Superseded", 30, "lander-1 Superseded")
+    wait_for(lambda: cluster.get("job", "lander-1", "-n", namespace) is None, 30, "Job lander-1 deleted")
 
-    # Metadata-only changes are not a new generation: still exactly two runs and two Jobs.
+    # Metadata-only changes are not a new generation: still exactly two runs and one Job.
     cluster.kubectl("label", "rlagent", "lander", "-n", namespace, "team=rl")
     operator_restarts_do_not_duplicate(cluster, operator, namespace)
 
@@ -81,7 +85,7 @@ def operator_restarts_do_not_duplicate(cluster, operator, namespace):
     runs = cluster.get("trainingruns", "-n", namespace)["items"]
     jobs = cluster.get("jobs", "-n", namespace)["items"]
     assert sorted(r["metadata"]["name"] for r in runs) == ["lander-1", "lander-2"]
-    assert sorted(j["metadata"]["name"] for j in jobs) == ["lander-1", "lander-2"]
+    assert sorted(j["metadata"]["name"] for j in jobs) == ["lander-2"]
 
 
 def test_training_run_spec_is_immutable(cluster, operator, namespace):

@@ -6,7 +6,9 @@ an odd string; a field deleted; an unknown field added; a map given an odd key; 
 Every spec must end one of two ways:
 
 - refused at admission (400 or 422), with the message naming the field; or
-- accepted, and then its TrainingRun reaches ``Succeeded`` or ``Failed`` with a reason.
+- accepted, and then its first TrainingRun reaches ``Succeeded`` or ``Failed`` with a reason (or
+  ``Superseded``, by a later run of its own triggers); or, with ``suspend: true``, it makes no
+  run and says so (condition ``TriggerWaiting``, reason ``Suspended``).
 
 And the operator logs no traceback for any of them. The training pods never run: the base
 spec pins them to a node pool that does not exist and to a one-minute Job deadline, and the
@@ -249,31 +251,47 @@ def test_mutated_specs_are_refused_naming_a_field_or_run_to_an_end(cluster, oper
     assert not problems, "\n".join(problems[:20])
     assert refused >= SPECS // 5 and len(accepted) >= SPECS // 5, "the mutations should exercise both outcomes"
 
-    def ended() -> dict[str, dict[str, Any]] | None:
-        runs = json.loads(cluster.kubectl("get", "trainingruns", "-n", namespace, "-o", "json").stdout)["items"]
-        by_agent = {r["spec"]["agentRef"]["name"]: r.get("status") or {} for r in runs}
-        if all(by_agent.get(a, {}).get("phase") in ("Succeeded", "Failed") for a in accepted):
-            return by_agent
-        return None
+    ends = ("Succeeded", "Failed", "Superseded")
 
-    deadline = time.monotonic() + 900
-    by_agent = None
-    while time.monotonic() < deadline and by_agent is None:
-        by_agent = ended()
-        time.sleep(5)
-    if by_agent is None:
+    def outcomes() -> dict[str, str]:
+        """Each accepted agent's outcome so far: its first run's phase, or Suspended."""
         runs = json.loads(cluster.kubectl("get", "trainingruns", "-n", namespace, "-o", "json").stdout)["items"]
-        phases = {r["spec"]["agentRef"]["name"]: (r.get("status") or {}).get("phase") for r in runs}
-        stuck = [f"{a}: {phases.get(a, 'no TrainingRun')} after {accepted[a]}" for a in accepted
-                 if phases.get(a) not in ("Succeeded", "Failed")]
-        pytest.fail(f"{len(stuck)} accepted specs did not reach an end:\n" + "\n".join(stuck[:20]))
+        agents = json.loads(cluster.kubectl("get", "rlagents", "-n", namespace, "-o", "json").stdout)["items"]
+        first: dict[str, dict[str, Any]] = {}
+        for r in runs:
+            a, t = r["spec"]["agentRef"]["name"], r["spec"]["trigger"]
+            order = (t["agentGeneration"], t.get("ordinal") or 0)
+            if a not in first or order < first[a]["order"]:
+                first[a] = {"order": order, "status": r.get("status") or {}}
+        out = {}
+        for agent in agents:
+            a = agent["metadata"]["name"]
+            waiting = [c for c in (agent.get("status") or {}).get("conditions", []) if c["type"] == "TriggerWaiting"]
+            if agent["spec"].get("suspend") is True and a not in first:
+                out[a] = "Suspended" if waiting and waiting[0]["reason"] == "Suspended" else "no TrainingRun"
+            else:
+                out[a] = (first.get(a, {}).get("status") or {}).get("phase") or "no TrainingRun"
+        firsts.update({a: f["status"] for a, f in first.items()})
+        return out
+
+    firsts: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 900
+    while True:
+        phases = outcomes()
+        stuck = [a for a in accepted if phases.get(a) not in (*ends, "Suspended")]
+        if not stuck or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    if stuck:
+        lines = [f"{a}: {phases.get(a, 'no TrainingRun')} after {accepted[a]}" for a in stuck]
+        pytest.fail(f"{len(stuck)} accepted specs did not reach an end:\n" + "\n".join(lines[:20]))
     reasons: dict[str, int] = {}
     for agent in accepted:
-        status = by_agent[agent]
-        if status["phase"] == "Failed":
+        status = firsts.get(agent) or {}
+        if status.get("phase") == "Failed":
             assert status.get("failureReason") and status.get("failureMessage") is not None, (agent, status)
-        reasons[status.get("failureReason") or status["phase"]] = reasons.get(status.get("failureReason")
-                                                                              or status["phase"], 0) + 1
+        outcome = status.get("failureReason") or phases[agent]
+        reasons[outcome] = reasons.get(outcome, 0) + 1
     print(f"fuzz: accepted specs ended as {reasons}")
     log = operator.log()[log_start:]
     for marker in ("Traceback", "failed with an exception"):

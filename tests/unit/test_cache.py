@@ -122,3 +122,19 @@ def test_unfinished_runs_are_the_resyncs_work():
         assert cache.unfinished_runs() == [("t", "a-2"), ("t", "c-1"), ("t", "d-1")]
     finally:
         cache.unbind()
+
+
+def test_agents_whose_triggers_need_the_clock():
+    def agent(name, schedule=None, waiting=None):
+        return {"metadata": {"name": name, "namespace": "t"},
+                "spec": {"triggers": {"schedule": schedule} if schedule else {}},
+                "status": {"conditions": [{"type": "TriggerWaiting", "status": waiting}]} if waiting else {}}
+
+    agents = [agent("plain"), agent("cron", schedule={"cron": "0 2 * * *"}), agent("waits", waiting="True"),
+              agent("waited", waiting="False")]
+    cache.bind(rlagents_idx={("t", a["metadata"]["name"]): [a] for a in agents}, trainingruns_idx={},
+               rollouts_idx={}, jobs_idx={}, pods_idx={})
+    try:
+        assert cache.agents_with_triggers() == [("t", "cron"), ("t", "waits")]
+    finally:
+        cache.unbind()
