@@ -125,6 +125,15 @@ def get_custom(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
     return _newest(plural, namespace, name, found[0] if found else None)
 
 
+def get_custom_confirmed(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
+    """Like :func:`get_custom`, but a miss is confirmed with the API server before it counts:
+    for the reads whose absence leads to a verdict that stays (a run failed as outside its
+    agent's owner chain, a Rollout ignored). The cache can miss an object that exists: a
+    replica that has just taken over lists the kinds one after another."""
+    found = get_custom(namespace, plural, name)
+    return found if found is not None or not _INDEXES else kube.get_custom(namespace, plural, name)
+
+
 def unfinished_runs() -> list[tuple[str, str]]:
     """(namespace, name) of every TrainingRun in the watch cache that is not Succeeded or Failed
     (none before :func:`bind`). Call it on kopf's event loop, where the indexes change."""

@@ -266,8 +266,8 @@ def reconcile_triggers(namespace: str, name: str, handled_generation: int | None
     trigger that waited under Forbid), and by the resync loop for agents with a schedule."""
     with cache.locked("agent-triggers", namespace, name):
         agent = cache.get_custom(namespace, m.RLAgent.PLURAL, name)
-        if agent is None:
-            return
+        if agent is None or agent["metadata"].get("deletionTimestamp"):
+            return  # being deleted: no new run (its runs go by garbage collection)
         runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))
         plan = triggers.plan(agent, runs, training.now())
         if plan.run is not None:
@@ -275,7 +275,12 @@ def reconcile_triggers(namespace: str, name: str, handled_generation: int | None
             reason = plan.run["spec"]["trigger"]["reason"]
             for old in plan.supersede:
                 _supersede(namespace, old, new_name, reason)
-            new_run, created = cache.create_custom_or_get(plan.run, m.TrainingRun.PLURAL)
+            try:
+                new_run, created = cache.create_custom_or_get(plan.run, m.TrainingRun.PLURAL)
+            except ApiException as exc:
+                if exc.status == 403 and "NamespaceTerminating" in (exc.body or ""):
+                    return  # the namespace goes, and the agent with it
+                raise
             if created:
                 trigger = plan.run["spec"]["trigger"]
                 also = [d.reason for d in plan.due[1:]]
@@ -409,7 +414,7 @@ def _ensure_job(run: dict[str, Any]) -> bool:
         ApiException: a transient error (409, 429, 5xx, no answer): kopf retries with backoff.
     """
     namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
-    agent = cache.get_custom(namespace, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
+    agent = cache.get_custom_confirmed(namespace, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
     why = trust.run_untrusted(run, agent)
     if why:
         _fail_run(run, "NotInOwnerChain", f"the operator ignores this TrainingRun: {why}")
@@ -689,8 +694,8 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         if ro is None or (ro.get("status") or {}).get("phase") in rollout.TERMINAL:
             return
         agent_name = ro["spec"]["agentRef"]["name"]
-        agent = cache.get_custom(namespace, m.RLAgent.PLURAL, agent_name)
-        run = cache.get_custom(namespace, m.TrainingRun.PLURAL, ro["spec"]["trainingRunRef"]["name"])
+        agent = cache.get_custom_confirmed(namespace, m.RLAgent.PLURAL, agent_name)
+        run = cache.get_custom_confirmed(namespace, m.TrainingRun.PLURAL, ro["spec"]["trainingRunRef"]["name"])
         untrusted = trust.rollout_untrusted(ro, run, agent, training.artifact_uri(SETTINGS, run) if run else None)
         if agent is None:
             if untrusted:

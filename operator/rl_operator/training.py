@@ -96,7 +96,8 @@ def desired_training_run(agent: dict[str, Any], runs: list[dict[str, Any]] | Non
     """The TrainingRun that the agent's current generation calls for, or None.
 
     A new run is needed when the agent has none, or when the training-relevant part of its spec
-    (environment, algorithm, training, evaluation) differs from its latest run's snapshot.
+    (environment, algorithm, training, evaluation) differs from its latest run's snapshot and
+    no run exists for the agent's current generation yet.
 
     Args:
         agent: the RLAgent object (as returned by the API server, so defaults are applied).
@@ -112,8 +113,8 @@ def desired_training_run(agent: dict[str, Any], runs: list[dict[str, Any]] | Non
     generation = int(meta.get("generation") or 1)
     latest = latest_run(runs or [])
     snapshot = training_snapshot(spec.wire())
-    if latest is not None and training_snapshot(latest["spec"]) == snapshot:
-        return None
+    if latest is not None and (training_snapshot(latest["spec"]) == snapshot or run_order(latest)[0] >= generation):
+        return None  # the spec has its run; or this generation has one already (a spec change is a new generation)
     trigger = m.TrainingTrigger(reason="Created" if latest is None else "SpecChanged", agent_generation=generation)
     run_spec = m.TrainingRunSpec(
         agent_ref=m.ObjectRef(name=meta["name"]),

@@ -205,3 +205,14 @@ def test_note_plan_records_and_explains():
     assert [(e.type, e.reason) for e in events] == [("Warning", "TriggerInvalid")]
     assert next(c for c in status.conditions if c.type == "TriggerWaiting").status == "False"
     assert status.last_retrain == "n1"  # a plan that records nothing keeps what was recorded
+
+
+def test_a_generation_with_a_run_calls_for_no_spec_change_run():
+    """A spec change is a new generation: a run of the agent's generation, or of a later one
+    (one a test, or a restore from a backup, put there), means the spec has its run, whatever
+    its snapshot says. The operator never loops making runs of one generation."""
+    a = agent()
+    other = agent(generation=7, training={"totalTimesteps": 4096})
+    later = run_of(other)  # cartpole-7, with another snapshot
+    assert triggers.plan(a, [run_of(a), later], NOW).run is None
+    assert training.desired_training_run(a, [later]) is None
