@@ -135,15 +135,14 @@ def get_custom_confirmed(namespace: str, plural: str, name: str) -> dict[str, An
 
 
 def unfinished_runs() -> list[tuple[str, str]]:
-    """(namespace, name) of every TrainingRun in the watch cache that is not Succeeded or Failed
-    (none before :func:`bind`). Call it on kopf's event loop, where the indexes change."""
+    """(namespace, name) of every TrainingRun in the watch cache that has not finished
+    (``models.RUN_TERMINAL``; none before :func:`bind`). Call it on kopf's event loop, where the indexes change."""
     idx = _INDEXES.get(_PLURAL_INDEX[m.TrainingRun.PLURAL])
     if idx is None:
         return []
     out = []
     for key, store in idx.items():
-        if len(key) == 2 and any((run.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-                                 for run in store):
+        if len(key) == 2 and any((run.get("status") or {}).get("phase") not in m.RUN_TERMINAL for run in store):
             out.append(key)
     return sorted(out)
 

@@ -390,15 +390,12 @@ def sync_agent(namespace: str, name: str, handled_generation: int | None = None,
 # ----------------------------------------------------------------------------- TrainingRun
 
 
-RUN_FINISHED = m.RUN_TERMINAL
-
-
 @kopf.on.resume(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
 @kopf.on.create(m.GROUP, m.VERSION, m.TrainingRun.PLURAL)
 def reconcile_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     run = dict(body)
     phase = (run.get("status") or {}).get("phase")
-    if phase not in RUN_FINISHED and not _ensure_job(run):
+    if phase not in m.RUN_TERMINAL and not _ensure_job(run):
         return
     sync_run(namespace, name)
     if phase == "Succeeded":
@@ -440,7 +437,7 @@ def resync_run(namespace: str, name: str) -> None:
     """One unfinished TrainingRun reconciled again (the resync); an error is logged, and the next
     round tries again."""
     run = cache.get_custom(namespace, m.TrainingRun.PLURAL, name)
-    if run is None or (run.get("status") or {}).get("phase") in RUN_FINISHED:
+    if run is None or (run.get("status") or {}).get("phase") in m.RUN_TERMINAL:
         return
     try:
         reconcile_run(run, namespace, name)

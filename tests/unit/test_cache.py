@@ -106,7 +106,8 @@ def test_cached_copies_leave_out_what_is_never_read():
 
 
 def test_unfinished_runs_are_the_resyncs_work():
-    """The operator-wide resync visits the runs that are not Succeeded or Failed, by name (not
+    """The operator-wide resync visits the runs that have not finished (Succeeded, Failed,
+    Superseded), by name (not
     the per-agent keys of the same index), and nothing before the indexes are bound."""
     assert cache.unfinished_runs() == []
 
@@ -114,7 +115,8 @@ def test_unfinished_runs_are_the_resyncs_work():
         return {"metadata": {"name": name, "namespace": "t"}, "status": {"phase": phase} if phase else {}}
 
     runs = {name: run(name, phase) for name, phase in
-            [("a-1", "Succeeded"), ("a-2", "Running"), ("b-1", "Failed"), ("c-1", None), ("d-1", "Pending")]}
+            [("a-1", "Succeeded"), ("a-2", "Running"), ("b-1", "Failed"), ("c-1", None), ("d-1", "Pending"),
+             ("e-1", "Superseded")]}
     index = {("t", n): [r] for n, r in runs.items()}
     index[("agent", "t", "a")] = [runs["a-1"], runs["a-2"]]
     cache.bind(rlagents_idx={}, trainingruns_idx=index, rollouts_idx={}, jobs_idx={}, pods_idx={})
