@@ -40,7 +40,7 @@ kuberay-down:
 bench-scale: venv binaries ## N agents (100, 500, 1000) on one operator, trainers faked by kwok Stages: latencies, CPU, RSS, API requests per agent, webhook p99 (its own cluster)
 	$(PY) hack/bench/scale.py --agents $${AGENTS:-100 500 1000}
 
-services: ## Debian's prometheus and prometheus-alertmanager (installed once; the tests start them)
+services: ## Debian's prometheus, prometheus-alertmanager and nats-server (installed once; the tests start them)
 	@if [ "$$(id -u)" = 0 ]; then bash hack/install-services.sh; else sudo bash hack/install-services.sh; fi
 
 venv: ## project virtualenv at .venv (both packages, editable)

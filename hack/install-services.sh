@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Install Debian's Prometheus and Alertmanager, idempotently, for the local alerting path.
+# Install Debian's Prometheus, Alertmanager and NATS server, idempotently: the local alerting path,
+# and the trajectory trigger and events out (nats-server with JetStream).
 #
 #   sudo bash hack/install-services.sh      # (CI runs it as root on a fresh machine)
 #
-# Installs the packages `prometheus` and `prometheus-alertmanager` with apt-get when their
-# binaries (/usr/bin/prometheus, /usr/bin/prometheus-alertmanager) are missing; does nothing
-# otherwise. rlops runs both as plain local processes (hack/prom-up.sh), never as system
+# Installs the packages `prometheus`, `prometheus-alertmanager` and `nats-server` with apt-get
+# when their binaries (/usr/bin/prometheus, /usr/bin/prometheus-alertmanager,
+# /usr/sbin/nats-server) are missing; does nothing otherwise. rlops runs them as plain local
+# processes (hack/prom-up.sh, the tests' fixtures), never as system
 # services, so the packages' own services must not be started by the install:
 #   - a temporary /usr/sbin/policy-rc.d answering 101 ("action forbidden") is put in place for
 #     the duration of the install when there is none (invoke-rc.d and deb-systemd-invoke both
@@ -22,6 +24,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 wanted=(
   "prometheus:/usr/bin/prometheus:prometheus.service"
   "prometheus-alertmanager:/usr/bin/prometheus-alertmanager:prometheus-alertmanager.service"
+  "nats-server:/usr/sbin/nats-server:nats-server.service"
 )
 
 missing=()

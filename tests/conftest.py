@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from support import CACHE, REPO, TEST_CLUSTER, Cluster, OperatorProcess, wait_for  # noqa: F401 (re-exported)
+from support import CACHE, REPO, TEST_CLUSTER, Cluster, NatsServer, OperatorProcess, wait_for  # noqa: F401 (re-exported)
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +31,18 @@ def cluster() -> Cluster:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: Cluster, tmp_path_factory) -> OperatorProcess:
+def nats_server(tmp_path_factory) -> NatsServer:
+    """Debian's nats-server with JetStream, for the trajectory trigger and the events out."""
+    server = NatsServer(tmp_path_factory.mktemp("nats"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Cluster, nats_server: NatsServer, tmp_path_factory) -> OperatorProcess:
     op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"))
+    op.nats_url = nats_server.url
     op.start()
     yield op
     op.kill(signal.SIGTERM)

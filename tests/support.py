@@ -90,6 +90,7 @@ class OperatorProcess:
         self.audit_port = int((cluster.dir / "audit-port").read_text()) if (cluster.dir / "audit-port").exists() \
             else None
         self.extra_env: dict[str, str] = {}
+        self.nats_url: str | None = None  #: RLOPS_NATS_URL (and the events out on), when set
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         """The operator's command line and environment (``extra_env`` last: it may override)."""
@@ -105,6 +106,8 @@ class OperatorProcess:
         if self.audit_port:
             env.update(RLOPS_AUDIT_RECEIVER=f"127.0.0.1:{self.audit_port}",
                        RLOPS_AUDIT_CERT_DIR=str(self.cluster.dir / "audit-certs"))
+        if self.nats_url:
+            env.update(RLOPS_NATS_URL=self.nats_url, RLOPS_NATS_EVENTS="1")
         env.update(self.extra_env)
         return [sys.executable, "-m", "rl_operator", "--liveness", f"http://127.0.0.1:{self.port}/healthz"], env
 
@@ -153,6 +156,106 @@ def sample(metrics: dict[tuple[str, frozenset], float], name: str, **labels: str
     return found[0] if found else None
 
 
+
+
+class NatsServer:
+    """Debian's ``nats-server`` with JetStream, as a local process on a free port (its store in
+    ``workdir``), and the few client calls the tests make (nats-py, each in its own event loop)."""
+
+    BINARY = "/usr/sbin/nats-server"
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.workdir / "nats-server.log", "a")
+        self.proc = subprocess.Popen(
+            [self.BINARY, "--jetstream", "--store_dir", str(self.workdir / "jetstream"), "--addr", "127.0.0.1",
+             "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._up, 30, "nats-server")
+
+    def _up(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        """``await fn(js)`` with a fresh connection (``js``: its JetStream context)."""
+        import asyncio
+
+        import nats
+
+        async def run() -> Any:
+            nc = await nats.connect(self.url)
+            try:
+                return await fn(nc.jetstream())
+            finally:
+                await nc.close()
+
+        return asyncio.run(run())
+
+    def add_stream(self, name: str, subjects: list[str]) -> None:
+        async def add(js: Any) -> None:
+            await js.add_stream(name=name, subjects=subjects)
+        self.call(add)
+
+    def publish(self, subject: str, payloads: list[bytes]) -> list[int]:
+        """Publish to JetStream; the stream sequence numbers."""
+        async def pub(js: Any) -> list[int]:
+            return [(await js.publish(subject, p)).seq for p in payloads]
+        return self.call(pub)
+
+    def messages(self, stream: str, subject: str) -> list[tuple[int, dict[str, str], bytes]]:
+        """Every message on ``subject`` in ``stream``: (sequence, headers, data), in order (none
+        while there is no such stream)."""
+        async def get(js: Any) -> list[tuple[int, dict[str, str], bytes]]:
+            import nats.js.errors
+
+            try:
+                info = await js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                return []  # not created yet
+            found, seq = [], 1
+            while seq <= info.state.last_seq:
+                try:
+                    msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+                except Exception:  # nats.js.errors.NotFoundError: no more
+                    break
+                found.append((msg.seq, dict(msg.headers or {}), msg.data))
+                seq = msg.seq + 1
+            return found
+        return self.call(get)
+
+
+EVENT_STREAMS = {"agent.rl.training.request.v1": "RL_TRAINING", "agent.rl.training.status.v1": "RL_TRAINING",
+                 "agent.rl.model.deployed.v1": "RL_DEPLOYMENTS"}
+
+
+def published_events(nats_server: NatsServer, subject: str, namespace: str) -> list[tuple[str, dict[str, Any]]]:
+    """The operator's events out on ``subject`` about ``namespace``: (Nats-Msg-Id, payload), in
+    order, each payload checked against its JSON Schema in docs/events/."""
+    import jsonschema
+
+    schema = json.loads((REPO / "docs" / "events" / f"{subject}.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    found = []
+    for _, headers, data in nats_server.messages(EVENT_STREAMS[subject], subject):
+        payload = json.loads(data)
+        if payload.get("namespace") != namespace:
+            continue
+        validator.validate(payload)
+        found.append((headers.get("Nats-Msg-Id"), payload))
+    return found
 
 
 def free_ports(n: int) -> list[int]:

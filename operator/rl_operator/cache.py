@@ -99,7 +99,15 @@ def bind(**kwargs: Any) -> None:
         _INDEXES[name] = kwargs[name]
 
 
+#: Set once kopf has run a handler on this replica: kopf holds every handler until all its
+#: indexes are filled from their first listing, so from then on the cache is complete. A replica
+#: that starts as a standby lists nothing until it takes over; before this is set, its
+#: operator-wide loops must not read an absent Job as a missing one.
+INDEXED = threading.Event()
+
+
 def unbind() -> None:
+    INDEXED.clear()
     _INDEXES.clear()
     with _written_guard:
         _written.clear()
@@ -149,18 +157,41 @@ def unfinished_runs() -> list[tuple[str, str]]:
 
 def agents_with_triggers() -> list[tuple[str, str]]:
     """(namespace, name) of every RLAgent in the watch cache whose triggers need the clock: a
-    schedule (``spec.triggers.schedule``), or a trigger that waits (condition ``TriggerWaiting``).
+    schedule (``spec.triggers.schedule``), or a trigger that waits (condition ``TriggerWaiting``);
+    not those with a trajectory trigger (``cache.agents(with_trajectory_trigger=True)``).
     Call it on kopf's event loop, where the indexes change."""
     idx = _INDEXES.get(_PLURAL_INDEX[m.RLAgent.PLURAL])
     if idx is None:
         return []
 
     def needs(agent: dict[str, Any]) -> bool:
-        return bool(((agent.get("spec") or {}).get("triggers") or {}).get("schedule")) or any(
+        wanted = (agent.get("spec") or {}).get("triggers") or {}
+        if wanted.get("trajectories"):
+            return False  # the round of the trajectory triggers plans them
+        return bool(wanted.get("schedule")) or any(
             c.get("type") == "TriggerWaiting" and c.get("status") == "True"
             for c in (agent.get("status") or {}).get("conditions") or [])
 
     return sorted(key for key, store in idx.items() if any(needs(a) for a in store))
+
+
+def every(plural: str) -> list[dict[str, Any]]:
+    """Every RLAgent, TrainingRun or Rollout in the watch cache (copies). Call it on kopf's
+    event loop, where the indexes change."""
+    idx = _INDEXES.get(_PLURAL_INDEX[plural])
+    if idx is None:
+        return []
+    return [copy.deepcopy(o) for key, store in sorted(idx.items(), key=lambda kv: tuple(map(str, kv[0])))
+            if len(key) == 2 for o in list(store)]  # (namespace, name), not ("agent", namespace, agent)
+
+
+def agents(with_trajectory_trigger: bool = False) -> list[dict[str, Any]]:
+    """Every RLAgent in the watch cache (copies), or those with ``spec.triggers.trajectories``.
+    Call it on kopf's event loop, where the indexes change."""
+    found = every(m.RLAgent.PLURAL)
+    if with_trajectory_trigger:
+        found = [a for a in found if ((a.get("spec") or {}).get("triggers") or {}).get("trajectories")]
+    return found
 
 
 def list_custom(namespace: str, plural: str, agent: str) -> list[dict[str, Any]]:

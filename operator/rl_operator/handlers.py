@@ -37,7 +37,7 @@ import kopf
 
 from kubernetes.client.exceptions import ApiException
 
-from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, diffbase, kube, metrics, peering, rayserve, rollout, shards, training, triggers, trust
+from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, diffbase, jetstream, kube, metrics, nats_events, peering, rayserve, rollout, shards, training, triggers, trust
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
@@ -257,19 +257,23 @@ def reconcile_agent(body: kopf.Body, namespace: str, name: str, **_: Any) -> Non
     reconcile_triggers(namespace, name, handled_generation=body["metadata"].get("generation"))
 
 
-def reconcile_triggers(namespace: str, name: str, handled_generation: int | None = None) -> None:
+def reconcile_triggers(namespace: str, name: str, handled_generation: int | None = None,
+                       trajectories: triggers.Window | None = None) -> triggers.Plan | None:
     """Start the TrainingRun that the agent's triggers call for now, if any (``triggers.plan``):
     supersede the runs in progress first under ``concurrencyPolicy: Replace``; record what was
     handled and what waits in the agent's status; delete the runs over its history limits.
 
     Called by the agent's handlers (spec or rlops.dev/retrain changed), when a run finishes (a
-    trigger that waited under Forbid), and by the resync loop for agents with a schedule."""
+    trigger that waited under Forbid), and by the resync loop for agents with a schedule or a
+    trajectory trigger (with ``trajectories`` read from the stream: a run may start for them).
+    Returns the plan carried out (None: no agent)."""
     with cache.locked("agent-triggers", namespace, name):
         agent = cache.get_custom(namespace, m.RLAgent.PLURAL, name)
         if agent is None or agent["metadata"].get("deletionTimestamp"):
-            return  # being deleted: no new run (its runs go by garbage collection)
+            return None  # being deleted: no new run (its runs go by garbage collection)
         runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))
-        plan = triggers.plan(agent, runs, training.now())
+        counted, problem = jetstream.TRAJECTORIES.seen(agent["metadata"]["uid"])
+        plan = triggers.plan(agent, runs, training.now(), trajectories or counted, problem)
         if plan.run is not None:
             new_name = plan.run["metadata"]["name"]
             reason = plan.run["spec"]["trigger"]["reason"]
@@ -279,9 +283,10 @@ def reconcile_triggers(namespace: str, name: str, handled_generation: int | None
                 new_run, created = cache.create_custom_or_get(plan.run, m.TrainingRun.PLURAL)
             except ApiException as exc:
                 if exc.status == 403 and "NamespaceTerminating" in (exc.body or ""):
-                    return  # the namespace goes, and the agent with it
+                    return None  # the namespace goes, and the agent with it
                 raise
             if created:
+                nats_events.OUTBOX.put(nats_events.training_request(new_run))
                 trigger = plan.run["spec"]["trigger"]
                 also = [d.reason for d in plan.due[1:]]
                 _post(agent, [training.Event("Normal", "TrainingRunCreated",
@@ -294,6 +299,7 @@ def reconcile_triggers(namespace: str, name: str, handled_generation: int | None
                 _ensure_job(new_run)
         sync_agent(namespace, name, handled_generation=handled_generation, plan=plan)
         _expire_runs(namespace, name)
+        return plan
 
 
 def _supersede(namespace: str, name: str, by: str, reason: str) -> None:
@@ -308,7 +314,7 @@ def _supersede(namespace: str, name: str, by: str, reason: str) -> None:
             return
         kube.delete_job(namespace, name)
         cache.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire())
-        _count_finished(namespace, m.TrainingRunStatus.model_validate(run.get("status") or {}), status)
+        _run_phase_changed(run, m.TrainingRunStatus.model_validate(run.get("status") or {}), status)
 
 
 def _expire_runs(namespace: str, agent_name: str) -> None:
@@ -445,13 +451,98 @@ def resync_run(namespace: str, name: str) -> None:
         log.warning("resync of TrainingRun %s/%s failed: %s", namespace, name, exc)
 
 
-def resync_triggers(namespace: str, name: str) -> None:
-    """One agent's triggers planned again (the resync: its schedule, a trigger that waits); an
-    error is logged."""
+def resync_triggers(namespace: str, name: str, trajectories: triggers.Window | None = None) -> triggers.Plan | None:
+    """One agent's triggers planned again (the resync: its schedule, a trigger that waits, new
+    trajectories); an error is logged (None)."""
     try:
-        reconcile_triggers(namespace, name)
+        return reconcile_triggers(namespace, name, trajectories=trajectories)
     except Exception as exc:  # the next round tries again
         log.warning("resync of the triggers of RLAgent %s/%s failed: %s", namespace, name, exc)
+        return None
+
+
+_NATS_LOCK: asyncio.Lock | None = None
+
+
+async def _nats() -> Any:
+    """The operator's NATS connection (``jetstream.TRAJECTORIES.client``), connected on first
+    use; None without ``RLOPS_NATS_URL`` or while NATS cannot be reached (logged)."""
+    global _NATS_LOCK
+    counter = jetstream.TRAJECTORIES
+    if not SETTINGS.nats_url:
+        return None
+    _NATS_LOCK = _NATS_LOCK or asyncio.Lock()
+    async with _NATS_LOCK:
+        if counter.client is None or counter.client.is_closed:
+            counter.url = SETTINGS.nats_url
+            try:
+                counter.client = await jetstream.connect(SETTINGS.nats_url)
+            except Exception as exc:  # not up yet: the triggers say so, the next round tries again
+                log.warning("cannot connect to NATS at %s: %s", SETTINGS.nats_url, exc)
+                counter.client = None
+        return counter.client if counter.client is not None and counter.client.is_connected else None
+
+
+_WORKING = {"value": False}  #: whether this replica works (peering), as the resync loop last saw
+
+
+async def publish_events() -> None:
+    """The events out (``rl_operator.nats_events``), on kopf's event loop: while this replica
+    works and its watch cache is complete, publish what the reconciles put in the outbox, every
+    second. Each time it starts working (start-up, takeover), it first creates the missing
+    streams and queues the events of the states that changed since the last event the streams
+    hold (what the replica before it may have left unpublished)."""
+    outbox = nats_events.OUTBOX
+    replayed = False
+    while True:
+        await asyncio.sleep(1.0)
+        if not (_WORKING["value"] and cache.INDEXED.is_set()):
+            replayed = False
+            continue
+        try:
+            client = await _nats()
+            if client is None:
+                continue
+            if not replayed:
+                await nats_events.ensure_streams(client)
+                since = await nats_events.last_published(client)
+                again = nats_events.replay(cache.every(m.TrainingRun.PLURAL), cache.every(m.Rollout.PLURAL), since)
+                for event in again:
+                    outbox.put(event)
+                replayed = True
+                log.info("events out: %d events of states changed since %s queued again", len(again),
+                         since.isoformat() if since else "ever")
+            await outbox.drain(client)
+        except Exception as exc:  # NATS gone for a moment: the events wait
+            log.warning("events out: %s", exc)
+
+
+async def resync_trajectory_triggers() -> None:
+    """One round of the trajectory triggers (on kopf's event loop): count each agent's new
+    trajectories; at the threshold, read them, plan the agent's triggers with them, and
+    acknowledge what a run now stands for (``rl_operator.jetstream``)."""
+    counter = jetstream.TRAJECTORIES
+    await _nats()
+    agents = cache.agents(with_trajectory_trigger=True)
+    for agent in agents:
+        namespace, name = agent["metadata"]["namespace"], agent["metadata"]["name"]
+        trigger = m.RLAgentSpec.model_validate(agent["spec"]).triggers.trajectories
+        assert trigger is not None
+        read = None
+        try:
+            counted = await counter.count(agent, trigger)
+            if counted is not None and counted.count >= trigger.threshold:
+                runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))
+                if triggers.blocked(agent, runs) is None:
+                    read = await counter.read(agent, trigger, counted.count)
+        except Exception as exc:  # NATS unreachable for a moment: the next round
+            log.warning("RLAgent %s/%s: cannot count its trajectories: %s", namespace, name, exc)
+            counter.unavailable(agent, f"spec.triggers.trajectories: cannot read stream {trigger.stream!r}: {exc}")
+        plan = await asyncio.to_thread(resync_triggers, namespace, name, read.window if read else None)
+        if read is not None:
+            await read.settle(plan.handled_sequence if plan else None)
+    if agents or counter.client is not None:
+        await counter.forget_others(cache.agents(), SETTINGS.namespaces)
 
 
 @kopf.on.startup()
@@ -482,18 +573,26 @@ async def start_resync(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: An
             except Exception as exc:  # the API server unreachable for a moment: the next round
                 log.warning("resync skipped: cannot read the peering records: %s", exc)
                 continue
+            _WORKING["value"] = works
             if works != working:
                 working = works
                 log.info("resync of unfinished TrainingRuns: %s", "this replica works" if works else
                          "standing by (another replica works)")
-            if not works:
+            if not works or not cache.INDEXED.is_set():  # a replica that has just taken over lists first
                 continue
             for namespace, name in cache.unfinished_runs():  # on the event loop: kopf's indexes change there
                 await asyncio.to_thread(resync_run, namespace, name)
             for namespace, name in cache.agents_with_triggers():  # a scheduled time came; a wait ended
                 await asyncio.to_thread(resync_triggers, namespace, name)
+            try:
+                await resync_trajectory_triggers()
+            except Exception as exc:  # the next round
+                log.warning("resync of the trajectory triggers failed: %s", exc)
 
     memo.resync = asyncio.create_task(loop())
+    if SETTINGS.nats_url and SETTINGS.nats_events:
+        nats_events.OUTBOX.enabled = True
+        memo.events_out = asyncio.create_task(publish_events())
 
 
 @kopf.on.event(m.GROUP, m.VERSION, m.RLAgent.PLURAL)
@@ -501,7 +600,11 @@ async def start_resync(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: An
 @kopf.on.event(m.GROUP, m.VERSION, m.Rollout.PLURAL)
 async def forget_deleted(type: str | None, uid: str | None, **_: Any) -> None:
     """A deleted object's last-handled state leaves the operator's memory (``rl_operator.diffbase``).
-    Async: it runs on kopf's event loop, the only thread that touches that storage."""
+    Async: it runs on kopf's event loop, the only thread that touches that storage.
+
+    Its first call also marks the watch cache complete (:data:`rl_operator.cache.INDEXED`):
+    kopf runs no handler before every index has its first listing."""
+    cache.INDEXED.set()
     if type == "DELETED":
         diffbase.STORAGE.forget(uid)
 
@@ -509,6 +612,7 @@ async def forget_deleted(type: str | None, uid: str | None, **_: Any) -> None:
 @kopf.on.event("batch", "v1", "jobs", labels={m.RUN_LABEL: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={m.RUN_LABEL: kopf.PRESENT})
 def on_child_event(labels: dict[str, str], namespace: str, type: str | None, **_: Any) -> None:
+    cache.INDEXED.set()
     sync_run(namespace, labels[m.RUN_LABEL])
 
 
@@ -530,13 +634,18 @@ def _fail_run(run: dict[str, Any], reason: str, message: str) -> None:
     with cache.locked("trainingruns", namespace, name):
         status, events = training.failed_status(run, reason, message, training.now())
         if events and cache.patch_status(namespace, m.TrainingRun.PLURAL, name, status.wire()) is not None:
-            _count_finished(namespace, m.TrainingRunStatus.model_validate(run.get("status") or {}), status)
+            _run_phase_changed(run, m.TrainingRunStatus.model_validate(run.get("status") or {}), status)
             _post(run, events)
     sync_agent(namespace, run["spec"]["agentRef"]["name"])
 
 
-def _count_finished(namespace: str, prev: m.TrainingRunStatus, status: m.TrainingRunStatus) -> None:
-    if status.phase in m.RUN_TERMINAL and prev.phase != status.phase:
+def _run_phase_changed(run: dict[str, Any], prev: m.TrainingRunStatus, status: m.TrainingRunStatus) -> None:
+    """After a run's status write: its event out on a new phase, and the metrics of a finished run."""
+    if prev.phase == status.phase:
+        return
+    nats_events.OUTBOX.put(nats_events.training_status({**run, "status": status.wire()}))
+    if status.phase in m.RUN_TERMINAL:
+        namespace = run["metadata"]["namespace"]
         took = (status.completion_time - status.start_time).total_seconds() \
             if status.completion_time and status.start_time else None
         metrics.run_finished(namespace, status.phase, took)
@@ -567,7 +676,7 @@ def sync_run(namespace: str, name: str) -> None:
         if synced is None:
             return  # gone (deleted since read)
         if synced.changed:
-            _count_finished(namespace, synced.prev, synced.status)
+            _run_phase_changed(synced.obj, synced.prev, synced.status)
         _post(synced.obj, synced.events)
     run = synced.obj
     agent_name = run["spec"]["agentRef"]["name"]
@@ -782,6 +891,8 @@ def _write_rollout(ro: dict[str, Any], status: m.RolloutStatus, events: list[tra
     old = m.RolloutStatus.model_validate(ro.get("status") or {})
     if status.wire() != old.wire():
         cache.patch_status(namespace, m.Rollout.PLURAL, name, status.wire())
+        if status.phase != old.phase:
+            nats_events.OUTBOX.put(nats_events.model_deployed({**ro, "status": status.wire()}))
     metrics.rollout_written(namespace, name, ro["spec"]["agentRef"]["name"], old.phase, status.phase,
                             status.canary_weight, status.phase in rollout.TERMINAL)
     _post(ro, events)

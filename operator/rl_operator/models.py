@@ -384,12 +384,35 @@ class ScheduleTrigger(_Model):
                      "once."))
 
 
+#: NATS names: a JetStream stream name, and a subject without wildcards (dot-separated tokens)
+_STREAM_NAME = r"^[A-Za-z0-9_-]+$"
+_SUBJECT = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+
+
+class TrajectoryTrigger(_Model):
+    """Retrain when enough new trajectories have arrived on a NATS JetStream stream. The operator
+    counts them through a durable consumer of its own per agent, created when it first sees
+    this trigger: trajectories published before that do not count."""
+
+    threshold: int = Field(
+        ge=1, le=1_000_000,
+        description=("Start a run when this many trajectories have arrived since the last run this trigger started "
+                     "(or since the trigger was first seen). The run trains on all of them."))
+    stream: str = Field("RL_TRAJECTORIES", min_length=1, max_length=64, pattern=_STREAM_NAME,
+                        description="The JetStream stream that holds the trajectories.")
+    subject: str = Field("agent.rl.trajectory.v1", min_length=1, max_length=200, pattern=_SUBJECT,
+                         description="The subject of this agent's trajectories within the stream.")
+
+
 class TriggersSpec(_Model):
     """What starts a TrainingRun besides a change of the training spec (always on) and the
     rlops.dev/retrain annotation (always on: one run per new value)."""
 
     schedule: ScheduleTrigger | None = Field(None, description="Retrain on a cron schedule.",
                                               json_schema_extra={NO_DEFAULT: True})
+    trajectories: TrajectoryTrigger | None = Field(
+        None, description="Retrain when a number of new trajectories have arrived on a NATS JetStream stream.",
+        json_schema_extra={NO_DEFAULT: True})
 
 
 # ----------------------------------------------------------------------------- shared status
@@ -477,16 +500,29 @@ class RLAgent(_Status):
 # ----------------------------------------------------------------------------- TrainingRun
 
 
+class TrajectoryWindow(_Model):
+    """The trajectories a run was started for: a range of a JetStream stream's sequence numbers."""
+
+    stream: str = Field(min_length=1, pattern=_STREAM_NAME)
+    subject: str = Field(min_length=1, pattern=_SUBJECT)
+    first_sequence: int = Field(ge=1, description="Stream sequence number of the first trajectory.")
+    last_sequence: int = Field(ge=1, description="Stream sequence number of the last trajectory.")
+    count: int = Field(ge=1, description="Number of trajectories on the subject in that range.")
+
+
 class TrainingTrigger(_Model):
-    reason: Literal["Created", "SpecChanged", "Manual", "Scheduled"] = Field(description=(
+    reason: Literal["Created", "SpecChanged", "Manual", "Scheduled", "Trajectories"] = Field(description=(
         "Why this run exists: Created (the agent's first), SpecChanged (its training spec changed), Manual "
-        "(a new rlops.dev/retrain value), Scheduled (spec.triggers.schedule)."))
+        "(a new rlops.dev/retrain value), Scheduled (spec.triggers.schedule), Trajectories "
+        "(spec.triggers.trajectories.threshold new trajectories arrived)."))
     agent_generation: int = Field(ge=1, description="metadata.generation of the agent it snapshots.")
     ordinal: int | None = Field(None, ge=1, description=(
         "Its place among the runs of the same agent generation that later triggers started (1, 2, ...); "
         "unset for the run the generation itself started."))
     nonce: str | None = Field(None, max_length=253, description="The rlops.dev/retrain value it was started for.")
     scheduled_time: datetime | None = Field(None, description="The scheduled time it was started for.")
+    trajectories: TrajectoryWindow | None = Field(None, description="The new trajectories it was started for.",
+                                                  json_schema_extra={NO_DEFAULT: True})
 
 
 class TrainingRunSpec(_Model):
@@ -510,6 +546,19 @@ class TrainingRunSpec(_Model):
 RUN_TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed", "Superseded"})
 
 
+class TrajectoriesUsed(_Status):
+    """What the trainer made of the trajectories the run was started for."""
+
+    stream: str | None = None
+    subject: str | None = None
+    read: int | None = Field(None, description="Messages read from the stream in the run's range.")
+    used: int | None = Field(None, description=(
+        "Trajectories trained on (0 when the environment takes no logged trajectories)."))
+    skipped: int | None = Field(None, description="Messages that are not valid agent.rl.trajectory.v1 records.")
+    first_sequence: int | None = Field(None, description="Stream sequence number of the first message read.")
+    last_sequence: int | None = Field(None, description="Stream sequence number of the last message read.")
+
+
 class TrainingRunStatus(_Status):
     phase: Literal["Pending", "Running", "Succeeded", "Failed", "Superseded"] | None = None
     observed_generation: int | None = None
@@ -525,6 +574,8 @@ class TrainingRunStatus(_Status):
     fingerprint: str | None = None
     failure_reason: str | None = None
     failure_message: str | None = None
+    trajectories: TrajectoriesUsed | None = Field(None, description=(
+        "The trajectories the trainer read and trained on (runs of the trajectory trigger)."))
     conditions: list[Condition] = Field(default_factory=list)
 
 

@@ -127,6 +127,16 @@ class OperatorSettings:
     """Namespace of the operator's own objects (the Ray cluster claims of shards).
     Env: ``RLOPS_OPERATOR_NAMESPACE``."""
 
+    nats_url: str | None = None
+    """NATS server with JetStream (``nats://host:4222``) for the trajectory trigger
+    (``spec.triggers.trajectories``) and the events out; unset: neither works.
+    Env: ``RLOPS_NATS_URL``."""
+
+    nats_events: bool = False
+    """Publish the operator's events (``agent.rl.training.request.v1``,
+    ``agent.rl.training.status.v1``, ``agent.rl.model.deployed.v1``) to ``nats_url``.
+    Env: ``RLOPS_NATS_EVENTS`` (``1`` or ``true``)."""
+
     extra_env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for training pods, from ``RLOPS_TRAINER_ENV_<NAME>=value``
     (e.g. a Python path or a CUDA setting the cluster needs)."""
@@ -163,5 +173,7 @@ class OperatorSettings:
             namespaces=tuple(n.strip() for n in env.get("RLOPS_NAMESPACES", "").split(",") if n.strip()),
             shard=env.get("RLOPS_SHARD") or None,
             operator_namespace=env.get("RLOPS_OPERATOR_NAMESPACE", cls.operator_namespace),
+            nats_url=env.get("RLOPS_NATS_URL") or None,
+            nats_events=env.get("RLOPS_NATS_EVENTS", "") in ("1", "true"),
             extra_env={k[len(prefix):]: v for k, v in env.items() if k.startswith(prefix)},
         )

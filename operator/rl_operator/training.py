@@ -200,6 +200,12 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
         {"name": "RLOPS_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    window = spec.trigger.trajectories
+    if window is not None and settings.nats_url:
+        # the range the trajectory trigger started the run for (rl_engine.trajectories)
+        env.append({"name": "RLOPS_TRAJECTORIES", "value": json.dumps({
+            "url": settings.nats_url, "stream": window.stream, "subject": window.subject,
+            "firstSequence": window.first_sequence, "lastSequence": window.last_sequence}, sort_keys=True)})
     env.extend({"name": k, "value": v} for k, v in sorted(settings.extra_env.items()))
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
@@ -399,6 +405,11 @@ def observe_run(
             status.metrics = summary.get("metrics") or {}
             status.artifact_uri = summary["artifactURI"]
             status.fingerprint = summary["fingerprint"]
+            if isinstance(summary.get("trajectories"), dict):
+                try:
+                    status.trajectories = m.TrajectoriesUsed.model_validate(summary["trajectories"])
+                except ValueError:  # the trainer's own summary: a malformed one is left out, not fatal
+                    status.trajectories = None
         else:
             status.phase = "Failed"
             status.failure_reason = "InvalidTerminationMessage"

@@ -12,6 +12,12 @@ due at once (one run serves every trigger due at that moment):
 - ``Scheduled``: a time of ``spec.triggers.schedule`` (cron, in ``timeZone``) has come since the
   last scheduled run. As with a CronJob, only the most recent missed time runs, and with
   ``startingDeadlineSeconds`` set, not if it is older than that.
+- ``Trajectories``: ``spec.triggers.trajectories.threshold`` new trajectories have arrived on
+  the NATS JetStream stream since the last run this trigger started. The operator reads them
+  through a durable consumer per agent (``rl_operator.jetstream``): the run records their
+  sequence range, and only then does the consumer acknowledge them, so a restart of the
+  operator in between neither loses nor counts them twice (the run found for the range is
+  the record that they were handled).
 
 When a run of the agent is still ``Pending`` or ``Running``, ``spec.concurrencyPolicy`` decides
 (CronJob's names): ``Allow`` starts the new run beside it; ``Forbid`` keeps the trigger waiting
@@ -45,9 +51,19 @@ RETRAIN = f"{m.GROUP}/retrain"
 class Due(NamedTuple):
     """A trigger that calls for a run now."""
 
-    reason: str  #: Created, SpecChanged, Manual or Scheduled
+    reason: str  #: Created, SpecChanged, Manual, Scheduled or Trajectories
     nonce: str | None = None  #: the rlops.dev/retrain value (Manual)
     scheduled_time: datetime | None = None  #: the cron time it stands for (Scheduled)
+    window: "Window | None" = None  #: the new trajectories (Trajectories)
+
+
+class Window(NamedTuple):
+    """The trajectories that arrived since the trajectory trigger's last run: how many, and
+    (once the operator has read them) their first and last stream sequence numbers."""
+
+    count: int
+    first: int | None = None
+    last: int | None = None
 
 
 class Plan(NamedTuple):
@@ -63,6 +79,9 @@ class Plan(NamedTuple):
     last_schedule_time: datetime | None = None
     #: to record in the agent's status.lastRetrain: the rlops.dev/retrain value a run stands for
     last_retrain: str | None = None
+    #: the last stream sequence of the trajectories that a run (the new one, or one made before
+    #: a restart) stands for: the durable consumer acknowledges up to there
+    handled_sequence: int | None = None
 
 
 def in_progress(run: dict[str, Any]) -> bool:
@@ -102,9 +121,10 @@ class _Seen(NamedTuple):
     problem: str | None
     last_schedule_time: datetime | None
     last_retrain: str | None
+    handled_sequence: int | None
 
 
-def _due(agent: dict[str, Any], runs: list[dict[str, Any]], now: datetime) -> _Seen:
+def _due(agent: dict[str, Any], runs: list[dict[str, Any]], now: datetime, trajectories: Window | None) -> _Seen:
     """The triggers that call for a run now (winner first), a trigger that cannot work, and what
     the agent's status should record as handled even with no new run: the scheduled time and
     retrain value of runs it does not record yet (made just before a restart), or now when the
@@ -138,33 +158,62 @@ def _due(agent: dict[str, Any], runs: list[dict[str, Any]], now: datetime) -> _S
         if t is not None and (schedule.starting_deadline_seconds is None
                               or (now - t).total_seconds() <= schedule.starting_deadline_seconds):
             due.append(Due("Scheduled", scheduled_time=t))
-    return _Seen(due, problem, record_time, record_retrain)
+    handled = None
+    wanted = spec.triggers.trajectories
+    if wanted is not None and trajectories is not None and trajectories.count >= wanted.threshold:
+        first = trajectories.first
+        ends = [w["lastSequence"] for r in runs if (w := r["spec"]["trigger"].get("trajectories"))]
+        if first is not None and any(end >= first for end in ends):
+            handled = max(ends)  # a run made for them before a restart: acknowledge, start none
+        else:
+            due.append(Due("Trajectories", window=trajectories))
+    return _Seen(due, problem, record_time, record_retrain, handled)
 
 
-def plan(agent: dict[str, Any], runs: list[dict[str, Any]], now: datetime) -> Plan:
+def blocked(agent: dict[str, Any], runs: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """Why no run can start now whatever is due (suspend; a run in progress under Forbid), as
+    (cause, what it waits for), or None. The trajectory trigger asks before it reads the
+    trajectories."""
+    spec = m.RLAgentSpec.model_validate(agent["spec"])
+    if spec.suspend:
+        return "spec.suspend is true", ""
+    busy = sorted(r["metadata"]["name"] for r in runs if in_progress(r))
+    if busy and spec.concurrency_policy == "Forbid":
+        return "concurrencyPolicy Forbid", f" for {', '.join(busy)}"
+    return None
+
+
+def plan(agent: dict[str, Any], runs: list[dict[str, Any]], now: datetime,
+         trajectories: Window | None = None, trajectory_problem: str | None = None) -> Plan:
     """The run the agent's triggers call for now, under its concurrency policy and suspend.
 
     Args:
         agent: the RLAgent (defaults applied).
         runs: its TrainingRuns (any order; only those it controls).
         now: an aware datetime.
+        trajectories: the trajectories that arrived since the trajectory trigger's last run
+            (``rl_operator.jetstream``); without ``first``/``last`` they only count towards
+            ``TriggerWaiting``, no run starts for them.
+        trajectory_problem: why the trajectories cannot be counted (no NATS, no stream).
     """
     spec = m.RLAgentSpec.model_validate(agent["spec"])
-    seen = _due(agent, runs, now)
+    seen = _due(agent, runs, now, trajectories)
     due = seen.due
-    waiting = None
-    if due and spec.suspend:
-        waiting = f"spec.suspend is true: {_reasons(due)} waits"
-    busy = sorted(r["metadata"]["name"] for r in runs if in_progress(r))
-    if due and busy and spec.concurrency_policy == "Forbid" and not waiting:
-        waiting = f"concurrencyPolicy Forbid: {_reasons(due)} waits for {', '.join(busy)}"
+    if spec.triggers.trajectories is None:
+        trajectory_problem = None
+    problem = "; ".join(p for p in (seen.problem, trajectory_problem) if p) or None
+    why = blocked(agent, runs) if due else None
+    waiting = f"{why[0]}: {_reasons(due)} waits{why[1]}" if why else None
+    due = [d for d in due if d.window is None or d.window.first is not None]  # read first, then run
     if not due or waiting:
-        return Plan(None, [], [], waiting, seen.problem, seen.last_schedule_time, seen.last_retrain)
+        return Plan(None, [], [], waiting, problem, seen.last_schedule_time, seen.last_retrain, seen.handled_sequence)
+    busy = sorted(r["metadata"]["name"] for r in runs if in_progress(r))
     supersede = busy if spec.concurrency_policy == "Replace" else []
     scheduled = next((d.scheduled_time for d in due if d.scheduled_time), None)
     nonce = next((d.nonce for d in due if d.nonce), None)
-    return Plan(new_run(agent, runs, due), supersede, due, None, seen.problem, scheduled or seen.last_schedule_time,
-                nonce or seen.last_retrain)
+    window = next((d.window for d in due if d.window), None)
+    return Plan(new_run(agent, runs, due), supersede, due, None, problem, scheduled or seen.last_schedule_time,
+                nonce or seen.last_retrain, window.last if window else seen.handled_sequence)
 
 
 def note_plan(status: m.RLAgentStatus, plan: Plan, at: datetime) -> list[Event]:
@@ -188,7 +237,8 @@ def note_plan(status: m.RLAgentStatus, plan: Plan, at: datetime) -> list[Event]:
     if plan.problem:
         if before is None or before.status != "True" or before.message != plan.problem:
             events.append(Event("Warning", "TriggerInvalid", plan.problem))
-        set_condition(status.conditions, "TriggerInvalid", "True", "InvalidSchedule", plan.problem, at)
+        reason = "InvalidSchedule" if plan.problem.startswith("spec.triggers.schedule") else "TrajectoriesUnavailable"
+        set_condition(status.conditions, "TriggerInvalid", "True", reason, plan.problem, at)
     elif before is not None:
         set_condition(status.conditions, "TriggerInvalid", "False", "Valid", "", at)
     return events
@@ -216,6 +266,13 @@ def new_run(agent: dict[str, Any], runs: list[dict[str, Any]], due: list[Due]) -
     scheduled = next((d.scheduled_time for d in due if d.scheduled_time), None)
     if scheduled:
         trigger["scheduledTime"] = scheduled.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    window = next((d.window for d in due if d.window), None)
+    if window is not None:
+        wanted = m.RLAgentSpec.model_validate(agent["spec"]).triggers.trajectories
+        assert wanted is not None and window.first is not None and window.last is not None
+        trigger["trajectories"] = m.TrajectoryWindow(
+            stream=wanted.stream, subject=wanted.subject, first_sequence=window.first, last_sequence=window.last,
+            count=window.count).wire()
     body["metadata"]["name"] = run_name(meta["name"], generation, ordinal)
     return body
 

@@ -14,6 +14,7 @@ All failures raise :class:`rl_engine.errors.InvalidConfig` naming ``environment.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable
 
 import gymnasium as gym
@@ -25,16 +26,56 @@ from .errors import InvalidConfig
 __all__ = ["resolve_env_factory", "check_spaces", "make_vector_env", "space_description"]
 
 
-def resolve_env_factory(env_cfg: EnvironmentConfig) -> Callable[[], gym.Env]:
+def env_constructor(env_id: str) -> Callable[..., Any] | None:
+    """The class or function an environment id builds (``module:attr``, or a registered id's
+    entry point), or None when it cannot be found."""
+    def load(entry: str) -> Any:
+        module_name, _, attr = entry.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr, None)
+        except Exception:  # noqa: BLE001 - not importable: not ours to report here
+            return None
+
+    target: Any = load(env_id) if ":" in env_id else None
+    if callable(target):
+        return target
+    # a registered id, or "module:id" (the module registers the id when imported)
+    registered = env_id.partition(":")[2] if ":" in env_id else env_id
+    try:
+        entry = gym.spec(registered).entry_point
+    except gym.error.Error:
+        return None
+    return entry if callable(entry) else load(str(entry))
+
+
+def accepts_keyword(env_id: str, name: str) -> bool:
+    """Whether the environment's constructor takes the keyword argument ``name``."""
+    ctor = env_constructor(env_id)
+    if ctor is None:
+        return False
+    try:
+        params = inspect.signature(ctor).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def resolve_env_factory(env_cfg: EnvironmentConfig,
+                        extra_kwargs: dict[str, Any] | None = None) -> Callable[[], gym.Env]:
     """Return a zero-argument factory for one environment instance.
 
     Builds one instance to validate the id and kwargs, then closes it.
+
+    Args:
+        env_cfg: the run config's environment.
+        extra_kwargs: more constructor keywords that are not part of the run config (the
+            logged ``trajectories`` of :mod:`rl_engine.trajectories`).
 
     Raises:
         InvalidConfig: unknown id, unimportable module, bad kwargs or a constructor error.
     """
     env_id = env_cfg.id
-    kwargs = dict(env_cfg.kwargs)
+    kwargs = {**env_cfg.kwargs, **(extra_kwargs or {})}
     factory: Callable[[], gym.Env] | None = None
 
     if ":" in env_id:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__
+from . import __version__, trajectories
 from .artifacts import (
     FINGERPRINT_FILE,
     FINGERPRINT_VERSION,
@@ -43,7 +43,7 @@ from .artifacts import (
 )
 from .config import DQNHyperparameters, RunConfig, load_run_config
 from .dqn import DQNConfig, DQNTrainer
-from .envs import make_vector_env, resolve_env_factory, space_description
+from .envs import accepts_keyword, make_vector_env, resolve_env_factory, space_description
 from .errors import InvalidConfig, TrainerFailure
 from .evaluation import (
     EpisodeResults,
@@ -265,10 +265,24 @@ def run_training(
         f"config={json.dumps(cfg.snapshot(), separators=(',', ':'))}"
     )
 
+    stage.name = f"reading the trajectories ({trajectories.ENV_VAR})"
+    source = trajectories.source_from_env()
+    logged = trajectories.read(source, log) if source is not None else None
+    extra: dict[str, Any] = {}
+    if logged is not None:
+        if not logged.records:
+            log("trajectories: none valid in the range: training on the environment's own tasks")
+        elif cfg.environment.backend == "gymnasium" and accepts_keyword(cfg.environment.id, "trajectories"):
+            extra["trajectories"] = logged.records
+            logged.trained_on = True
+        else:
+            log(f"trajectories: {cfg.environment.id} ({cfg.environment.backend} backend) takes no trajectories: "
+                "training on the environment's own tasks")
+
     stage.name = "building the environment (environment.id)"
     # Evaluation always steps the Gymnasium environment (the reference implementation),
     # also when training uses the torch-batched one.
-    factory = resolve_env_factory(cfg.environment)
+    factory = resolve_env_factory(cfg.environment, extra)
     envs = _make_envs(cfg, factory, device)
     telemetry = TrainingTelemetry.from_env(
         run=f"{cfg.namespace}/{cfg.run}", algorithm=algorithm, env_id=cfg.environment.id,
@@ -539,6 +553,7 @@ def run_training(
         },
         artifactURI=artifact_uri,
         fingerprint=fingerprint,
+        **({"trajectories": logged.summary()} if logged is not None else {}),
     )
 
 

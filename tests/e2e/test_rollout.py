@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from support import REPO, prometheus_down, prometheus_up, sample, stage_chain, wait_for
+from support import REPO, prometheus_down, prometheus_up, published_events, sample, stage_chain, wait_for
 from rl_engine.serving.testing import poison_artifact
 from rl_operator import rayserve
 
@@ -154,7 +154,7 @@ def train_and_wait_rollout(cluster, namespace, run):
     return wait_phase(cluster, namespace, "rollout", run, ("AwaitingApproval",), 60)
 
 
-def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace, app_cleanup):
+def test_canary_steps_under_load_then_alert_rollback(cluster, stack, nats_server, namespace, app_cleanup):
     ray = stack["ray"]
     url = f"{ray.serve}/{namespace}/{AGENT}"
 
@@ -276,6 +276,23 @@ def test_canary_steps_under_load_then_alert_rollback(cluster, stack, namespace, 
     assert sample(scraped, "rlops_rollout_canary_weight_percent", namespace=namespace, rollout="pole-bad") is None
     assert sample(scraped, "rlops_admission_reviews_total", result="allowed") >= 1
     assert sample(scraped, "rlops_admission_review_duration_seconds_count") >= 1
+
+    # the events out: each deployment outcome once, by Rollout uid, valid against its schema
+    uid = {n: cluster.get("rollout", n, "-n", namespace)["metadata"]["uid"] for n in ("pole-1", "pole-2", "pole-bad")}
+    deployed = dict(wait_for(lambda: (found := published_events(nats_server, "agent.rl.model.deployed.v1", namespace))
+                             and f"{uid['pole-bad']}:deployed:RolledBack" in dict(found) and found, 30,
+                             "the rolled_back event"))
+    assert {f"{uid['pole-1']}:deployed:Promoted", f"{uid['pole-2']}:deployed:Progressing",
+            f"{uid['pole-2']}:deployed:Promoted", f"{uid['pole-bad']}:deployed:Progressing"} <= set(deployed)
+    promoted = deployed[f"{uid['pole-2']}:deployed:Promoted"]
+    assert (promoted["outcome"], promoted["previous_version"], promoted["traffic_percentage"]) == ("promoted", "pole-1", 100)
+    assert promoted["fingerprint"] == cluster.get("rollout", "pole-2", "-n", namespace)["spec"]["fingerprint"]
+    rolled_back = deployed[f"{uid['pole-bad']}:deployed:RolledBack"]
+    assert rolled_back["outcome"] == "rolled_back" and rolled_back["traffic_percentage"] == 0
+    assert "RLOpsCanaryErrorRateHigh" in rolled_back["reason"]
+    succeeded = [p for i, p in published_events(nats_server, "agent.rl.training.status.v1", namespace)
+                 if p["phase"] == "Succeeded" and p["training_job_id"] == f"{namespace}/pole-2"]
+    assert len(succeeded) == 1 and succeeded[0]["artifact"]["fingerprint"] == promoted["fingerprint"]
 
     latency = t_zero - t_alert if t_alert else float("nan")
     print(f"alert in Alertmanager -> canary weight 0: {latency:.2f} s")

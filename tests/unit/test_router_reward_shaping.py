@@ -62,3 +62,46 @@ def test_shaped_router_through_gymnasium_id():
     env.reset(seed=0)
     rewards = [env.step(env.action_space.sample())[1] for _ in range(32)]
     assert all(0.0 <= r <= 1.0 for r in rewards) and np.std(rewards) > 0
+
+
+LOGGED = [{"task": {"complexity": 0.9, "ambiguity": 0.1, "urgency": 0.2, "domain": "research"},
+           "reward_components": {"task_completion": 1.0, "efficiency": 0.4, "code_quality": 0.9, "user_feedback": 1.0}},
+          {"task": {"complexity": 0.1, "ambiguity": 0.8, "urgency": 1.0, "domain": "code"},
+           "reward_components": {"task_completion": 0.3, "efficiency": 1.0, "code_quality": 0.3, "user_feedback": 0.0}}]
+
+
+def test_logged_trajectories_are_the_task_mix():
+    """Given trajectories, every task the router sees is one of the logged tasks."""
+    env = RouterEnv(trajectories=LOGGED)
+    rows = {(0.9, 0.1, 0.2, 3), (0.1, 0.8, 1.0, 0)}
+    obs, _ = env.reset(seed=5)
+    seen = set()
+    for _ in range(64):
+        c, a, u = (round(float(x), 6) for x in obs[:3])
+        seen.add((c, a, u, int(np.argmax(obs[3:7]))))
+        obs, _, terminated, _, _ = env.step(env.action_space.sample())
+        if terminated:
+            obs, _ = env.reset()
+    assert seen == rows
+
+
+def test_logged_reward_components_warm_the_shaper():
+    env = RouterEnv(trajectories=LOGGED * 2, reward_shaping={"window": 2})
+    assert [len(env.shaper.normalizers[c]) for c in COMPONENTS] == [2] * len(COMPONENTS)
+    # the window of two holds the last two logged trajectories' components
+    assert env.shaper.normalizers["efficiency"].mean == pytest.approx(0.7)
+    assert env.shaper.normalizers["user_feedback"].mean == pytest.approx(0.5)
+
+
+def test_bad_logged_tasks_name_the_index():
+    with pytest.raises(ValueError, match=r"trajectories\[1\]\.task"):
+        RouterEnv(trajectories=[LOGGED[0], {"task": {"complexity": 2.0, "ambiguity": 0, "urgency": 0, "domain": "code"}}])
+
+
+def test_the_factory_passes_trajectories_to_environments_that_take_them():
+    from rl_engine.envs import accepts_keyword
+
+    assert accepts_keyword("rl_engine.domains:rlops/Router-v0", "trajectories")
+    assert not accepts_keyword("CartPole-v1", "trajectories")
+    factory = resolve_env_factory(EnvironmentConfig(id="rl_engine.domains:rlops/Router-v0"), {"trajectories": LOGGED})
+    assert factory().unwrapped._logged_tasks.shape == (2, 4)

@@ -236,3 +236,33 @@ def test_a_stuck_pending_run_says_why_once():
     creating["status"]["containerStatuses"] = [{"name": training.TRAINER_CONTAINER,
                                                 "state": {"waiting": {"reason": "ContainerCreating"}}}]
     assert training.pending_cause([creating]) is None
+
+
+def trajectory_run():
+    from rl_operator import triggers
+
+    a = agent(triggers={"trajectories": {"threshold": 5}})
+    run = triggers.new_run(a, [], [triggers.Due("Trajectories", window=triggers.Window(6, 11, 16))])
+    run["metadata"]["uid"] = "0123456789abcdef"
+    return run
+
+
+def test_a_trajectory_run_tells_its_trainer_the_range():
+    env = {e["name"]: e.get("value") for e in training.desired_job(
+        trajectory_run(), OperatorSettings(nats_url="nats://nats:4222"))["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["RLOPS_TRAJECTORIES"]) == {
+        "url": "nats://nats:4222", "stream": "RL_TRAJECTORIES", "subject": "agent.rl.trajectory.v1",
+        "firstSequence": 11, "lastSequence": 16}
+    plain = {e["name"] for e in training.desired_job(run_for(agent()), OperatorSettings(nats_url="nats://n:4222"))
+             ["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "RLOPS_TRAJECTORIES" not in plain
+
+
+def test_the_trainers_trajectory_counts_reach_the_run_status():
+    run = trajectory_run()
+    used = {"stream": "RL_TRAJECTORIES", "subject": "agent.rl.trajectory.v1", "read": 6, "used": 5, "skipped": 1,
+            "firstSequence": 11, "lastSequence": 16}
+    summary = {"phase": "Succeeded", "metrics": {}, "artifactURI": "file:///a", "fingerprint": FP, "trajectories": used}
+    done = pod("Succeeded", {"exitCode": 0, "reason": "Completed", "message": json.dumps(summary)})
+    status, _ = training.observe_run(run, job_with(("Complete", ""), completionTime="2026-11-22T12:04:00Z"), [done], AT)
+    assert status.phase == "Succeeded" and status.wire()["trajectories"] == used

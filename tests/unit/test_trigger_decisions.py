@@ -216,3 +216,53 @@ def test_a_generation_with_a_run_calls_for_no_spec_change_run():
     later = run_of(other)  # cartpole-7, with another snapshot
     assert triggers.plan(a, [run_of(a), later], NOW).run is None
     assert training.desired_training_run(a, [later]) is None
+
+
+TRAJ = {"trajectories": {"threshold": 5, "stream": "RL_TRAJECTORIES", "subject": "agent.rl.trajectory.v1"}}
+
+
+def test_the_trajectory_threshold_starts_a_run_for_the_range_read():
+    a = agent(triggers=TRAJ)
+    first = run_of(a)
+    assert triggers.plan(a, [first], NOW, triggers.Window(4, 10, 13)).run is None  # below the threshold
+    p = triggers.plan(a, [first], NOW, triggers.Window(6, 10, 15))
+    assert p.run["spec"]["trigger"] == {
+        "reason": "Trajectories", "agentGeneration": 1, "ordinal": 1,
+        "trajectories": {"stream": "RL_TRAJECTORIES", "subject": "agent.rl.trajectory.v1", "firstSequence": 10,
+                         "lastSequence": 15, "count": 6}}
+    assert p.handled_sequence == 15
+
+
+def test_a_count_alone_starts_no_run():
+    """Counted but not read (no sequence range): the trigger only tells whether it waits."""
+    a = agent(triggers=TRAJ)
+    first = run_of(a)
+    p = triggers.plan(a, [first], NOW, triggers.Window(9))
+    assert p.run is None and p.waiting is None and p.handled_sequence is None
+    busy = run_of(a, phase="Running")
+    a["spec"]["concurrencyPolicy"] = "Forbid"
+    p = triggers.plan(a, [busy], NOW, triggers.Window(9))
+    assert p.run is None and p.waiting == f"concurrencyPolicy Forbid: the Trajectories trigger waits for {busy['metadata']['name']}"
+    assert triggers.blocked(a, [busy]) == ("concurrencyPolicy Forbid", " for cartpole-1")
+    assert triggers.blocked(a, [first]) is None
+
+
+def test_trajectories_a_run_was_made_for_before_a_restart_are_acknowledged_not_run_again():
+    """The operator stopped after it created the run and before the consumer acknowledged: the
+    same trajectories (and more) are read again; the run found for them is the record."""
+    a = agent(triggers=TRAJ)
+    first = run_of(a)
+    made = run_of(a, runs=[first], due=[triggers.Due("Trajectories", window=triggers.Window(6, 10, 15))])
+    p = triggers.plan(a, [first, made], NOW, triggers.Window(8, 10, 17))
+    assert p.run is None and p.handled_sequence == 15
+    # the rest, read again from 16 on once those are acknowledged: a new run (if enough)
+    assert triggers.plan(a, [first, made], NOW, triggers.Window(2, 16, 17)).run is None
+    later = triggers.plan(a, [first, made], NOW, triggers.Window(5, 16, 20))
+    assert later.run["spec"]["trigger"]["trajectories"]["firstSequence"] == 16
+
+
+def test_a_trajectory_problem_is_reported_only_with_the_trigger():
+    a = agent(triggers=TRAJ)
+    assert triggers.plan(a, [run_of(a)], NOW, None, "no stream").problem == "no stream"
+    plain = agent()
+    assert triggers.plan(plain, [run_of(plain)], NOW, None, "no stream").problem is None

@@ -92,7 +92,7 @@ standard deviation about 1.8). PPO with a (64, 64) MLP reaches about 12 in 50k s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -182,6 +182,30 @@ def _validate_weights(reward_weights: Mapping[str, Any] | None) -> dict[str, flo
     return weights
 
 
+def _logged_tasks(trajectories: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """The logged tasks as rows ``(complexity, ambiguity, urgency, domain index)``, shape
+    ``(len(trajectories), 4)``.
+
+    Raises:
+        ValueError: no trajectories, or one whose task is not a valid router task.
+    """
+    if len(trajectories) == 0:
+        raise ValueError("trajectories: empty (give None to draw synthetic tasks)")
+    rows = np.empty((len(trajectories), 4), dtype=np.float64)
+    for i, t in enumerate(trajectories):
+        task = t.get("task") if isinstance(t, Mapping) else None
+        try:
+            values = [float(task[k]) for k in ("complexity", "ambiguity", "urgency")]  # type: ignore[index]
+            domain = DOMAINS.index(task["domain"])  # type: ignore[index]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"trajectories[{i}].task: needs complexity, ambiguity, urgency in [0, 1] and a "
+                             f"domain of {', '.join(DOMAINS)}") from None
+        if not all(0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"trajectories[{i}].task: complexity, ambiguity and urgency must be in [0, 1]")
+        rows[i] = (*values, domain)
+    return rows
+
+
 class RouterEnv(gym.Env):
     """Route each task to a collaboration mode; see the module docstring for the layout.
 
@@ -197,10 +221,20 @@ class RouterEnv(gym.Env):
             :class:`rl_engine.rewards.RewardShaper` over the components in
             ``info["reward_components"]`` (see :meth:`reward_components`), in [0, 1], all
             credited to the last agent step. ``reward_weights`` is then unused.
+        trajectories: logged ``agent.rl.trajectory.v1`` records (dicts with ``task`` and, optionally,
+            ``reward_components``; :mod:`rl_engine.trajectories`), e.g. those a run of the
+            trajectory trigger was started for. Given, the tasks are drawn from the logged
+            tasks (uniformly, with replacement, with the env's RNG) instead of the synthetic
+            distribution, so the policy trains on the production task mix; the outcomes of
+            the modes it picks still come from the outcome model. With ``reward_shaping``, the
+            shaper's trailing windows start filled with the logged reward components (the
+            last ``window`` of them, in stream order), so that normalization starts from
+            production statistics.
         render_mode: only ``None`` is supported.
 
     Raises:
-        ValueError: naming the bad kwarg (and key of ``reward_weights``).
+        ValueError: naming the bad kwarg (and key of ``reward_weights``, or index of
+            ``trajectories``).
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
@@ -212,6 +246,7 @@ class RouterEnv(gym.Env):
         reward_weights: Mapping[str, float] | None = None,
         success_threshold: float = 0.75,
         reward_shaping: Mapping[str, Any] | None = None,
+        trajectories: Sequence[Mapping[str, Any]] | None = None,
         render_mode: str | None = None,
     ) -> None:
         if isinstance(n_tasks, bool) or not isinstance(n_tasks, (int, np.integer)) or n_tasks < 1:
@@ -233,6 +268,11 @@ class RouterEnv(gym.Env):
             from ..rewards import from_config
 
             self.shaper = from_config(reward_shaping, path="environment.kwargs.reward_shaping")
+        self._logged_tasks = _logged_tasks(trajectories) if trajectories is not None else None
+        if self.shaper is not None and trajectories is not None:
+            logged = [t["reward_components"] for t in trajectories if t.get("reward_components")]
+            for components in logged[-self.shaper.window:]:
+                self.shaper(components)
 
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(OBS_DIM,), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(len(MODES))
@@ -245,6 +285,8 @@ class RouterEnv(gym.Env):
 
     def _draw_tasks(self, n: int) -> np.ndarray:
         rng = self.np_random
+        if self._logged_tasks is not None:
+            return self._logged_tasks[rng.integers(0, len(self._logged_tasks), size=n)]
         tasks = np.empty((n, 4), dtype=np.float64)
         tasks[:, 0] = rng.beta(1.6, 2.0, size=n)
         tasks[:, 1] = rng.beta(1.4, 2.4, size=n)
