@@ -57,6 +57,28 @@ build() { # target
   say "  $repo:$version-$sha  $(buildah images --format '{{.Size}}' "$repo:$version" | head -1)  ($((SECONDS - start)) s)"
 }
 [ -f /etc/pip.conf ] || touch /etc/pip.conf
+
+# The store keeps only what the next build reuses: working containers left by an interrupted
+# build go, so do the tags of earlier commits (<version>-<sha>); when the disk runs low (the
+# engine image is ~6.5 GB, mostly PyTorch), the layers no tag holds go too (the next build of an
+# unchanged tree then re-runs its steps, from pip's cache).
+prune_store() {
+  buildah rm --all >/dev/null 2>&1 || true
+  local repo tag
+  for repo in ghcr.io/rlops/operator ghcr.io/rlops/engine; do
+    for tag in $(buildah images --format '{{.Name}}:{{.Tag}}' "$repo" 2>/dev/null); do
+      case $tag in "$repo:$version" | "$repo:$version-$sha") ;; *) buildah rmi "$tag" >/dev/null 2>&1 || true ;; esac
+    done
+  done
+  local free_gib
+  free_gib=$(df -Pk "$cache" | awk 'NR==2 {print int($4 / 1048576)}')
+  if [ "$free_gib" -lt "${RLOPS_IMAGES_MIN_FREE_GIB:-20}" ]; then
+    say "only $free_gib GiB free under $cache: pruning the image layers no tag holds"
+    buildah rmi --prune >/dev/null 2>&1 || true
+    say "  now $(df -Pk "$cache" | awk 'NR==2 {print int($4 / 1048576)}') GiB free"
+  fi
+}
+prune_store
 build operator
 build engine
 
@@ -78,6 +100,11 @@ if [ "${1:-}" = load ]; then
     ctr images import --no-unpack=false "$archive" >/dev/null
     ctr images tag --force "$ref" "ghcr.io/rlops/$name:$version-$sha" >/dev/null
     rm -f "$archive"
+    # earlier commits' tags go (containerd's garbage collector then frees their layers); the
+    # running pods use the version tag, which stays
+    for old in $(ctr images ls -q | grep "^ghcr.io/rlops/$name:" || true); do
+      case $old in "$ref" | "ghcr.io/rlops/$name:$version-$sha") ;; *) ctr images rm "$old" >/dev/null 2>&1 || true ;; esac
+    done
     echo "$id" >"$stamp"
     say "  imported $ref into containerd ($((SECONDS - start)) s)"
   done

@@ -20,14 +20,15 @@ from support import CACHE, REPO, TEST_CLUSTER, Cluster, NatsServer, OperatorProc
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Cluster:
+def cluster(request) -> Cluster:
     env = {**os.environ, "RLOPS_CLUSTER_NAME": TEST_CLUSTER, "RLOPS_NO_OPERATOR": "1"}
+    if not os.environ.get("RLOPS_KEEP_TEST_CLUSTER"):  # before the bring-up: a half-started one goes too
+        request.addfinalizer(lambda: subprocess.run(["bash", str(REPO / "hack" / "cluster-down.sh")], env=env,
+                                                    check=False, timeout=120))
     subprocess.run(["bash", str(REPO / "hack" / "start-local.sh")], env=env, check=True, timeout=3000)
     c = Cluster(name=TEST_CLUSTER, dir=CACHE / "clusters" / TEST_CLUSTER, env=env)
     os.environ["RLOPS_KUBECONFIG"] = str(c.kubeconfig)
-    yield c
-    if not os.environ.get("RLOPS_KEEP_TEST_CLUSTER"):
-        subprocess.run(["bash", str(REPO / "hack" / "cluster-down.sh")], env=env, check=False, timeout=120)
+    return c
 
 
 @pytest.fixture(scope="session")

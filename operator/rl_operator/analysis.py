@@ -113,3 +113,17 @@ def measure(
         stable_reward_buckets=rewards(stable) if stable else (),
         window_seconds=int(window_seconds),
     )
+
+
+def live_reward(prometheus_url: str, namespace: str, agent: str, version: str, window_seconds: int,
+                low: float, high: float) -> tuple[float, float | None]:
+    """One version's feedbacks over the last ``window_seconds`` and the 10%-trimmed mean of
+    their rewards (reward units, ``low``..``high`` the agent's reward range; None without
+    feedback): the degradation trigger's live reward.
+
+    Raises:
+        AnalysisError: Prometheus could not be queried or answered something unexpected.
+    """
+    feedback = instant(prometheus_url, query("feedback", namespace, agent, version, window_seconds))
+    buckets = histogram(prometheus_url, query("reward_scaled_bucket", namespace, agent, version, window_seconds, by="le"))
+    return feedback, Measurement.trimmed_mean(buckets, low, high, Measurement.REWARD_TRIM)

@@ -157,7 +157,8 @@ def unfinished_runs() -> list[tuple[str, str]]:
 
 def agents_with_triggers() -> list[tuple[str, str]]:
     """(namespace, name) of every RLAgent in the watch cache whose triggers need the clock: a
-    schedule (``spec.triggers.schedule``), or a trigger that waits (condition ``TriggerWaiting``);
+    schedule or a degradation trigger (``spec.triggers``), or a trigger that waits (condition
+    ``TriggerWaiting``);
     not those with a trajectory trigger (``cache.agents(with_trajectory_trigger=True)``).
     Call it on kopf's event loop, where the indexes change."""
     idx = _INDEXES.get(_PLURAL_INDEX[m.RLAgent.PLURAL])
@@ -168,7 +169,7 @@ def agents_with_triggers() -> list[tuple[str, str]]:
         wanted = (agent.get("spec") or {}).get("triggers") or {}
         if wanted.get("trajectories"):
             return False  # the round of the trajectory triggers plans them
-        return bool(wanted.get("schedule")) or any(
+        return bool(wanted.get("schedule") or wanted.get("degradation")) or any(
             c.get("type") == "TriggerWaiting" and c.get("status") == "True"
             for c in (agent.get("status") or {}).get("conditions") or [])
 

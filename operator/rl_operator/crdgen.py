@@ -71,6 +71,10 @@ def structural(schema: dict[str, Any], defs: dict[str, Any], *, in_spec: bool) -
         node["items"] = structural(node["items"], defs, in_spec=in_spec)
     if node.get("format") == "date-time":
         node["type"] = "string"
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        # JSON Schema 2020-12 (pydantic's gt/lt) -> OpenAPI v3.0 (Kubernetes): a bound and a flag
+        if isinstance(node.get(exclusive), (int, float)) and not isinstance(node[exclusive], bool):
+            node[bound], node[exclusive] = node[exclusive], True
     if keep_absent:
         node["x-keep-absent"] = True  # read (and removed) by the parent's properties loop
     return node

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import signal
+import threading
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
@@ -273,7 +274,9 @@ def reconcile_triggers(namespace: str, name: str, handled_generation: int | None
             return None  # being deleted: no new run (its runs go by garbage collection)
         runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, name))
         counted, problem = jetstream.TRAJECTORIES.seen(agent["metadata"]["uid"])
-        plan = triggers.plan(agent, runs, training.now(), trajectories or counted, problem)
+        with _LIVE_GUARD:
+            live = _LIVE.get(agent["metadata"]["uid"])
+        plan = triggers.plan(agent, runs, training.now(), trajectories or counted, problem, live)
         if plan.run is not None:
             new_name = plan.run["metadata"]["name"]
             reason = plan.run["spec"]["trigger"]["reason"]
@@ -451,10 +454,57 @@ def resync_run(namespace: str, name: str) -> None:
         log.warning("resync of TrainingRun %s/%s failed: %s", namespace, name, exc)
 
 
+_LIVE: dict[str, triggers.LiveReward] = {}  #: the last live reward of each agent's active model, by uid
+_LIVE_GUARD = threading.Lock()
+
+
+def measure_live_reward(namespace: str, name: str) -> None:
+    """The degradation trigger's measurement of the agent's active model (Prometheus), kept for
+    its plans (:data:`_LIVE`) and exported (``rlops_agent_live_reward``); the first one over a
+    full window after promotion is recorded as its baseline (``triggers.baseline_to_record``)."""
+    agent = cache.get_custom(namespace, m.RLAgent.PLURAL, name)
+    if agent is None:
+        return
+    spec = m.RLAgentSpec.model_validate(agent["spec"])
+    active = m.RLAgentStatus.model_validate(agent.get("status") or {}).active_model
+    uid = agent["metadata"]["uid"]
+    wanted = spec.triggers.degradation
+    if wanted is None or active is None:
+        with _LIVE_GUARD:
+            _LIVE.pop(uid, None)
+        return
+    rewards = spec.canary.analysis.reward_range
+    try:
+        feedback, reward = analysis.live_reward(SETTINGS.prometheus_url, namespace, name, active.version,
+                                                wanted.window_seconds, rewards.min, rewards.max)
+    except analysis.AnalysisError as exc:
+        log.warning("RLAgent %s/%s: cannot measure the live reward of %s: %s", namespace, name, active.version, exc)
+        with _LIVE_GUARD:
+            _LIVE.pop(uid, None)
+        return
+    live = triggers.LiveReward(active.version, reward, feedback)
+    with _LIVE_GUARD:
+        _LIVE[uid] = live
+    if reward is not None:
+        metrics.LIVE_REWARD.labels(namespace, name, active.version).set(reward)
+    baseline = triggers.baseline_to_record(agent, live, training.now())
+    if baseline is not None:
+        with cache.locked("rlagents", namespace, name):
+            cache.patch_status(namespace, m.RLAgent.PLURAL, name, {"activeModel": {
+                "baselineReward": round(baseline, 6),
+                "baselineMeasuredAt": training.now().strftime("%Y-%m-%dT%H:%M:%SZ")}})
+        _post(agent, [training.Event("Normal", "BaselineRecorded", (
+            f"the live reward of {active.version} over its first {wanted.window_seconds} s with all traffic: "
+            f"{baseline:.3f} (10%-trimmed mean of {feedback:.0f} feedbacks), the degradation trigger's baseline"))])
+
+
 def resync_triggers(namespace: str, name: str, trajectories: triggers.Window | None = None) -> triggers.Plan | None:
     """One agent's triggers planned again (the resync: its schedule, a trigger that waits, new
-    trajectories); an error is logged (None)."""
+    trajectories, its active model's live reward); an error is logged (None)."""
     try:
+        agent = cache.get_custom(namespace, m.RLAgent.PLURAL, name)
+        if agent is not None and ((agent.get("spec") or {}).get("triggers") or {}).get("degradation"):
+            measure_live_reward(namespace, name)
         return reconcile_triggers(namespace, name, trajectories=trajectories)
     except Exception as exc:  # the next round tries again
         log.warning("resync of the triggers of RLAgent %s/%s failed: %s", namespace, name, exc)
@@ -484,6 +534,61 @@ async def _nats() -> Any:
 
 
 _WORKING = {"value": False}  #: whether this replica works (peering), as the resync loop last saw
+#: the global kill switch: its reason while engaged, else None (``watch_kill_switch``)
+KILL_SWITCH: dict[str, str | None] = {"reason": None}
+
+
+def read_kill_switch() -> str | None:
+    """The kill switch's reason if its ConfigMap says ``engaged: "true"``, else None.
+
+    Raises:
+        kubernetes ApiException: the API server could not be asked (not a 404: no ConfigMap is
+        a lifted switch).
+    """
+    data = kube.read_configmap_data(SETTINGS.operator_namespace, SETTINGS.kill_switch_configmap) or {}
+    if str(data.get("engaged", "")).strip().lower() not in ("true", "1", "yes"):
+        return None
+    return (data.get("reason") or "").strip()[:200] or "no reason given"
+
+
+def _note_kill_switch(reason: str | None) -> bool:
+    """Record the switch's state; True when it changed."""
+    if reason == KILL_SWITCH["reason"]:
+        return False
+    KILL_SWITCH["reason"] = reason
+    metrics.KILL_SWITCH.set(1 if reason is not None else 0)
+    if reason is not None:
+        log.warning("kill switch ENGAGED (ConfigMap %s/%s): every Rollout frozen, traffic on stable: %s",
+                    SETTINGS.operator_namespace, SETTINGS.kill_switch_configmap, reason)
+    else:
+        log.warning("kill switch lifted (ConfigMap %s/%s): Rollouts resume", SETTINGS.operator_namespace,
+                    SETTINGS.kill_switch_configmap)
+    return True
+
+
+async def watch_kill_switch() -> None:
+    """Read the kill switch every ``kill_switch_poll_seconds``; when it changes, reconcile every
+    unfinished Rollout at once (on the replica that works): engaged, those in progress move all
+    traffic to stable; lifted, they resume their step, and those that waited start."""
+    while True:
+        await asyncio.sleep(SETTINGS.kill_switch_poll_seconds)
+        try:
+            reason = await asyncio.to_thread(read_kill_switch)
+        except Exception as exc:  # the API server unreachable for a moment: the state stays as it was
+            log.warning("cannot read the kill switch: %s", exc)
+            continue
+        if not _note_kill_switch(reason) or not _WORKING["value"]:
+            continue
+        for ro in cache.every(m.Rollout.PLURAL):
+            if (ro.get("status") or {}).get("phase") not in rollout.TERMINAL:
+                await asyncio.to_thread(_reconcile_quietly, ro["metadata"]["namespace"], ro["metadata"]["name"])
+
+
+def _reconcile_quietly(namespace: str, name: str) -> None:
+    try:
+        reconcile_rollout(namespace, name)
+    except Exception as exc:  # its own timer tries again
+        log.warning("Rollout %s/%s: reconcile after the kill switch changed failed: %s", namespace, name, exc)
 
 
 async def publish_events() -> None:
@@ -590,6 +695,12 @@ async def start_resync(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: An
                 log.warning("resync of the trajectory triggers failed: %s", exc)
 
     memo.resync = asyncio.create_task(loop())
+    _WORKING["value"] = bool(settings.peering.standalone)  # with peering: from the loop's first round
+    try:  # before any handler runs: no Rollout moves traffic while the switch is engaged
+        _note_kill_switch(await asyncio.to_thread(read_kill_switch))
+    except Exception as exc:
+        log.warning("cannot read the kill switch at start: %s", exc)
+    memo.kill_switch = asyncio.create_task(watch_kill_switch())
     if SETTINGS.nats_url and SETTINGS.nats_events:
         nats_events.OUTBOX.enabled = True
         memo.events_out = asyncio.create_task(publish_events())
@@ -818,7 +929,7 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         obs = rollout.Observed(now=now, annotations=dict(ro["metadata"].get("annotations") or {}),
                                agent_spec=agent_spec, active_model=agent_status.active_model,
                                blocking_rollout=blocking, newer_rollout=newer, approval_key=_KEY["value"],
-                               untrusted=untrusted)
+                               untrusted=untrusted, frozen=KILL_SWITCH["reason"])
         entries: dict[str, Any] = {}
         if rollout.approval_given(status, obs.annotations, agent_spec) and agent_spec.serving.enabled and not blocking and (not untrusted or status.phase in rollout.ACTIVE):
             try:
@@ -828,7 +939,7 @@ def reconcile_rollout(namespace: str, name: str) -> None:
             except rayserve.RayServeError as exc:
                 _write_rollout(ro, status.model_copy(update={"message": f"Ray Serve unavailable: {exc}"}), [])
                 return
-            if (window := rollout.analysis_window(status, agent_spec, now)) is not None:
+            if obs.frozen is None and (window := rollout.analysis_window(status, agent_spec, now)) is not None:
                 try:
                     meas = analysis.measure(SETTINGS.prometheus_url, namespace, agent_name, ro["spec"]["version"],
                                             status.stable_version, window)
@@ -881,9 +992,10 @@ def _act(namespace: str, agent: str, spec: m.RLAgentSpec, acts: rollout.Actions,
 
 
 def _set_active_model(namespace: str, agent: str, model: m.ActiveModel, rollout_name: str) -> None:
+    # a merge patch: the previous model's baseline and degradation go explicitly
+    active = {"baselineReward": None, "baselineMeasuredAt": None, "degradedAt": None, **model.wire()}
     with cache.locked("rlagents", namespace, agent):
-        cache.patch_status(namespace, m.RLAgent.PLURAL, agent,
-                           {"activeModel": model.wire(), "latestRollout": rollout_name})
+        cache.patch_status(namespace, m.RLAgent.PLURAL, agent, {"activeModel": active, "latestRollout": rollout_name})
 
 
 def _write_rollout(ro: dict[str, Any], status: m.RolloutStatus, events: list[training.Event]) -> None:

@@ -326,6 +326,17 @@ def ensure_key_secret(namespace: str, name: str, field: str = "key", nbytes: int
     raise RuntimeError(f"secret {namespace}/{name} could not be read or created")
 
 
+def read_configmap_data(namespace: str, name: str) -> dict[str, str] | None:
+    """A ConfigMap's data, or None when it does not exist."""
+    try:
+        cm = client.CoreV1Api(_api()).read_namespaced_config_map(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return dict(cm.data or {})
+
+
 def read_secret_data(namespace: str, name: str) -> tuple[dict[str, bytes], str] | None:
     """A Secret's data (base64-decoded) and its resourceVersion, or None when it does not exist."""
     try:

@@ -53,6 +53,10 @@ ADMISSIONS = prom.Counter("rlops_admission_reviews", "Approval webhook calls by 
 ADMISSION_TIME = prom.Histogram("rlops_admission_review_duration_seconds",
                                 "Approval webhook handling time (seconds)",
                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+KILL_SWITCH = prom.Gauge("rlops_kill_switch_engaged", "1 while the global kill switch freezes every Rollout")
+LIVE_REWARD = prom.Gauge("rlops_agent_live_reward", "The active model's live reward (10%-trimmed mean of its "
+                         "feedback rewards over the degradation trigger's window, reward units)",
+                         ["namespace", "rlagent", "version"])
 ALERTS = prom.Counter("rlops_alerts_received", "Alertmanager alerts naming an agent, by action taken", ["action"])
 RECONCILE_TIME = prom.Histogram("rlops_reconcile_duration_seconds", "One reconcile pass (seconds)", ["kind"],
                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))

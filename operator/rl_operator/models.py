@@ -404,6 +404,22 @@ class TrajectoryTrigger(_Model):
                          description="The subject of this agent's trajectories within the stream.")
 
 
+class DegradationTrigger(_Model):
+    """Retrain when the active model's live reward falls below its baseline minus a margin."""
+
+    margin: float = Field(0.10, gt=0, le=1e6, description=(
+        "Reward units below the baseline that count as degraded: a live reward below baseline - margin "
+        "starts a run."))
+    window_seconds: int = Field(600, ge=10, le=86400, description=(
+        "The live reward is the 10%-trimmed mean of the active model's feedback rewards over this trailing "
+        "window (seconds), from Prometheus, as in the canary analysis."))
+    min_feedback: int = Field(50, ge=1, le=10_000_000, description=(
+        "Feedback samples the window needs before the live reward counts; fewer: no verdict."))
+    baseline: float | None = Field(None, description=(
+        "A fixed baseline reward. Unset: the active model's live reward over its first full window after it "
+        "took all traffic (recorded in status.activeModel.baselineReward)."))
+
+
 class TriggersSpec(_Model):
     """What starts a TrainingRun besides a change of the training spec (always on) and the
     rlops.dev/retrain annotation (always on: one run per new value)."""
@@ -412,6 +428,9 @@ class TriggersSpec(_Model):
                                               json_schema_extra={NO_DEFAULT: True})
     trajectories: TrajectoryTrigger | None = Field(
         None, description="Retrain when a number of new trajectories have arrived on a NATS JetStream stream.",
+        json_schema_extra={NO_DEFAULT: True})
+    degradation: DegradationTrigger | None = Field(
+        None, description="Retrain when the active model's live reward falls below its baseline minus a margin.",
         json_schema_extra={NO_DEFAULT: True})
 
 
@@ -475,6 +494,12 @@ class ActiveModel(_Status):
     rollout: str | None = None
     mean_return: float | None = None
     promoted_at: datetime | None = None
+    baseline_reward: float | None = Field(None, description=(
+        "Its live reward (10%-trimmed mean of the feedback rewards) over the first full window of "
+        "spec.triggers.degradation after it took all traffic: the degradation trigger's baseline."))
+    baseline_measured_at: datetime | None = None
+    degraded_at: datetime | None = Field(None, description=(
+        "When the degradation trigger started a run for it (once per active model)."))
 
 
 class RLAgentStatus(_Status):
@@ -510,11 +535,20 @@ class TrajectoryWindow(_Model):
     count: int = Field(ge=1, description="Number of trajectories on the subject in that range.")
 
 
+class DegradedModel(_Model):
+    """The active model whose live reward fell below its baseline minus the margin."""
+
+    version: str = Field(min_length=1)
+    live_reward: float = Field(description="Its live reward (10%-trimmed mean over the window).")
+    baseline_reward: float
+
+
 class TrainingTrigger(_Model):
-    reason: Literal["Created", "SpecChanged", "Manual", "Scheduled", "Trajectories"] = Field(description=(
+    reason: Literal["Created", "SpecChanged", "Manual", "Scheduled", "Trajectories", "Degraded"] = Field(description=(
         "Why this run exists: Created (the agent's first), SpecChanged (its training spec changed), Manual "
         "(a new rlops.dev/retrain value), Scheduled (spec.triggers.schedule), Trajectories "
-        "(spec.triggers.trajectories.threshold new trajectories arrived)."))
+        "(spec.triggers.trajectories.threshold new trajectories arrived), Degraded (the active model's live "
+        "reward fell below its baseline minus spec.triggers.degradation.margin)."))
     agent_generation: int = Field(ge=1, description="metadata.generation of the agent it snapshots.")
     ordinal: int | None = Field(None, ge=1, description=(
         "Its place among the runs of the same agent generation that later triggers started (1, 2, ...); "
@@ -523,6 +557,8 @@ class TrainingTrigger(_Model):
     scheduled_time: datetime | None = Field(None, description="The scheduled time it was started for.")
     trajectories: TrajectoryWindow | None = Field(None, description="The new trajectories it was started for.",
                                                   json_schema_extra={NO_DEFAULT: True})
+    degraded: DegradedModel | None = Field(None, description="The degraded active model it was started for.",
+                                           json_schema_extra={NO_DEFAULT: True})
 
 
 class TrainingRunSpec(_Model):
@@ -663,6 +699,8 @@ class RolloutStatus(_Status):
     current_step_index: int | None = None
     step_started_at: datetime | None = None
     canary_weight: int | None = None
+    weight_before_freeze: int | None = Field(None, description=(
+        "The canary's weight when the kill switch froze the Rollout (restored when it is lifted)."))
     approval: Approval | None = None
     analysis: AnalysisRun | None = None
     abort_reason: str | None = None

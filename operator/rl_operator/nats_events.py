@@ -61,7 +61,7 @@ STREAMS = (Stream("RL_TRAINING", ["agent.rl.training.>"], 7 * 86400, 10_000, (RE
 DEPLOYMENT_OUTCOMES = {"Progressing": "canary_started", "Promoted": "promoted", "RolledBack": "rolled_back"}
 #: trigger reasons as the request event names them
 TRIGGER_REASONS = {"Created": "created", "SpecChanged": "spec_changed", "Manual": "manual",
-                   "Scheduled": "scheduled", "Trajectories": "threshold_reached"}
+                   "Scheduled": "scheduled", "Trajectories": "threshold_reached", "Degraded": "performance_degradation"}
 OUTBOX_LIMIT = 10_000  #: events kept while NATS is down; beyond, the oldest go (and the log says so)
 #: on replay, states that changed this long before the last event the streams hold count too
 REPLAY_MARGIN = timedelta(minutes=1)
@@ -97,6 +97,9 @@ def training_request(run: dict[str, Any]) -> Event:
         config["dataset"] = {"source": "nats_stream", "stream_name": w.stream, "subject": w.subject,
                              "first_sequence": w.first_sequence, "last_sequence": w.last_sequence,
                              "sample_size": w.count}
+    if trigger.degraded is not None:
+        config["degraded_model"] = {"version": trigger.degraded.version, "live_reward": trigger.degraded.live_reward,
+                                    "baseline_reward": trigger.degraded.baseline_reward}
     payload = {"training_job_id": _job_id(run), "run_uid": run["metadata"]["uid"],
                "timestamp": _ts(run["metadata"].get("creationTimestamp")), "requester": REQUESTER,
                "trigger_reason": TRIGGER_REASONS[trigger.reason], "namespace": run["metadata"]["namespace"],

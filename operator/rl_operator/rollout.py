@@ -334,6 +334,8 @@ class Observed:
     approval_key: bytes | None = None
     #: Why the Rollout is outside the operator's owner chain (``trust.rollout_untrusted``), or None.
     untrusted: str | None = None
+    #: The global kill switch's reason while it is engaged (``rlops-kill-switch``), else None.
+    frozen: str | None = None
 
 
 @dataclass
@@ -437,6 +439,32 @@ def abort(rollout: dict[str, Any], reason: str, at: datetime) -> tuple[m.Rollout
     return _abort(st, spec, reason, at, Actions())
 
 
+def _freeze(st: m.RolloutStatus, spec: m.RolloutSpec, obs: Observed, at: datetime,
+            acts: Actions) -> tuple[m.RolloutStatus, Actions]:
+    """The kill switch is engaged: a Rollout that has not started waits; one in progress holds
+    its step with all traffic on the stable version (the canary's weight is restored when the
+    switch is lifted). A first Rollout (no stable version) cannot move traffic anywhere: it holds."""
+    why = f"frozen by the kill switch: {obs.frozen}"
+    if st.phase not in ACTIVE:
+        st.phase = "Approved" if st.phase in (None, "Pending", "AwaitingApproval") else st.phase
+        st.message = f"{why}; starts when it is lifted"
+    elif st.stable_version is None:
+        st.message = f"{why}; no stable version to move traffic to: held at {st.canary_weight or 0}%"
+    else:
+        if st.weight_before_freeze is None:
+            st.weight_before_freeze = st.canary_weight or 0
+        st.canary_weight = 0
+        st.message = f"{why}; all traffic on stable {st.stable_version}"
+        weights = weights_for(st.stable_version, spec.version, 0)
+        if not same_split(obs.serving_weights, weights):
+            acts.set_weights = weights
+    before = next((c for c in st.conditions if c.type == "Frozen"), None)
+    if before is None or before.status != "True":
+        acts.events.append(Event("Warning", "Frozen", st.message))
+    set_condition(st.conditions, "Frozen", "True", "KillSwitch", why, at)
+    return st, acts
+
+
 def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, Actions]:
     """One reconcile of a Rollout: the whole canary order of operations.
 
@@ -518,6 +546,15 @@ def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
     if st.phase not in ACTIVE and obs.blocking_rollout:
         st.phase, st.message = "Queued", f"waiting for rollout {obs.blocking_rollout} to finish"
         return st, acts
+
+    # 3b. the global kill switch: nothing moves, traffic on stable, until it is lifted
+    if obs.frozen is not None:
+        return _freeze(st, spec, obs, at, acts)
+    if st.weight_before_freeze is not None:
+        st.canary_weight, st.weight_before_freeze, st.step_started_at = st.weight_before_freeze, None, at
+        set_condition(st.conditions, "Frozen", "False", "KillSwitchLifted", "the kill switch was lifted", at)
+        acts.events.append(Event("Normal", "Unfrozen", f"kill switch lifted: canary back to {st.canary_weight}%, "
+                                                       f"the current step starts over"))
 
     # 4. start: the canary deployed beside the stable version, at weight 0
     if st.phase not in ACTIVE:

@@ -127,6 +127,14 @@ class OperatorSettings:
     """Namespace of the operator's own objects (the Ray cluster claims of shards).
     Env: ``RLOPS_OPERATOR_NAMESPACE``."""
 
+    kill_switch_configmap: str = "rlops-kill-switch"
+    """ConfigMap (in ``operator_namespace``) of the global kill switch: ``data.engaged: "true"``
+    freezes every Rollout with all traffic on stable, ``data.reason`` says why. Read every
+    ``kill_switch_poll_seconds``. Env: ``RLOPS_KILL_SWITCH_CONFIGMAP``."""
+
+    kill_switch_poll_seconds: float = 2.0
+    """Period (seconds) of the kill switch's read. Env: ``RLOPS_KILL_SWITCH_POLL_SECONDS``."""
+
     nats_url: str | None = None
     """NATS server with JetStream (``nats://host:4222``) for the trajectory trigger
     (``spec.triggers.trajectories``) and the events out; unset: neither works.
@@ -173,6 +181,8 @@ class OperatorSettings:
             namespaces=tuple(n.strip() for n in env.get("RLOPS_NAMESPACES", "").split(",") if n.strip()),
             shard=env.get("RLOPS_SHARD") or None,
             operator_namespace=env.get("RLOPS_OPERATOR_NAMESPACE", cls.operator_namespace),
+            kill_switch_configmap=env.get("RLOPS_KILL_SWITCH_CONFIGMAP", cls.kill_switch_configmap),
+            kill_switch_poll_seconds=float(env.get("RLOPS_KILL_SWITCH_POLL_SECONDS", cls.kill_switch_poll_seconds)),
             nats_url=env.get("RLOPS_NATS_URL") or None,
             nats_events=env.get("RLOPS_NATS_EVENTS", "") in ("1", "true"),
             extra_env={k[len(prefix):]: v for k, v in env.items() if k.startswith(prefix)},

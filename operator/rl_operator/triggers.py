@@ -18,6 +18,13 @@ due at once (one run serves every trigger due at that moment):
   sequence range, and only then does the consumer acknowledge them, so a restart of the
   operator in between neither loses nor counts them twice (the run found for the range is
   the record that they were handled).
+- ``Degraded``: the active model's live reward (the 10%-trimmed mean of its feedback rewards
+  over ``spec.triggers.degradation.windowSeconds``, from Prometheus) is below its baseline minus
+  ``margin``, with at least ``minFeedback`` feedbacks in the window. The baseline is
+  ``baseline`` when set, else the live reward over the model's first full window after it took
+  all traffic (``status.activeModel.baselineReward``, :func:`baseline_to_record`). One run per
+  active model (``status.activeModel.degradedAt``): the run it starts, once promoted, is the
+  next active model, with a baseline of its own.
 
 When a run of the agent is still ``Pending`` or ``Running``, ``spec.concurrencyPolicy`` decides
 (CronJob's names): ``Allow`` starts the new run beside it; ``Forbid`` keeps the trigger waiting
@@ -55,6 +62,15 @@ class Due(NamedTuple):
     nonce: str | None = None  #: the rlops.dev/retrain value (Manual)
     scheduled_time: datetime | None = None  #: the cron time it stands for (Scheduled)
     window: "Window | None" = None  #: the new trajectories (Trajectories)
+    degraded: m.DegradedModel | None = None  #: the degraded active model (Degraded)
+
+
+class LiveReward(NamedTuple):
+    """The active model's live reward over the degradation trigger's window (Prometheus)."""
+
+    version: str  #: the version measured
+    reward: float | None  #: 10%-trimmed mean of its feedback rewards, reward units (None: no feedback)
+    feedback: float  #: feedbacks in the window
 
 
 class Window(NamedTuple):
@@ -82,6 +98,9 @@ class Plan(NamedTuple):
     #: the last stream sequence of the trajectories that a run (the new one, or one made before
     #: a restart) stands for: the durable consumer acknowledges up to there
     handled_sequence: int | None = None
+    #: the degradation verdict for the agent's condition Degraded: (degraded?, message), None
+    #: when there is none (no trigger, no active model, no measurement, too little feedback)
+    degradation: tuple[bool, str] | None = None
 
 
 def in_progress(run: dict[str, Any]) -> bool:
@@ -122,9 +141,48 @@ class _Seen(NamedTuple):
     last_schedule_time: datetime | None
     last_retrain: str | None
     handled_sequence: int | None
+    degradation: tuple[bool, str] | None
 
 
-def _due(agent: dict[str, Any], runs: list[dict[str, Any]], now: datetime, trajectories: Window | None) -> _Seen:
+def _degradation(spec: m.RLAgentSpec, status: m.RLAgentStatus, runs: list[dict[str, Any]],
+                 live: LiveReward | None) -> tuple[Due | None, tuple[bool, str] | None]:
+    """The Degraded trigger, if due, and the verdict for the condition."""
+    wanted, active = spec.triggers.degradation, status.active_model
+    if wanted is None or active is None or live is None or live.version != active.version or live.reward is None \
+            or live.feedback < wanted.min_feedback:
+        return None, None
+    baseline = wanted.baseline if wanted.baseline is not None else active.baseline_reward
+    if baseline is None:
+        return None, None
+    degraded = live.reward < baseline - wanted.margin
+    message = (f"the live reward of {active.version} is {'below' if degraded else 'within'} its baseline "
+               f"{baseline:.3f} minus {wanted.margin:g} (10%-trimmed mean over {wanted.window_seconds} s)")
+    done = active.degraded_at is not None or any(
+        (r["spec"]["trigger"].get("degraded") or {}).get("version") == active.version for r in runs)
+    if not degraded or done:
+        return None, (degraded, message)
+    return Due("Degraded", degraded=m.DegradedModel(version=active.version, live_reward=round(live.reward, 6),
+                                                    baseline_reward=round(baseline, 6))), (True, message)
+
+
+def baseline_to_record(agent: dict[str, Any], live: LiveReward | None, now: datetime) -> float | None:
+    """The live reward to record as the active model's baseline (``status.activeModel.
+    baselineReward``), or None: only with the degradation trigger and no fixed baseline, none
+    recorded yet, a window that starts after the model took all traffic, and enough feedback."""
+    spec = m.RLAgentSpec.model_validate(agent["spec"])
+    active = m.RLAgentStatus.model_validate(agent.get("status") or {}).active_model
+    wanted = spec.triggers.degradation
+    if wanted is None or wanted.baseline is not None or active is None or active.baseline_reward is not None:
+        return None
+    if live is None or live.version != active.version or live.reward is None or live.feedback < wanted.min_feedback:
+        return None
+    if active.promoted_at is None or (now - active.promoted_at).total_seconds() < wanted.window_seconds:
+        return None
+    return live.reward
+
+
+def _due(agent: dict[str, Any], runs: list[dict[str, Any]], now: datetime, trajectories: Window | None,
+         live: LiveReward | None = None) -> _Seen:
     """The triggers that call for a run now (winner first), a trigger that cannot work, and what
     the agent's status should record as handled even with no new run: the scheduled time and
     retrain value of runs it does not record yet (made just before a restart), or now when the
@@ -167,7 +225,10 @@ def _due(agent: dict[str, Any], runs: list[dict[str, Any]], now: datetime, traje
             handled = max(ends)  # a run made for them before a restart: acknowledge, start none
         else:
             due.append(Due("Trajectories", window=trajectories))
-    return _Seen(due, problem, record_time, record_retrain, handled)
+    degraded, verdict = _degradation(spec, status, runs, live)
+    if degraded is not None:
+        due.append(degraded)
+    return _Seen(due, problem, record_time, record_retrain, handled, verdict)
 
 
 def blocked(agent: dict[str, Any], runs: list[dict[str, Any]]) -> tuple[str, str] | None:
@@ -184,7 +245,8 @@ def blocked(agent: dict[str, Any], runs: list[dict[str, Any]]) -> tuple[str, str
 
 
 def plan(agent: dict[str, Any], runs: list[dict[str, Any]], now: datetime,
-         trajectories: Window | None = None, trajectory_problem: str | None = None) -> Plan:
+         trajectories: Window | None = None, trajectory_problem: str | None = None,
+         live: LiveReward | None = None) -> Plan:
     """The run the agent's triggers call for now, under its concurrency policy and suspend.
 
     Args:
@@ -195,9 +257,10 @@ def plan(agent: dict[str, Any], runs: list[dict[str, Any]], now: datetime,
             (``rl_operator.jetstream``); without ``first``/``last`` they only count towards
             ``TriggerWaiting``, no run starts for them.
         trajectory_problem: why the trajectories cannot be counted (no NATS, no stream).
+        live: the active model's live reward (the degradation trigger).
     """
     spec = m.RLAgentSpec.model_validate(agent["spec"])
-    seen = _due(agent, runs, now, trajectories)
+    seen = _due(agent, runs, now, trajectories, live)
     due = seen.due
     if spec.triggers.trajectories is None:
         trajectory_problem = None
@@ -206,14 +269,15 @@ def plan(agent: dict[str, Any], runs: list[dict[str, Any]], now: datetime,
     waiting = f"{why[0]}: {_reasons(due)} waits{why[1]}" if why else None
     due = [d for d in due if d.window is None or d.window.first is not None]  # read first, then run
     if not due or waiting:
-        return Plan(None, [], [], waiting, problem, seen.last_schedule_time, seen.last_retrain, seen.handled_sequence)
+        return Plan(None, [], [], waiting, problem, seen.last_schedule_time, seen.last_retrain, seen.handled_sequence,
+                    seen.degradation)
     busy = sorted(r["metadata"]["name"] for r in runs if in_progress(r))
     supersede = busy if spec.concurrency_policy == "Replace" else []
     scheduled = next((d.scheduled_time for d in due if d.scheduled_time), None)
     nonce = next((d.nonce for d in due if d.nonce), None)
     window = next((d.window for d in due if d.window), None)
     return Plan(new_run(agent, runs, due), supersede, due, None, problem, scheduled or seen.last_schedule_time,
-                nonce or seen.last_retrain, window.last if window else seen.handled_sequence)
+                nonce or seen.last_retrain, window.last if window else seen.handled_sequence, seen.degradation)
 
 
 def note_plan(status: m.RLAgentStatus, plan: Plan, at: datetime) -> list[Event]:
@@ -225,6 +289,16 @@ def note_plan(status: m.RLAgentStatus, plan: Plan, at: datetime) -> list[Event]:
         status.last_schedule_time = max(t for t in (status.last_schedule_time, plan.last_schedule_time) if t)
     if plan.last_retrain is not None:
         status.last_retrain = plan.last_retrain
+    degraded = next((d.degraded for d in plan.due if d.degraded), None)
+    if degraded is not None and status.active_model is not None and status.active_model.version == degraded.version:
+        status.active_model.degraded_at = at
+    if plan.degradation is not None:
+        is_degraded, message = plan.degradation
+        before = get_condition(status.conditions, "Degraded")
+        if is_degraded and (before is None or before.status != "True"):
+            events.append(Event("Warning", "Degraded", message))
+        set_condition(status.conditions, "Degraded", "True" if is_degraded else "False",
+                      "LiveRewardBelowBaseline" if is_degraded else "LiveRewardWithinMargin", message, at)
     before = get_condition(status.conditions, "TriggerWaiting")
     if plan.waiting:
         reason = "Suspended" if plan.waiting.startswith("spec.suspend") else "ConcurrencyPolicy"
@@ -266,6 +340,9 @@ def new_run(agent: dict[str, Any], runs: list[dict[str, Any]], due: list[Due]) -
     scheduled = next((d.scheduled_time for d in due if d.scheduled_time), None)
     if scheduled:
         trigger["scheduledTime"] = scheduled.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    degraded = next((d.degraded for d in due if d.degraded), None)
+    if degraded is not None:
+        trigger["degraded"] = degraded.wire()
     window = next((d.window for d in due if d.window), None)
     if window is not None:
         wanted = m.RLAgentSpec.model_validate(agent["spec"]).triggers.trajectories

@@ -53,17 +53,22 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="package")
-def real_cluster() -> Cluster:
+def real_cluster(request) -> Cluster:
     if os.geteuid() != 0:
         pytest.fail("the cluster tier runs a real kubelet node and needs root (containerd, runc, iptables)")
     env = {**os.environ, "RLOPS_CLUSTER_NAME": NAME, "RLOPS_AUDIT_PORT": "8192"}
-    run(["bash", str(REPO / "hack" / "cluster-up.sh")], env, 600)
-    run(["bash", str(REPO / "hack" / "node-up.sh")], env, 2400)
-    c = Cluster(name=NAME, dir=CACHE / "clusters" / NAME, env=env)
-    yield c
-    if not os.environ.get("RLOPS_KEEP_TEST_CLUSTER"):
+
+    def down() -> None:
         subprocess.run(["bash", str(REPO / "hack" / "node-down.sh")], env=env, check=False, timeout=300)
         subprocess.run(["bash", str(REPO / "hack" / "cluster-down.sh")], env=env, check=False, timeout=300)
+
+    if not os.environ.get("RLOPS_KEEP_TEST_CLUSTER"):
+        # registered before the bring-up: a half-started cluster goes too (its API server left
+        # running once pointed at the next cluster's etcd, which took the freed port)
+        request.addfinalizer(down)
+    run(["bash", str(REPO / "hack" / "cluster-up.sh")], env, 600)
+    run(["bash", str(REPO / "hack" / "node-up.sh")], env, 2400)
+    return Cluster(name=NAME, dir=CACHE / "clusters" / NAME, env=env)
 
 
 @pytest.fixture(scope="package")

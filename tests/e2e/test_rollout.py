@@ -339,3 +339,121 @@ def test_crafted_rollout_never_reaches_ray_serve(cluster, stack, namespace):
     assert rayserve.app_name(namespace, "crafted") not in after
     assert {k: v.get("deployed_app_config") for k, v in after.items()} == \
         {k: v.get("deployed_app_config") for k, v in before.items()}
+
+
+DEGRADING_AGENT = """apiVersion: rlops.dev/v1alpha1
+kind: RLAgent
+metadata: {name: pole}
+spec:
+  environment: {id: CartPole-v1, numEnvs: 8}
+  training: {totalTimesteps: 8192, evalInterval: 8192, seed: 3, resources: {gpu: 1}}
+  evaluation: {episodes: 5}
+  triggers:
+    degradation: {margin: 0.2, windowSeconds: 20, minFeedback: 10}
+"""
+
+
+def test_a_degraded_live_reward_starts_one_retraining(cluster, stack, nats_server, namespace, app_cleanup):
+    """The active model's feedback rewards, through real Ray Serve and Prometheus: its first full
+    window after promotion becomes its baseline; once its live reward falls below that minus the
+    margin, one Degraded run starts, and no second one."""
+    url = f"{stack['ray'].serve}/{namespace}/{AGENT}"
+    assert cluster.apply(DEGRADING_AGENT, namespace).returncode == 0
+    train_and_wait_rollout(cluster, namespace, "pole-1")
+    approve(cluster, namespace, "pole-1")
+    wait_phase(cluster, namespace, "rollout", "pole-1", ("Promoted",), 300)
+
+    def active():
+        return (cluster.get("rlagent", AGENT, "-n", namespace).get("status") or {}).get("activeModel") or {}
+
+    def feedback(client, reward, n):
+        for _ in range(n):
+            body = client.post(url, json={"observation": [0.01, -0.02, 0.03, 0.04]}).json()
+            assert client.post(f"{url}/feedback", json={"request_id": body["request_id"], "reward": reward}).status_code == 200
+
+    def degraded_runs():
+        return [r for r in cluster.get("trainingruns", "-n", namespace)["items"] if r["spec"]["trigger"]["reason"] == "Degraded"]
+
+    with httpx.Client(timeout=30) as client:
+        wait_for(lambda: (feedback(client, 0.6, 3), active().get("baselineReward"))[1] is not None, 120,
+                 "the baseline recorded", interval=1)
+        baseline = active()["baselineReward"]
+        assert abs(baseline - 0.6) <= 0.05, baseline
+        assert degraded_runs() == []
+        (run,) = wait_for(lambda: (feedback(client, 0.1, 3), degraded_runs())[1], 120, "a Degraded run", interval=1)
+        time.sleep(12)  # more rounds of the resync, the reward still low
+        feedback(client, 0.1, 10)
+    assert [r["metadata"]["name"] for r in degraded_runs()] == [run["metadata"]["name"]]
+    degraded = run["spec"]["trigger"]["degraded"]
+    assert degraded["version"] == "pole-1" and degraded["baselineReward"] == baseline
+    assert degraded["liveReward"] < baseline - 0.2
+    agent = cluster.get("rlagent", AGENT, "-n", namespace)
+    cond = next(c for c in agent["status"]["conditions"] if c["type"] == "Degraded")
+    assert cond["status"] == "True" and cond["reason"] == "LiveRewardBelowBaseline", cond
+    assert agent["status"]["activeModel"]["degradedAt"]
+    request = wait_for(lambda: next((p for i, p in published_events(nats_server, "agent.rl.training.request.v1",
+                                                                    namespace)
+                                     if i == f"{run['metadata']['uid']}:request"), None), 30, "the request event")
+    assert request["trigger_reason"] == "performance_degradation"
+    assert request["training_config"]["degraded_model"]["version"] == "pole-1"
+
+
+QUICK_AGENT = """apiVersion: rlops.dev/v1alpha1
+kind: RLAgent
+metadata: {{name: pole}}
+spec:
+  environment: {{id: CartPole-v1, numEnvs: 8}}
+  training: {{totalTimesteps: 8192, evalInterval: 8192, seed: {seed}, resources: {{gpu: 1}}}}
+  evaluation: {{episodes: 5}}
+  canary:
+    steps:
+    - setWeight: 50
+    - pause: {{}}
+    - setWeight: 100
+    analysis: {{intervalSeconds: 2, windowSeconds: 30, minSampleCount: 50}}
+"""
+
+
+def test_the_kill_switch_pins_traffic_to_stable_until_lifted(cluster, stack, namespace, app_cleanup):
+    """A canary at 50%: the kill switch (ConfigMap rlops-kill-switch) moves all traffic to the
+    stable version within seconds and holds the step, promote or not; lifted, the canary gets
+    its 50% back and goes on. Not one client request fails."""
+    url = f"{stack['ray'].serve}/{namespace}/{AGENT}"
+    assert cluster.apply(QUICK_AGENT.format(seed=1), namespace).returncode == 0
+    train_and_wait_rollout(cluster, namespace, "pole-1")
+    approve(cluster, namespace, "pole-1")
+    wait_phase(cluster, namespace, "rollout", "pole-1", ("Promoted",), 300)
+    assert cluster.apply(QUICK_AGENT.format(seed=2), namespace).returncode == 0
+    train_and_wait_rollout(cluster, namespace, "pole-2")
+    switch = ["-n", "rlops-system", "configmap", "rlops-kill-switch"]
+    try:
+        with Load(url) as load:
+            wait_for(lambda: load.count_since(0) > 20, 60, "client load to start")
+            approve(cluster, namespace, "pole-2")
+            wait_for(lambda: (s := rollout_status(cluster, namespace, "pole-2")).get("phase") == "Paused"
+                     and s.get("canaryWeight") == 50, 300, "the canary paused at 50%", interval=0.5)
+            cluster.kubectl("create", *switch[:-2], *switch[-2:], "--from-literal=engaged=true",
+                            "--from-literal=reason=e2e incident")
+            t_engaged = time.monotonic()
+            wait_for(lambda: serving(stack["ray"], namespace)[1] == {"pole-1": 100, "pole-2": 0}, 30,
+                     "traffic pinned to stable", interval=0.2)
+            t_pinned = time.monotonic()
+            cluster.kubectl("annotate", "rollout", "pole-2", "-n", namespace, "rlops.dev/promote=true")
+            time.sleep(8)  # reconciles, the promote annotation among them: nothing moves
+            frozen = rollout_status(cluster, namespace, "pole-2")
+            assert (frozen["phase"], frozen["canaryWeight"], frozen["weightBeforeFreeze"]) == ("Paused", 0, 50)
+            cond = next(c for c in frozen["conditions"] if c["type"] == "Frozen")
+            assert cond["status"] == "True" and "e2e incident" in cond["message"]
+            assert serving(stack["ray"], namespace)[1] == {"pole-1": 100, "pole-2": 0}
+            pinned = load.between(t_pinned + 1.0, time.monotonic())
+            assert len(pinned) > 50 and all(r[1] == "pole-1" for r in pinned), Counter(r[1] for r in pinned)
+            cluster.kubectl("delete", *switch)
+            # lifted: the canary is back, and the promote asked while frozen now counts
+            wait_phase(cluster, namespace, "rollout", "pole-2", ("Promoted",), 120)
+    finally:
+        cluster.kubectl("delete", *switch, "--ignore-not-found")
+    assert not [r for r in load.records if not r[2]], "client requests failed"
+    print(f"kill switch engaged -> traffic on stable: {t_pinned - t_engaged:.2f} s")
+    events = {e["reason"] for e in cluster.get("events", "-n", namespace)["items"]
+              if e["involvedObject"]["name"] == "pole-2"}
+    assert {"Frozen", "Unfrozen"} <= events

@@ -56,3 +56,10 @@ def test_agent_crd_names_and_columns():
     assert spec["properties"]["training"]["properties"]["resources"]["properties"]["gpu"]["minimum"] == 0
     # optional sub-objects default to {} so that the API server fills in their own defaults
     assert spec["properties"]["training"]["default"] == {}
+
+
+def test_exclusive_bounds_are_openapi_v3_flags():
+    """pydantic's gt/lt (JSON Schema 2020-12 numbers) become a bound plus a boolean flag, the only
+    form a CustomResourceDefinition takes."""
+    node = crdgen.structural({"type": "number", "exclusiveMinimum": 0, "maximum": 5}, {}, in_spec=True)
+    assert node == {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 5}

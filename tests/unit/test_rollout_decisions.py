@@ -59,12 +59,12 @@ class World:
         self.weight_history = []
         self.now = T0
 
-    def step(self, ro, analysis=None, annotations=None, blocking=None):
+    def step(self, ro, analysis=None, annotations=None, blocking=None, frozen=None):
         ro["metadata"]["annotations"] = annotations if annotations is not None else ro["metadata"]["annotations"]
         obs = r.Observed(now=self.now, annotations=dict(ro["metadata"]["annotations"]), agent_spec=self.spec,
                          active_model=self.stable, serving_versions=self.versions,
                          serving_weights=self.weights, app_status="RUNNING" if self.versions else None,
-                         blocking_rollout=blocking, analysis=analysis, approval_key=KEY)
+                         blocking_rollout=blocking, analysis=analysis, approval_key=KEY, frozen=frozen)
         status, acts = r.reconcile(ro, obs)
         if acts.set_weights is not None:
             self.weights = dict(acts.set_weights)
@@ -520,3 +520,51 @@ def test_only_rollouts_that_move_with_time_keep_the_periodic_reconcile():
     # an approval the webhook recorded but the operator could not act on yet (Ray Serve down)
     assert rollout_ticks({"phase": "AwaitingApproval"}, {"rlops.dev/approved-by": "bob"})
     assert not rollout_ticks({"phase": "Promoted"}, {"rlops.dev/approved-by": "bob"})
+
+
+def test_the_kill_switch_pins_traffic_to_stable_and_holds_the_step():
+    world = World(spec=agent_spec(canary={"steps": [{"setWeight": 10}, {"pause": {"durationSeconds": 30}},
+                                                    {"setWeight": 50}, {"setWeight": 100}]}))
+    ro = make_rollout(APPROVED)
+    world.step(ro)
+    world.step(ro)
+    st, _ = world.step(ro, analysis=OK)
+    assert st.phase == "Paused" and world.weights == {"cp-1": 90, "cp-2": 10}
+    st, acts = world.step(ro, frozen="incident 42")
+    assert world.weights == {"cp-1": 100, "cp-2": 0} and st.canary_weight == 0 and st.weight_before_freeze == 10
+    assert [(e.type, e.reason) for e in acts.events] == [("Warning", "Frozen")]
+    frozen = next(c for c in st.conditions if c.type == "Frozen")
+    assert (frozen.status, frozen.reason) == ("True", "KillSwitch") and "incident 42" in frozen.message
+    # time passes, analysis passes, promote is asked: nothing moves while frozen
+    world.now += timedelta(minutes=10)
+    st, acts = world.step(ro, analysis=OK, annotations={**APPROVED, r.PROMOTE: "true"}, frozen="incident 42")
+    assert world.weights == {"cp-1": 100, "cp-2": 0} and st.current_step_index == 1 and acts.events == []
+    ro["metadata"]["annotations"].pop(r.PROMOTE)
+    # lifted: back to 10%, the pause starts over
+    st, acts = world.step(ro, analysis=OK)
+    assert world.weights == {"cp-1": 90, "cp-2": 10} and st.canary_weight == 10 and st.weight_before_freeze is None
+    assert st.phase == "Paused" and st.step_started_at == world.now
+    assert "Unfrozen" in [e.reason for e in acts.events]
+    world.now += timedelta(seconds=31)
+    world.step(ro, analysis=OK)
+    assert world.weights == {"cp-1": 50, "cp-2": 50}
+
+
+def test_the_kill_switch_holds_a_rollout_that_has_not_started():
+    world = World()
+    ro = make_rollout(APPROVED)
+    st, acts = world.step(ro, frozen="maintenance")
+    assert st.phase == "Approved" and "starts when it is lifted" in st.message and acts.deploy is None
+    assert world.weights == {"cp-1": 100}
+    st, acts = world.step(ro)
+    assert st.phase == "Progressing" and acts.deploy is not None
+
+
+def test_the_kill_switch_cannot_move_a_first_rollout_anywhere():
+    world = World(stable=None)
+    ro = make_rollout(APPROVED)
+    st, acts = world.step(ro)  # started: its deployment asked for
+    assert st.phase == "Progressing" and st.stable_version is None
+    st, acts = world.step(ro, frozen="x")
+    assert acts.set_weights is None and acts.deploy is None and "no stable version" in st.message
+    assert st.phase == "Progressing"

@@ -266,3 +266,58 @@ def test_a_trajectory_problem_is_reported_only_with_the_trigger():
     assert triggers.plan(a, [run_of(a)], NOW, None, "no stream").problem == "no stream"
     plain = agent()
     assert triggers.plan(plain, [run_of(plain)], NOW, None, "no stream").problem is None
+
+
+DEGRADATION = {"degradation": {"margin": 0.1, "windowSeconds": 60, "minFeedback": 10}}
+PROMOTED = datetime(2026, 12, 3, 1, 0, 0, tzinfo=timezone.utc)
+
+
+def serving_agent(baseline=None, degraded_at=None, **triggers_spec):
+    active = {"version": "cartpole-1", "fingerprint": "sha256:" + "a" * 64, "artifactURI": "file:///a",
+              "promotedAt": PROMOTED.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if baseline is not None:
+        active["baselineReward"] = baseline
+    if degraded_at is not None:
+        active["degradedAt"] = degraded_at
+    return agent(status={"activeModel": active}, triggers=triggers_spec or DEGRADATION)
+
+
+def test_the_first_full_window_after_promotion_is_the_baseline():
+    a = serving_agent()
+    live = triggers.LiveReward("cartpole-1", 0.62, 40)
+    assert triggers.baseline_to_record(a, live, PROMOTED + timedelta(seconds=59)) is None  # window not full yet
+    assert triggers.baseline_to_record(a, live, PROMOTED + timedelta(seconds=60)) == 0.62
+    assert triggers.baseline_to_record(a, live._replace(feedback=9), NOW) is None  # too little feedback
+    assert triggers.baseline_to_record(a, live._replace(version="other"), NOW) is None
+    assert triggers.baseline_to_record(serving_agent(baseline=0.5), live, NOW) is None  # recorded already
+    fixed = serving_agent(degradation={**DEGRADATION["degradation"], "baseline": 0.7})
+    assert triggers.baseline_to_record(fixed, live, NOW) is None  # a fixed baseline is never measured
+
+
+def test_a_live_reward_below_baseline_minus_margin_starts_one_run():
+    a = serving_agent(baseline=0.6)
+    first = run_of(a)
+    within = triggers.plan(a, [first], NOW, live=triggers.LiveReward("cartpole-1", 0.55, 40))
+    assert within.run is None and within.degradation[0] is False
+    p = triggers.plan(a, [first], NOW, live=triggers.LiveReward("cartpole-1", 0.45, 40))
+    assert p.run["spec"]["trigger"] == {"reason": "Degraded", "agentGeneration": 1, "ordinal": 1, "degraded": {
+        "version": "cartpole-1", "liveReward": 0.45, "baselineReward": 0.6}}
+    status = m.RLAgentStatus.model_validate(a["status"])
+    events = triggers.note_plan(status, p, NOW)
+    assert status.active_model.degraded_at == NOW
+    cond = next(c for c in status.conditions if c.type == "Degraded")
+    assert (cond.status, cond.reason) == ("True", "LiveRewardBelowBaseline")
+    assert [(e.type, e.reason) for e in events] == [("Warning", "Degraded")]
+    # once per active model: its run exists (or degradedAt is set), nothing more
+    made = run_of(a, runs=[first], due=p.due)
+    assert triggers.plan(a, [first, made], NOW, live=triggers.LiveReward("cartpole-1", 0.3, 40)).run is None
+    later = serving_agent(baseline=0.6, degraded_at="2026-12-03T02:00:00Z")
+    assert triggers.plan(later, [first], NOW, live=triggers.LiveReward("cartpole-1", 0.3, 40)).run is None
+
+
+def test_no_verdict_without_enough_feedback_a_baseline_or_the_active_version():
+    a = serving_agent()
+    assert triggers.plan(a, [run_of(a)], NOW, live=triggers.LiveReward("cartpole-1", 0.1, 40)).degradation is None
+    b = serving_agent(baseline=0.6)
+    assert triggers.plan(b, [run_of(b)], NOW, live=triggers.LiveReward("cartpole-1", 0.1, 9)).degradation is None
+    assert triggers.plan(b, [run_of(b)], NOW, live=triggers.LiveReward("old", 0.1, 40)).degradation is None
