@@ -652,10 +652,11 @@ async def resync_trajectory_triggers() -> None:
 
 @kopf.on.startup()
 async def start_resync(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """The safety net for missed Job and pod events, and the clock of schedules: every
+    """The safety net for missed Job and pod events, and the clock of the triggers: every
     ``resync_seconds``, each unfinished TrainingRun in the watch cache is reconciled again (with
-    nothing missed, that makes no API request), and each agent with a schedule or a waiting
-    trigger plans its triggers (a scheduled time starts its run within ``resync_seconds``).
+    nothing missed, that makes no API request); on a second loop, each agent with a schedule,
+    a degradation or trajectory trigger, or a waiting trigger plans its triggers (a scheduled
+    time starts its run within ``resync_seconds``).
 
     One loop for the operator, not a kopf timer per object: kopf keeps a finalizer on every
     object with a timer, which cost a write per agent and made deleting an agent wait for the
@@ -687,6 +688,15 @@ async def start_resync(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: An
                 continue
             for namespace, name in cache.unfinished_runs():  # on the event loop: kopf's indexes change there
                 await asyncio.to_thread(resync_run, namespace, name)
+
+    async def triggers_loop() -> None:
+        """The triggers that need the clock or another service (a schedule, a wait, the live
+        reward in Prometheus, the trajectories in NATS), on a loop of their own: a service that
+        answers slowly delays them, never the resync of the runs."""
+        while True:
+            await asyncio.sleep(SETTINGS.resync_seconds)
+            if not _WORKING["value"] or not cache.INDEXED.is_set():
+                continue
             for namespace, name in cache.agents_with_triggers():  # a scheduled time came; a wait ended
                 await asyncio.to_thread(resync_triggers, namespace, name)
             try:
@@ -695,6 +705,7 @@ async def start_resync(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: An
                 log.warning("resync of the trajectory triggers failed: %s", exc)
 
     memo.resync = asyncio.create_task(loop())
+    memo.triggers = asyncio.create_task(triggers_loop())
     _WORKING["value"] = bool(settings.peering.standalone)  # with peering: from the loop's first round
     try:  # before any handler runs: no Rollout moves traffic while the switch is engaged
         _note_kill_switch(await asyncio.to_thread(read_kill_switch))
