@@ -15,14 +15,16 @@ from typing import Mapping
 import httpx
 from rl_engine.serving import contract
 
-from rl_operator.rollout import Measurement
+from rl_operator.rollout import Measurement, ShadowCounts
 
 #: Exported Prometheus series (``docs/serving.md``), named by the serving application's own
 #: contract: Ray prefixes ``ray_``; counters end in ``_total``.
 SERIES: Mapping[str, str] = {
     **{role: contract.counter_series(role) for role in
-       ("requests", "errors", "feedback", "reward_positive", "reward_negative", "negative_feedback")},
+       ("requests", "errors", "feedback", "reward_positive", "reward_negative", "negative_feedback", "decisions",
+        "agreements", "override_feedback", "override_correct")},
     "reward_scaled_bucket": contract.bucket_series("reward_scaled"),
+    "circuit_open": contract.gauge_series("circuit_open"),
 }
 
 
@@ -33,7 +35,7 @@ class AnalysisError(RuntimeError):
 def query(series: str, namespace: str, agent: str, version: str, window_seconds: int, by: str = "") -> str:
     """PromQL: the increase of one counter for one version over the window (a scalar-like
     vector; with ``by="le"``, one element per histogram bucket)."""
-    selector = f'{SERIES[series]}{{namespace="{namespace}",agent="{agent}",version="{version}"}}'
+    selector = _selector(series, namespace, agent, version)
     grouping = f" by ({by})" if by else ""
     return f"sum{grouping}(increase({selector}[{int(window_seconds)}s]))"
 
@@ -112,7 +114,37 @@ def measure(
         stable_negative=inc("negative_feedback", stable) if stable else 0.0,
         stable_reward_buckets=rewards(stable) if stable else (),
         window_seconds=int(window_seconds),
+        canary_decisions=inc("decisions", canary) if stable else 0.0,
+        canary_agreements=inc("agreements", canary) if stable else 0.0,
     )
+
+
+def _selector(series: str, namespace: str, agent: str, version: str) -> str:
+    return f'{SERIES[series]}{{namespace="{namespace}",agent="{agent}",version="{version}"}}'
+
+
+def shadow_counts(prometheus_url: str, namespace: str, agent: str, version: str) -> ShadowCounts:
+    """The router's comparison counters of a shadow version, summed as they stand (exact counts
+    since the router started comparing it, not extrapolated increases). A router restart resets
+    them, which only delays graduation.
+
+    Raises:
+        AnalysisError: Prometheus could not be queried or answered something unexpected.
+    """
+    def total(series: str) -> float:
+        return instant(prometheus_url, f"sum({_selector(series, namespace, agent, version)})")
+
+    return ShadowCounts(decisions=total("decisions"), agreements=total("agreements"),
+                        override_feedback=total("override_feedback"), override_correct=total("override_correct"))
+
+
+def circuit_open(prometheus_url: str, namespace: str, agent: str, version: str) -> bool:
+    """Whether a router replica reports its circuit breaker open for this (canary) version.
+
+    Raises:
+        AnalysisError: Prometheus could not be queried or answered something unexpected.
+    """
+    return instant(prometheus_url, f"max({_selector('circuit_open', namespace, agent, version)})") > 0
 
 
 def live_reward(prometheus_url: str, namespace: str, agent: str, version: str, window_seconds: int,

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import kopf
 
 from kubernetes.client.exceptions import ApiException
+from rl_engine.serving.contract import BREAKER_KEY, SHADOW_KEY
 
 from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, diffbase, jetstream, kube, metrics, nats_events, peering, rayserve, rollout, shards, training, triggers, trust
 from rl_operator import models as m
@@ -819,7 +820,7 @@ def ensure_rollout(run: dict[str, Any]) -> None:
     if trust.run_untrusted(run, agent):
         return  # reconcile_run already failed it with the reason
     spec = m.RLAgentSpec.model_validate(agent["spec"])
-    if spec.mode == "observe" or spec.suspend:
+    if spec.suspend:
         return  # a suspended agent's latest run gets its Rollout when it is resumed (nudge_waiting_rollouts)
     ok, why = rollout.eligible(run, spec)
     if not ok:
@@ -892,6 +893,7 @@ class Serving(NamedTuple):
     weights: dict[str, int] | None  #: the router's split, percent
     status: str | None  #: the application's status (RUNNING, DEPLOYING, ...)
     entries: dict[str, Any]  #: version -> its entry as deployed (artifactURI, fingerprint)
+    extras: dict[str, Any] | None = None  #: the router's user_config besides the weights
 
 
 def _serving(namespace: str, agent: str) -> Serving:
@@ -903,7 +905,8 @@ def _serving(namespace: str, agent: str) -> Serving:
         return Serving(None, None, None, {})
     entries = (config.get("args") or {}).get("versions") or {}
     versions = {v: (entries.get(v) or {}).get("fingerprint") for v in rayserve.application_versions(config)}
-    return Serving(versions, rayserve.application_weights(config), summary["status"], entries)
+    return Serving(versions, rayserve.application_weights(config), summary["status"], entries,
+                   rayserve.router_extras(config))
 
 
 @metrics.reconciler("rollout")
@@ -946,10 +949,11 @@ def reconcile_rollout(namespace: str, name: str) -> None:
             try:
                 serving = _serving(namespace, agent_name)
                 obs.serving_versions, obs.serving_weights, obs.app_status = serving.versions, serving.weights, serving.status
-                entries = serving.entries
+                obs.serving_extras, entries = serving.extras, serving.entries
             except rayserve.RayServeError as exc:
                 _write_rollout(ro, status.model_copy(update={"message": f"Ray Serve unavailable: {exc}"}), [])
                 return
+            _observe_router(obs, namespace, agent_name, ro["spec"]["version"], status)
             if obs.frozen is None and (window := rollout.analysis_window(status, agent_spec, now)) is not None:
                 try:
                     meas = analysis.measure(SETTINGS.prometheus_url, namespace, agent_name, ro["spec"]["version"],
@@ -966,6 +970,48 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         if acts.promote_active_model is not None:
             _set_active_model(namespace, agent_name, acts.promote_active_model, name)
         _write_rollout(ro, new_status, acts.events)
+        if new_status.shadow is not None:
+            _set_agent_shadow(agent, name, new_status)
+
+
+def _set_agent_shadow(agent: dict[str, Any], rollout_name: str, st: m.RolloutStatus) -> None:
+    """The agent's ``status.shadow``: its latest shadow's progress (``kubectl get rla``)."""
+    sh = st.shadow
+    assert sh is not None
+    if sh.graduated_at is not None:
+        state = "graduated"
+    elif sh.ended:
+        state = "ended"
+    elif st.phase == "Shadowing":
+        state = "shadowing"
+    else:
+        state = (st.phase or "pending").lower()
+    counts = rollout.ShadowCounts(sh.decisions, sh.agreements, sh.override_feedback, sh.override_correct)
+    spec = m.RLAgentSpec.model_validate(agent["spec"])
+    summary = m.ShadowSummary(rollout=rollout_name, progress=f"{state}: {rollout.graduation(counts, spec.observe)[1]}",
+                              graduated_at=sh.graduated_at).wire()
+    if (agent.get("status") or {}).get("shadow") != summary:
+        meta = agent["metadata"]
+        cache.patch_status(meta["namespace"], m.RLAgent.PLURAL, meta["name"], {"shadow": summary})
+
+
+def _observe_router(obs: rollout.Observed, namespace: str, agent: str, version: str,
+                    status: m.RolloutStatus) -> None:
+    """What the router reports through Prometheus: a shadow's comparison counters, and whether
+    the circuit breaker opened for a canary. A Prometheus error leaves them unmeasured (the
+    shadow waits; the breaker's fallback already protects the clients, and the analysis or an
+    alert still aborts)."""
+    extras = obs.serving_extras or {}
+    try:
+        if status.phase == "Shadowing" and obs.app_status == "RUNNING" and extras.get(SHADOW_KEY) == version:
+            obs.shadow = analysis.shadow_counts(SETTINGS.prometheus_url, namespace, agent, version)
+        elif status.phase in ("Progressing", "Paused") and BREAKER_KEY in extras and \
+                analysis.circuit_open(SETTINGS.prometheus_url, namespace, agent, version):
+            errors = extras[BREAKER_KEY].get("consecutiveErrors")
+            obs.circuit_open = (f"{errors} consecutive canary errors: the router sent all traffic to stable "
+                                f"{extras[BREAKER_KEY].get('stable')}")
+    except analysis.AnalysisError as exc:
+        log.warning("rollout %s/%s: %s", namespace, version, exc)
 
 
 def _newer_rollout(namespace: str, run: dict[str, Any], rollouts: list[dict[str, Any]]) -> str | None:
@@ -990,7 +1036,7 @@ def _act(namespace: str, agent: str, spec: m.RLAgentSpec, acts: rollout.Actions,
     """Carry out serving actions: weights first (the router's user_config only), then deploys."""
     app = rayserve.app_name(namespace, agent)
     if acts.set_weights is not None:
-        rayserve.set_weights(SETTINGS.ray_dashboard_url, app, acts.set_weights)
+        rayserve.set_weights(SETTINGS.ray_dashboard_url, app, acts.set_weights, extras=acts.router_extras)
     if acts.deploy is not None:
         versions = {v: (e if e is not None else entries[v]) for v, e in acts.deploy["versions"].items()}
         reward = spec.canary.analysis.reward_range
@@ -998,7 +1044,8 @@ def _act(namespace: str, agent: str, spec: m.RLAgentSpec, acts: rollout.Actions,
         config = rayserve.app_config(
             namespace, agent, versions, acts.deploy["weights"], max_batch_size=spec.serving.max_batch_size,
             feedback_key=trust.derive_key(key, f"feedback:{app}").hex() if key else None,
-            reward_min=reward.min, reward_max=reward.max, artifact_root=SETTINGS.artifact_root)
+            reward_min=reward.min, reward_max=reward.max, artifact_root=SETTINGS.artifact_root,
+            router_extras=acts.router_extras)
         rayserve.apply_application(SETTINGS.ray_dashboard_url, config)
 
 

@@ -5,7 +5,7 @@ the process metrics (``process_cpu_seconds_total``, ``process_resident_memory_by
 exports:
 
 * ``rlops_rollout_phase{namespace,rollout,agent,phase}``: 1 for the phase of each unfinished
-  Rollout (Pending before its first phase, AwaitingApproval, Approved, Queued, Progressing,
+  Rollout (Pending before its first phase, Shadowing, AwaitingApproval, Approved, Queued, Progressing,
   Paused, Promoting). A finished or deleted
   Rollout leaves the gauges, so the series stay bounded by the Rollouts in flight.
 * ``rlops_rollout_canary_weight_percent{namespace,rollout,agent}``: the canary's share of

@@ -344,6 +344,22 @@ class AnalysisSpec(_Model):
             "analysis measures rewards within it."
         ),
     )
+    max_override_rate: float = Field(
+        0.2, ge=0, le=1, description=(
+            "The canary fails when it overrides the stable version (chooses another action for the same "
+            "observation) in more than this fraction of its compared answers. Every canary answer is also asked "
+            "of the stable version, off the response path, to count that. 1: no limit and no comparison."))
+
+
+class CircuitBreakerSpec(_Model):
+    """The router's circuit breaker, while a canary takes traffic beside a stable version."""
+
+    consecutive_errors: int = Field(
+        5, ge=0, le=1000, description=(
+            "A canary request that fails (HTTP 5xx) is answered by the stable version instead, so the client sees "
+            "no error; this many consecutive canary failures open the breaker: the router itself sends all "
+            "traffic to the stable version, and the operator then rolls the canary back. 0: no breaker (canary "
+            "failures reach the clients)."))
 
 
 class CanarySpec(_Model):
@@ -356,6 +372,35 @@ class CanarySpec(_Model):
         json_schema_extra={"default": [step.wire() for step in _default_steps()]},
     )
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    circuit_breaker: CircuitBreakerSpec = Field(default_factory=CircuitBreakerSpec)
+
+
+class ObserveSpec(_Model):
+    """Graduation from shadow (observe) mode: when a candidate that shadows the stable version may go on
+    to approval and its canary."""
+
+    model_config = ConfigDict(
+        **_WIRE,
+        extra="forbid",
+        json_schema_extra={"x-kubernetes-validations": [_cel(
+            "!has(self.minAgreement) || !has(self.maxAgreement) || self.minAgreement <= self.maxAgreement",
+            "observe.minAgreement must be at most observe.maxAgreement")]},
+    )
+
+    min_decisions: int = Field(
+        200, ge=1, le=10_000_000, description="Compared decisions (answers the shadow was also asked) needed first.")
+    min_agreement: float = Field(
+        0.80, ge=0, le=1, description="The shadow must choose the stable version's action at least this often.")
+    max_agreement: float = Field(
+        0.95, ge=0, le=1, description=(
+            "... and at most this often (a candidate that always agrees adds nothing; 1 turns this off)."))
+    min_override_accuracy: float = Field(
+        0.60, ge=0, le=1, description=(
+            "When the shadow disagreed, the fraction of those answers where it was right: the feedback on the "
+            "stable version's answer was negative or below the middle of the reward range."))
+    min_override_feedback: int = Field(
+        10, ge=0, le=1_000_000, description=(
+            "Feedbacks on disagreements needed before the override accuracy counts (0: graduate without any)."))
 
 
 class ServingSpec(_Model):
@@ -466,8 +511,12 @@ class RLAgentSpec(_Model):
     serving: ServingSpec = Field(default_factory=ServingSpec)
     canary: CanarySpec = Field(default_factory=CanarySpec)
     mode: Literal["active", "observe"] = Field(
-        "active", description="active: train and roll out; observe: record decisions only."
-    )
+        "active", description=(
+            "active: each new policy is approved and canaried. observe: each new policy first shadows the "
+            "stable version (every request is also sent to it, off the response path; clients only get the "
+            "stable version's answers) until it meets spec.observe; then it is approved and canaried as in "
+            "active mode. An agent without a stable version rolls out its first policy as in active mode."))
+    observe: ObserveSpec = Field(default_factory=ObserveSpec, description="Graduation criteria of observe mode.")
     triggers: TriggersSpec = Field(default_factory=TriggersSpec)
     concurrency_policy: Literal["Allow", "Forbid", "Replace"] = Field(
         "Replace", description=(
@@ -502,6 +551,14 @@ class ActiveModel(_Status):
         "When the degradation trigger started a run for it (once per active model)."))
 
 
+class ShadowSummary(_Status):
+    """The agent's latest shadow, for ``kubectl get rla``."""
+
+    rollout: str
+    progress: str = ""
+    graduated_at: datetime | None = None
+
+
 class RLAgentStatus(_Status):
     phase: str | None = None
     observed_generation: int | None = None
@@ -512,6 +569,7 @@ class RLAgentStatus(_Status):
     active_model: ActiveModel | None = None
     last_schedule_time: datetime | None = Field(None, description="The last scheduled time a run was started for.")
     last_retrain: str | None = Field(None, description="The last rlops.dev/retrain value a run was started for.")
+    shadow: ShadowSummary | None = Field(None, description="The latest shadow (observe mode) and its progress.")
     conditions: list[Condition] = Field(default_factory=list)
 
 
@@ -677,18 +735,35 @@ class AnalysisRun(_Status):
     metrics: dict[str, Any] = Field(default_factory=dict, json_schema_extra=FREE_FORM)
 
 
+class ShadowStatus(_Status):
+    """Observe mode: the candidate shadows the stable version (counts since the shadow started)."""
+
+    started_at: datetime | None = None
+    decisions: int = Field(0, description="Answers of the stable version the shadow was also asked.")
+    agreements: int = Field(0, description="Of those, the ones where it chose the same action.")
+    agreement_rate: float | None = None
+    override_feedback: int = Field(0, description="Feedbacks on answers where the shadow disagreed.")
+    override_correct: int = Field(0, description="Of those, the ones that say the shadow was right.")
+    override_accuracy: float | None = None
+    measured_at: datetime | None = None
+    graduated_at: datetime | None = None
+    ended: str | None = Field(None, description="Why the shadow ended without graduating (mode set to active).")
+
+
 #: A Rollout's phases. None (no status yet) is read as Pending.
-RolloutPhase = Literal["Pending", "AwaitingApproval", "Approved", "Queued", "Progressing", "Paused", "Promoting",
-                       "Promoted", "RolledBack", "Rejected", "Ignored", "Superseded"]
+RolloutPhase = Literal["Pending", "Shadowing", "AwaitingApproval", "Approved", "Queued", "Progressing", "Paused",
+                       "Promoting", "Promoted", "RolledBack", "Rejected", "Ignored", "Superseded"]
 #: Finished for good: nothing moves a Rollout out of these.
 ROLLOUT_TERMINAL: frozenset[str] = frozenset({"Promoted", "RolledBack", "Rejected", "Ignored", "Superseded"})
-#: Its canary holds traffic: the agent's other Rollouts queue behind it.
-ROLLOUT_ACTIVE: frozenset[str] = frozenset({"Progressing", "Paused", "Promoting"})
+#: Its candidate is deployed beside the stable version (a shadow, or a canary with traffic): the
+#: agent's other Rollouts queue behind it.
+ROLLOUT_ACTIVE: frozenset[str] = frozenset({"Shadowing", "Progressing", "Paused", "Promoting"})
 
 
 class RolloutStatus(_Status):
     phase: RolloutPhase | None = Field(None, description=(
-        "Pending, AwaitingApproval, Approved (serving disabled, or waiting to start), Queued (behind "
+        "Pending, Shadowing (observe mode: the candidate is compared with the stable version, no traffic), "
+        "AwaitingApproval, Approved (serving disabled, or waiting to start), Queued (behind "
         "another Rollout of the agent), Progressing, Paused, Promoting; finished: Promoted, RolledBack, "
         "Rejected, Ignored (not made by the operator from a TrainingRun), Superseded (a newer run's Rollout "
         "appeared before this one was approved)."))
@@ -703,6 +778,7 @@ class RolloutStatus(_Status):
         "The canary's weight when the kill switch froze the Rollout (restored when it is lifted)."))
     approval: Approval | None = None
     analysis: AnalysisRun | None = None
+    shadow: ShadowStatus | None = None
     abort_reason: str | None = None
     aborted_at: datetime | None = None
     completed_at: datetime | None = None

@@ -54,6 +54,7 @@ __all__ = [
     "with_weights",
     "application_versions",
     "application_weights",
+    "router_extras",
     "application_summary",
     "failure_message",
     "get_applications",
@@ -163,6 +164,7 @@ def app_config(
     reward_max: float = 1.0,
     feedback_ttl_seconds: int = 600,
     artifact_root: str | None = None,
+    router_extras: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Serve application entry of one RLAgent (pure).
 
@@ -183,6 +185,8 @@ def app_config(
             (integer in [1, 86400]).
         artifact_root: when set, the serving replicas refuse any artifact URI that is not under
             ``<artifact_root>/<namespace>/<agent>/`` (``args.artifactRoot``).
+        router_extras: the router's ``user_config`` besides the weights (``shadow``,
+            ``overrideBaseline``, ``circuitBreaker``; validated by the router).
 
     Returns:
         ``{"name", "route_prefix", "import_path", "args", "deployments": [router user_config]}``;
@@ -224,7 +228,7 @@ def app_config(
             "feedback": feedback,
             **({"artifactRoot": artifact_root} if artifact_root else {}),
         },
-        "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": {WEIGHTS_KEY: split}}],
+        "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": {WEIGHTS_KEY: split, **(router_extras or {})}}],
     }
 
 
@@ -242,9 +246,20 @@ def application_weights(app: Mapping[str, Any]) -> dict[str, int] | None:
     return None
 
 
-def with_weights(app: Mapping[str, Any], weights: Mapping[str, int]) -> dict[str, Any]:
-    """A copy of the application entry whose router ``user_config`` is the new split; nothing
-    else changes (so Serve reconfigures the router in place). Raises ``ValueError``."""
+def router_extras(app: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The router's ``user_config`` in an application entry besides the weights (shadow,
+    override baseline, circuit breaker), or None when it sets no ``user_config``."""
+    for dep in app.get("deployments") or []:
+        if dep.get("name") == ROUTER_DEPLOYMENT and isinstance(dep.get("user_config"), Mapping):
+            return {k: v for k, v in dep["user_config"].items() if k != WEIGHTS_KEY}
+    return None
+
+
+def with_weights(app: Mapping[str, Any], weights: Mapping[str, int],
+                 extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of the application entry whose router ``user_config`` is the new split (and
+    ``extras``: shadow, override baseline, circuit breaker); nothing else changes (so Serve
+    reconfigures the router in place). Raises ``ValueError``."""
     versions = application_versions(app)
     if not versions:
         raise ValueError(f"application {app.get('name')!r} has no args.versions: not an rlops application")
@@ -253,10 +268,10 @@ def with_weights(app: Mapping[str, Any], weights: Mapping[str, int]) -> dict[str
     deployments = list(out.get("deployments") or [])
     for i, dep in enumerate(deployments):
         if dep.get("name") == ROUTER_DEPLOYMENT:
-            deployments[i] = {**dep, "user_config": {WEIGHTS_KEY: split}}
+            deployments[i] = {**dep, "user_config": {WEIGHTS_KEY: split, **(extras or {})}}
             break
     else:
-        deployments.append({"name": ROUTER_DEPLOYMENT, "user_config": {WEIGHTS_KEY: split}})
+        deployments.append({"name": ROUTER_DEPLOYMENT, "user_config": {WEIGHTS_KEY: split, **(extras or {})}})
     out["deployments"] = deployments
     return out
 
@@ -454,11 +469,14 @@ def apply_application(base_url: str, app_config: Mapping[str, Any], timeout: flo
     return _read_modify_write(base_url, lambda body: with_application(body, app_config), timeout)
 
 
-def set_weights(base_url: str, app_name: str, weights: Mapping[str, int], timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+def set_weights(base_url: str, app_name: str, weights: Mapping[str, int], timeout: float = DEFAULT_TIMEOUT_S,
+                extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Change the traffic split of one application: only its router's ``user_config``.
 
     Args:
         weights: version -> integer percent; sum 100; versions left out get 0.
+        extras: the rest of the router's ``user_config`` (shadow, override baseline, circuit
+            breaker); None or empty: none of them.
 
     Returns:
         The application's new entry.
@@ -473,7 +491,7 @@ def set_weights(base_url: str, app_name: str, weights: Mapping[str, int], timeou
     def change(body: dict[str, Any]) -> dict[str, Any]:
         for app in body.get("applications") or []:
             if app.get("name") == app_name:
-                written.update(with_weights(app, weights))
+                written.update(with_weights(app, weights, extras))
                 return with_application(body, written)
         raise ApplicationNotFound(f"application {app_name!r} is not deployed")
 

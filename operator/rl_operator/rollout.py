@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from rl_engine.serving.contract import BASELINE_KEY, BREAKER_KEY, SHADOW_KEY
+
 from rl_operator import models as m
 from rl_operator.conditions import set_condition
 from rl_operator.training import Event, owner_reference
@@ -197,6 +199,10 @@ class Measurement:
     stable_negative: float = 0.0
     stable_reward_buckets: tuple[tuple[float, float], ...] = ()
     window_seconds: int = 0
+    #: canary answers also asked of the stable version (the override comparison), and the
+    #: ones where both chose the same action
+    canary_decisions: float = 0.0
+    canary_agreements: float = 0.0
 
     #: Fraction of the feedback cut from each end of the reward distribution before averaging.
     REWARD_TRIM = 0.1
@@ -256,8 +262,10 @@ class Measurement:
 def judge(meas: Measurement, spec: m.AnalysisSpec, has_stable: bool) -> tuple[str, str, dict[str, Any]]:
     """The analysis verdict for one measurement: ``(phase, message, metrics)``.
 
-    Checks (seed 004, "Rollback Conditions"): canary error rate above ``maxErrorRate`` fails; the
-    canary's reward below the stable's minus ``maxRewardDrop`` fails; the canary's
+    Checks (seed 004, "Rollback Conditions"; the override limit from seed 001): canary error rate
+    above ``maxErrorRate`` fails; a canary that chooses another action than the stable version in
+    more than ``maxOverrideRate`` of its compared answers fails (once at least half of
+    ``minSampleCount`` answers were compared); the canary's reward below the stable's minus ``maxRewardDrop`` fails; the canary's
     negative-feedback rate above ``maxNegativeFeedbackRatio`` times the stable's (floored at 1%
     so that a stable with no negatives does not fail every canary on one) fails. Fewer than
     ``minSampleCount`` canary requests is Inconclusive. Reward and feedback checks need feedback
@@ -276,8 +284,15 @@ def judge(meas: Measurement, spec: m.AnalysisSpec, has_stable: bool) -> tuple[st
     metrics["canaryErrorRate"] = round(error_rate, 4)
     if error_rate > spec.max_error_rate:
         return "Failed", f"canary error rate {error_rate:.1%} > {spec.max_error_rate:.1%}", metrics
-    min_feedback = max(1.0, spec.min_sample_count / 10)
     notes = [f"error rate {error_rate:.1%}"]
+    if spec.max_override_rate < 1 and has_stable and meas.canary_decisions >= max(1.0, spec.min_sample_count / 2):
+        override = 1.0 - meas.canary_agreements / meas.canary_decisions
+        metrics.update(canaryDecisions=round(meas.canary_decisions, 1), canaryOverrideRate=round(override, 4))
+        if override > spec.max_override_rate:
+            return "Failed", (f"canary overrides stable in {override:.1%} of {meas.canary_decisions:.0f} compared "
+                              f"answers > maxOverrideRate {spec.max_override_rate:.1%}"), metrics
+        notes.append(f"override rate {override:.1%}")
+    min_feedback = max(1.0, spec.min_sample_count / 10)
     if has_stable and meas.canary_feedback >= min_feedback and meas.stable_feedback >= min_feedback:
         low, high, trim = spec.reward_range.min, spec.reward_range.max, Measurement.REWARD_TRIM
         canary_reward = Measurement.trimmed_mean(meas.canary_reward_buckets, low, high, trim)
@@ -303,6 +318,136 @@ def judge(meas: Measurement, spec: m.AnalysisSpec, has_stable: bool) -> tuple[st
     else:
         notes.append("reward/feedback checks skipped: not enough feedback")
     return "Successful", "; ".join(notes), metrics
+
+
+# ----------------------------------------------------------------------------- observe mode
+
+
+@dataclass(frozen=True)
+class ShadowCounts:
+    """The router's comparison counters for a shadow version, since the router started comparing
+    (Prometheus' current sums of the counters, not increases: exact counts)."""
+
+    decisions: float
+    agreements: float
+    override_feedback: float
+    override_correct: float
+
+
+def graduation(counts: ShadowCounts, spec: m.ObserveSpec) -> tuple[bool, str]:
+    """Whether a shadow meets the graduation criteria (seed 001: enough decisions, agreement within
+    a band, override accuracy), and its progress as one line: ``(graduated, progress)``."""
+    decisions = int(counts.decisions)
+    agreement = counts.agreements / counts.decisions if counts.decisions else None
+    accuracy = counts.override_correct / counts.override_feedback if counts.override_feedback else None
+    progress = [f"{decisions}/{spec.min_decisions} decisions"]
+    progress.append(f"agreement {agreement:.1%}" if agreement is not None else "agreement -")
+    progress.append(f"override accuracy {accuracy:.1%} ({int(counts.override_feedback)} judged)"
+                    if accuracy is not None else "override accuracy - (0 judged)")
+    missing: list[str] = []
+    if decisions < spec.min_decisions:
+        missing.append("decisions")
+    if agreement is None or not spec.min_agreement <= agreement <= spec.max_agreement:
+        missing.append(f"agreement not in [{spec.min_agreement:.0%}, {spec.max_agreement:.0%}]")
+    if counts.override_feedback < spec.min_override_feedback:
+        missing.append(f"{spec.min_override_feedback} judged overrides")
+    elif accuracy is not None and accuracy < spec.min_override_accuracy:
+        missing.append(f"override accuracy >= {spec.min_override_accuracy:.0%}")
+    line = ", ".join(progress)
+    return not missing, line if not missing else f"{line}; waiting for: {', '.join(missing)}"
+
+
+def router_extras(st: m.RolloutStatus, version: str, agent_spec: m.RLAgentSpec) -> dict[str, Any]:
+    """What the router's ``user_config`` holds besides the weights for this Rollout's state: the
+    shadow while Shadowing; the circuit breaker and the override baseline while the canary takes
+    traffic beside a stable version; nothing otherwise."""
+    if st.stable_version is None:
+        return {}
+    if st.phase == "Shadowing":
+        return {SHADOW_KEY: version}
+    if st.phase in ("Progressing", "Paused") and 0 < (st.canary_weight or 0) < 100:
+        extras: dict[str, Any] = {}
+        errors = agent_spec.canary.circuit_breaker.consecutive_errors
+        if errors:
+            extras[BREAKER_KEY] = {"stable": st.stable_version, "consecutiveErrors": errors}
+        if agent_spec.canary.analysis.max_override_rate < 1:
+            extras[BASELINE_KEY] = st.stable_version
+        return extras
+    return {}
+
+
+def _end_shadow(st: m.RolloutStatus, spec: m.RolloutSpec, acts: Actions) -> None:
+    """A finished Rollout whose candidate still shadows (or waits at weight 0 beside) the stable
+    version: the candidate leaves the application."""
+    if st.shadow is not None and st.stable_version and st.phase not in ACTIVE:
+        acts.deploy = {"versions": {st.stable_version: None}, "weights": {st.stable_version: 100}}
+
+
+def _shadow(spec: m.RolloutSpec, st: m.RolloutStatus, obs: Observed,
+            acts: Actions) -> tuple[m.RolloutStatus, Actions] | None:
+    """Observe mode, before approval: the candidate is deployed beside the stable version at
+    weight 0 and the router mirrors every request to it, until the graduation criteria hold.
+    Returns None when the Rollout goes on to approval (graduated, the shadow ended, or no shadow
+    applies: active mode, no stable version, serving disabled)."""
+    at, agent = obs.now, obs.agent_spec
+    if st.phase != "Shadowing":
+        am = obs.active_model
+        if (agent.mode != "observe" or st.shadow is not None or am is None or am.version == spec.version
+                or not agent.serving.enabled):
+            return None
+        if obs.blocking_rollout:
+            st.phase, st.message = "Queued", f"waiting for rollout {obs.blocking_rollout} to finish"
+            return st, acts
+        st.phase, st.stable_version, st.canary_version, st.canary_weight = "Shadowing", am.version, spec.version, 0
+        st.shadow = m.ShadowStatus(started_at=at)
+        set_condition(st.conditions, "Graduated", "False", "Shadowing",
+                      f"{spec.version} shadows stable {am.version}", at)
+        acts.events.append(Event("Normal", "ShadowStarted", f"{spec.version} shadows stable {am.version}: every "
+                                                            "request is mirrored to it; clients get stable's answers"))
+    assert st.shadow is not None and st.stable_version is not None
+    if agent.mode != "observe":
+        st.shadow.ended = "spec.mode was set to active before graduation"
+        st.phase, st.message = "AwaitingApproval", st.shadow.ended
+        set_condition(st.conditions, "Graduated", "False", "ShadowEnded", st.shadow.ended, at)
+        acts.events.append(Event("Normal", "ShadowEnded", st.shadow.ended))
+        acts.set_weights = {st.stable_version: 100, spec.version: 0}
+        return None
+    versions = {spec.version: {"artifactURI": spec.artifact_uri, "fingerprint": spec.fingerprint}}
+    if obs.active_model and obs.active_model.version == st.stable_version:
+        versions[st.stable_version] = {"artifactURI": obs.active_model.artifact_uri,
+                                       "fingerprint": obs.active_model.fingerprint}
+    weights = {st.stable_version: 100, spec.version: 0}
+    if not _deployed(obs, versions):
+        acts.deploy = {"versions": versions, "weights": weights}
+        st.message = "deploying the shadow's policy deployment"
+        return st, acts
+    if obs.app_status != "RUNNING":
+        st.message = f"waiting for the serving application: {obs.app_status}"
+        return st, acts
+    if not same_split(obs.serving_weights, weights):
+        acts.set_weights = weights
+    if obs.shadow is None:
+        st.message = "shadowing: no measurement yet"
+        return st, acts
+    c = obs.shadow
+    graduated, progress = graduation(c, agent.observe)
+    counted = {"decisions": int(c.decisions), "agreements": int(c.agreements),
+               "override_feedback": int(c.override_feedback), "override_correct": int(c.override_correct)}
+    if any(getattr(st.shadow, k) != v for k, v in counted.items()) or st.shadow.measured_at is None:
+        # written when the counts change, not on every reconcile
+        st.shadow = st.shadow.model_copy(update={
+            **counted, "measured_at": at,
+            "agreement_rate": round(c.agreements / c.decisions, 4) if c.decisions else None,
+            "override_accuracy": round(c.override_correct / c.override_feedback, 4) if c.override_feedback else None})
+    if not graduated:
+        st.message = f"shadowing: {progress}"
+        return st, acts
+    st.shadow.graduated_at = at
+    st.phase, st.message = "AwaitingApproval", f"graduated: {progress}"
+    set_condition(st.conditions, "Graduated", "True", "CriteriaMet", progress, at)
+    acts.events.append(Event("Normal", "Graduated", f"{spec.version} graduated from shadow mode: {progress}"))
+    acts.set_weights = weights  # the same split, without the shadow (router_extras of the new phase)
+    return None
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -336,6 +481,12 @@ class Observed:
     untrusted: str | None = None
     #: The global kill switch's reason while it is engaged (``rlops-kill-switch``), else None.
     frozen: str | None = None
+    #: The router's ``user_config`` besides the weights (shadow, baseline, breaker; None: no app).
+    serving_extras: dict[str, Any] | None = None
+    #: Observe mode: the shadow's comparison counters (None: not measured).
+    shadow: ShadowCounts | None = None
+    #: Why the router's circuit breaker is open for this canary (None: closed or not measured).
+    circuit_open: str | None = None
 
 
 @dataclass
@@ -351,14 +502,18 @@ class Actions:
     remove_annotations: list[str] = field(default_factory=list)
     promote_active_model: m.ActiveModel | None = None
     events: list[Event] = field(default_factory=list)
+    #: The router's ``user_config`` besides the weights, for ``set_weights`` and ``deploy``.
+    router_extras: dict[str, Any] = field(default_factory=dict)
 
 
 def approval_given(status: m.RolloutStatus, annotations: dict[str, str], agent_spec: m.RLAgentSpec) -> bool:
     """Whether the Rollout may move traffic, as far as its approval goes: an approval already
     recorded in its status, one the webhook recorded on it (:func:`reconcile` still checks its
-    signature and fingerprint), or an agent whose policy approves automatically. The handler
-    reads Serve only then: a Rollout that waits for approval needs nothing from Ray."""
-    return status.approval is not None or bool(annotations.get(APPROVED_BY)) or agent_spec.approval.mode == "auto"
+    signature and fingerprint), or an agent whose policy approves automatically; or a shadow
+    (observe mode), which uses Serve before approval. The handler reads Serve only then: a
+    Rollout that waits for approval needs nothing from Ray."""
+    return (status.approval is not None or bool(annotations.get(APPROVED_BY)) or agent_spec.approval.mode == "auto"
+            or agent_spec.mode == "observe" or status.shadow is not None)
 
 
 def analysis_window(status: m.RolloutStatus, agent_spec: m.RLAgentSpec, now: datetime) -> int | None:
@@ -468,9 +623,11 @@ def _freeze(st: m.RolloutStatus, spec: m.RolloutSpec, obs: Observed, at: datetim
 def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, Actions]:
     """One reconcile of a Rollout: the whole canary order of operations.
 
-    Stages, each of which may return early: terminal → abort → approval → queueing behind
-    another rollout → deploy canary beside stable → the current step (setWeight / pause, with
-    the analysis gate) → promotion.
+    Stages, each of which may return early: terminal → abort (annotation, open circuit breaker)
+    → shadow (observe mode) → approval → queueing behind another rollout → deploy canary beside
+    stable → the current step (setWeight / pause, with the analysis gate) → promotion. Then the
+    router's ``user_config`` besides the weights (:func:`router_extras`) follows the new state:
+    set with the weights or the deploy, or on its own when only it differs from what runs.
 
     Args:
         rollout: the Rollout object (its ``status`` is the progress so far: a restart resumes it).
@@ -478,6 +635,16 @@ def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
     Returns:
         ``(status, actions)``.
     """
+    st, acts = _pipeline(rollout, obs)
+    version = rollout["spec"]["version"]
+    acts.router_extras = router_extras(st, version, obs.agent_spec)
+    if (acts.set_weights is None and acts.deploy is None and st.phase in ACTIVE and obs.serving_weights
+            and obs.serving_extras is not None and obs.serving_extras != acts.router_extras):
+        acts.set_weights = dict(obs.serving_weights)
+    return st, acts
+
+
+def _pipeline(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, Actions]:
     spec = m.RolloutSpec.model_validate(rollout["spec"])
     st = m.RolloutStatus.model_validate(rollout.get("status") or {})
     st.observed_generation = rollout["metadata"].get("generation")
@@ -497,21 +664,28 @@ def reconcile(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
     # 1. abort, whatever the phase
     if ABORT in ann:
         return _abort(st, spec, f"aborted by annotation: {ann[ABORT] or 'no reason given'}", at, acts)
+    if obs.circuit_open is not None and st.phase in ("Progressing", "Paused"):
+        return _abort(st, spec, f"circuit breaker open: {obs.circuit_open}", at, acts)
 
-    # 2. approval
+    # 2. approval (in observe mode, after the shadow graduates)
     if st.approval is None:
         if obs.newer_rollout:
             st.phase, st.completed_at = "Superseded", at
             st.message = f"superseded by Rollout {obs.newer_rollout} (a newer TrainingRun) before approval"
             set_condition(st.conditions, "Approved", "False", "Superseded", st.message, at)
             acts.events.append(Event("Normal", "Superseded", st.message))
+            _end_shadow(st, spec, acts)
             return st, acts
         if REJECT in ann:
             st.phase, st.completed_at = "Rejected", at
             st.message = f"rejected: {ann[REJECT]}"
             set_condition(st.conditions, "Approved", "False", "Rejected", ann[REJECT], at)
             acts.events.append(Event("Warning", "Rejected", st.message))
+            _end_shadow(st, spec, acts)
             return st, acts
+        shadowing = _shadow(spec, st, obs, acts)
+        if shadowing is not None:
+            return shadowing
         approval, refused = manual_approval(rollout, obs.approval_key, obs.agent_spec.approval.allowed_service_accounts)
         why = refused or "waiting for kubectl annotate rollout/" \
             f"{rollout['metadata']['name']} {APPROVE}={spec.fingerprint}"

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from support import REPO, prometheus_down, prometheus_up, published_events, sample, stage_chain, wait_for
-from rl_engine.serving.testing import poison_artifact
+from rl_engine.policy import load_policy
+from rl_engine.serving.testing import poison_artifact, shift_action_preference
 from rl_operator import rayserve
 
 AGENT = "pole"
@@ -42,6 +43,8 @@ spec:
     - pause: {{}}
     - setWeight: 100
     analysis: {{intervalSeconds: 2, windowSeconds: 30, minSampleCount: {min_samples}}}
+    # the poisoned canary below must fail client requests, so that the alert path acts: no breaker
+    circuitBreaker: {{consecutiveErrors: 0}}
 """
 RESULTS = Path(os.environ.get("RLOPS_BENCH_RESULTS", REPO / "tests" / "e2e" / ".results"))
 
@@ -457,3 +460,157 @@ def test_the_kill_switch_pins_traffic_to_stable_until_lifted(cluster, stack, nam
     events = {e["reason"] for e in cluster.get("events", "-n", namespace)["items"]
               if e["involvedObject"]["name"] == "pole-2"}
     assert {"Frozen", "Unfrozen"} <= events
+
+
+def serving_extras(ray, namespace):
+    summary = rayserve.application_summary(rayserve.get_applications(ray.dashboard), rayserve.app_name(namespace, AGENT))
+    return rayserve.router_extras((summary or {}).get("config") or {})
+
+
+def promote_first_policy(cluster, namespace, yaml):
+    assert cluster.apply(yaml, namespace).returncode == 0
+    train_and_wait_rollout(cluster, namespace, "pole-1")
+    approve(cluster, namespace, "pole-1")
+    wait_phase(cluster, namespace, "rollout", "pole-1", ("Promoted",), 300)
+    return cluster.get("rlagent", AGENT, "-n", namespace)["status"]["activeModel"]["artifactURI"]
+
+
+def test_the_circuit_breaker_answers_from_stable_and_the_canary_is_rolled_back(cluster, stack, namespace,
+                                                                               app_cleanup):
+    """A canary whose every inference fails (NaN weights), at 50% under client load: the router
+    answers each failed request from stable and opens after 5 consecutive failures, with no
+    operator round trip; the operator then rolls the canary back with the breaker as the reason.
+    Not one client request fails. (The analysis cannot decide: huge sample minimum.)"""
+    url = f"{stack['ray'].serve}/{namespace}/{AGENT}"
+    yaml = QUICK_AGENT.format(seed=1).replace("minSampleCount: 50", "minSampleCount: 100000000")
+    stable_uri = promote_first_policy(cluster, namespace, yaml)
+    with Load(url) as load:
+        wait_for(lambda: load.count_since(0) > 20, 60, "client load to start")
+        stage_chain(cluster, namespace, AGENT, "pole-bad", stack["operator"].artifact_root,
+                    lambda uri: poison_artifact(stable_uri, uri))
+        wait_phase(cluster, namespace, "rollout", "pole-bad", ("AwaitingApproval",), 60)
+        approve(cluster, namespace, "pole-bad")
+        wait_for(lambda: (serving_extras(stack["ray"], namespace) or {}).get("circuitBreaker") ==
+                 {"stable": "pole-1", "consecutiveErrors": 5}, 300, "the canary at 50% behind the breaker",
+                 interval=0.2)
+        t_canary = time.monotonic()
+        status = wait_phase(cluster, namespace, "rollout", "pole-bad", ("RolledBack",), 120)
+        t_rolled_back = time.monotonic()
+        time.sleep(3)
+    assert status["abortReason"].startswith("circuit breaker open: 5 consecutive canary errors"), status
+    assert serving(stack["ray"], namespace) == ({"pole-1"}, {"pole-1": 100})
+    assert serving_extras(stack["ray"], namespace) == {}
+    failed = [r for r in load.records if not r[2]]
+    assert not failed, f"{len(failed)} of {len(load.records)} client requests failed"
+    answered = Counter(r[1] for r in load.records)
+    assert set(answered) == {"pole-1"}, answered  # every canary draw was answered by stable
+    fallbacks = wait_for(lambda: stack["ray"].metric("ray_rlops_serve_circuit_fallbacks_total", namespace=namespace,
+                                                     version="pole-bad"), 30, "the fallbacks counted")
+    errors = stack["ray"].metric("ray_rlops_serve_errors_total", namespace=namespace, version="pole-bad")
+    # 5 failures open it; requests already on their way to the canary then (one per client thread
+    # at most) fail too, and are answered from stable like the others
+    assert 5 <= errors <= 5 + load.threads - 1 and fallbacks > errors, (errors, fallbacks)
+    reasons = [e["reason"] for e in cluster.get("events", "-n", namespace)["items"]
+               if e["involvedObject"]["name"] == "pole-bad"]
+    assert "RolledBack" in reasons
+    print(f"canary at 50% -> rolled back by the breaker: {t_rolled_back - t_canary:.2f} s; "
+          f"{len(load.records)} requests, {fallbacks:.0f} answered by stable instead of the canary, 0 failed")
+
+
+OBSERVING_AGENT = QUICK_AGENT.format(seed=1) + """  mode: observe
+  observe: {minDecisions: 60, minAgreement: 0.8, maxAgreement: 0.95, minOverrideAccuracy: 0.6, minOverrideFeedback: 5}
+"""
+
+
+def test_observe_mode_shadows_then_graduates_on_the_exact_decision(cluster, stack, namespace, app_cleanup):
+    """Observe mode on real Ray Serve and Prometheus. The first policy rolls out as in active
+    mode. The next one shadows it: every request is mirrored to it, every answer comes from
+    stable. The operator's agreement and override accuracy equal the test's own count, from the
+    two policies run locally; the 59th decision leaves it shadowing, the 60th graduates it; then
+    the normal approval moves it to active."""
+    ray = stack["ray"]
+    url = f"{ray.serve}/{namespace}/{AGENT}"
+    stable_uri = promote_first_policy(cluster, namespace, OBSERVING_AGENT)
+    assert rollout_status(cluster, namespace, "pole-1").get("shadow") is None  # no stable to shadow
+    candidate = stage_chain(cluster, namespace, AGENT, "pole-shadow", stack["operator"].artifact_root,
+                            lambda uri: shift_action_preference(stable_uri, uri, action=1, delta=1.0))
+    shadow_uri = candidate["spec"]["artifactURI"]
+    wait_phase(cluster, namespace, "rollout", "pole-shadow", ("Shadowing",), 60)
+    app = rayserve.app_name(namespace, AGENT)
+    # deployed, RUNNING (the previous router, without the shadow, has left), and mirroring
+    wait_for(lambda: serving_extras(ray, namespace) == {"shadow": "pole-shadow"}
+             and rayserve.application_status(ray.dashboard, app) == "RUNNING"
+             and httpx.get(url, timeout=10).json().get("shadow") == "pole-shadow", 300, "the shadow deployed",
+             interval=0.5)
+    assert serving(ray, namespace) == ({"pole-1", "pole-shadow"}, {"pole-1": 100, "pole-shadow": 0})
+
+    # the test's own count: both policies run here, on observations whose choice is clear-cut
+    stable, shadow = load_policy(stable_uri), load_policy(shadow_uri)
+    pool = np.random.default_rng(7).uniform(-0.5, 0.5, size=(4000, 4)).astype(np.float32)
+    margins = [np.abs(np.diff(p.logits(pool), axis=1))[:, 0] for p in (stable, shadow)]
+    clear = pool[(margins[0] > 0.05) & (margins[1] > 0.05)]
+    agree = clear[stable.act(clear) == shadow.act(clear)]
+    disagree = clear[stable.act(clear) != shadow.act(clear)]
+    assert len(agree) >= 52 and len(disagree) >= 8, (len(agree), len(disagree))
+    batch = [(o, True) for o in agree[:51]] + [(o, False) for o in disagree[:8]]
+    np.random.default_rng(1).shuffle(batch)
+
+    def ask(client, obs):
+        resp = client.post(url, json={"observation": obs.tolist()})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["version"] == "pole-1" and body["action"] == int(stable.act(obs[None])[0]), body
+        return body["request_id"]
+
+    seen: list[dict] = [{}]  # the last Rollout status, for the message on a timeout
+
+    def shadow_status():
+        seen[0] = rollout_status(cluster, namespace, "pole-shadow")
+        return seen[0].get("shadow") or {}
+
+    def counted(key, n, what):
+        try:
+            wait_for(lambda: shadow_status().get(key) == n, 60, what, interval=0.5)
+        except pytest.fail.Exception as exc:
+            raise AssertionError(f"{exc}; last status: {seen[0]}") from None
+
+    with httpx.Client(timeout=30) as client:
+        ids = [(ask(client, obs), agrees) for obs, agrees in batch]
+        counted("decisions", 59, "59 decisions measured")
+        # feedback on the 8 disagreements: 5 condemn stable's answer (the shadow was right), 3
+        # approve it; feedback on agreements judges no override
+        disagreed = [rid for rid, agrees in ids if not agrees]
+        agreed = [rid for rid, agrees in ids if agrees]
+        for rid, reward in [*zip(disagreed, [-1.0] * 5 + [1.0] * 3), *zip(agreed[:5], [1.0] * 5)]:
+            assert client.post(f"{url}/feedback", json={"request_id": rid, "reward": reward}).status_code == 200
+        counted("overrideFeedback", 8, "8 judged overrides")
+        time.sleep(4)  # more reconciles with every criterion but the decisions met
+        status = rollout_status(cluster, namespace, "pole-shadow")
+        assert status["phase"] == "Shadowing" and status["shadow"].get("graduatedAt") is None, status
+        sh = status["shadow"]
+        assert (sh["decisions"], sh["agreements"], sh["overrideFeedback"], sh["overrideCorrect"]) == (59, 51, 8, 5)
+        assert sh["agreementRate"] == round(51 / 59, 4) and sh["overrideAccuracy"] == round(5 / 8, 4)
+        table = cluster.kubectl("get", "rla", AGENT, "-n", namespace).stdout
+        print(table)
+        assert "SHADOW" in table and "59/60 decisions" in table, table
+
+        ask(client, agree[51])  # the 60th decision
+        status = wait_phase(cluster, namespace, "rollout", "pole-shadow", ("AwaitingApproval",), 60)
+    sh = status["shadow"]
+    assert sh["graduatedAt"] and (sh["decisions"], sh["agreements"]) == (60, 52), sh
+    cond = next(c for c in status["conditions"] if c["type"] == "Graduated")
+    assert cond["status"] == "True" and "60/60 decisions, agreement 86.7%, override accuracy 62.5%" in cond["message"]
+    agent = cluster.get("rlagent", AGENT, "-n", namespace)
+    assert agent["status"]["shadow"]["progress"].startswith("graduated: 60/60 decisions")
+    wait_for(lambda: serving_extras(ray, namespace) == {}, 30, "the mirror off", interval=0.5)
+
+    # active through the normal approval
+    approve(cluster, namespace, "pole-shadow")
+    wait_for(lambda: rollout_status(cluster, namespace, "pole-shadow").get("canaryWeight") == 50, 120,
+             "the canary at 50%", interval=0.5)
+    cluster.kubectl("annotate", "rollout", "pole-shadow", "-n", namespace, "rlops.dev/promote=full")
+    wait_phase(cluster, namespace, "rollout", "pole-shadow", ("Promoted",), 120)
+    assert cluster.get("rlagent", AGENT, "-n", namespace)["status"]["activeModel"]["version"] == "pole-shadow"
+    reasons = {e["reason"] for e in cluster.get("events", "-n", namespace)["items"]
+               if e["involvedObject"]["name"] == "pole-shadow"}
+    assert {"ShadowStarted", "Graduated", "Approved", "Promoted"} <= reasons

@@ -57,23 +57,30 @@ class World:
         self.versions = {stable.version: stable.fingerprint} if stable else None
         self.weights = {stable.version: 100} if stable else None
         self.weight_history = []
+        self.extras = {} if stable else None  #: the router's user_config besides the weights
         self.now = T0
 
-    def step(self, ro, analysis=None, annotations=None, blocking=None, frozen=None):
+    def step(self, ro, analysis=None, annotations=None, blocking=None, frozen=None, shadow=None, circuit_open=None,
+             newer=None):
         ro["metadata"]["annotations"] = annotations if annotations is not None else ro["metadata"]["annotations"]
         obs = r.Observed(now=self.now, annotations=dict(ro["metadata"]["annotations"]), agent_spec=self.spec,
                          active_model=self.stable, serving_versions=self.versions,
                          serving_weights=self.weights, app_status="RUNNING" if self.versions else None,
-                         blocking_rollout=blocking, analysis=analysis, approval_key=KEY, frozen=frozen)
+                         blocking_rollout=blocking, analysis=analysis, approval_key=KEY, frozen=frozen,
+                         serving_extras=self.extras, shadow=shadow, circuit_open=circuit_open, newer_rollout=newer)
         status, acts = r.reconcile(ro, obs)
         if acts.set_weights is not None:
             self.weights = dict(acts.set_weights)
             self.weight_history.append(dict(acts.set_weights))
+            self.extras = dict(acts.router_extras)
         if acts.deploy is not None:
             self.versions = {v: (e or {"fingerprint": self.versions[v]})["fingerprint"]
                              for v, e in acts.deploy["versions"].items()}
+            self.extras = dict(acts.router_extras)
             if acts.set_weights is None:
                 self.weights = dict(acts.deploy["weights"])
+            else:
+                self.weights = {v: self.weights.get(v, 0) for v in self.versions}
         for key in acts.remove_annotations:
             ro["metadata"]["annotations"].pop(key, None)
         ro["status"] = status.wire()
@@ -568,3 +575,144 @@ def test_the_kill_switch_cannot_move_a_first_rollout_anywhere():
     st, acts = world.step(ro, frozen="x")
     assert acts.set_weights is None and acts.deploy is None and "no stable version" in st.message
     assert st.phase == "Progressing"
+
+
+# ----------------------------------------------------------------- override limit, circuit breaker
+
+
+def test_the_canary_carries_the_breaker_and_the_override_baseline_only_while_it_shares_traffic():
+    world = World(spec=agent_spec(canary={"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]}))
+    ro = make_rollout(APPROVED)
+    world.step(ro)  # deploy at weight 0: nothing to guard yet
+    assert world.extras == {}
+    world.step(ro)
+    assert world.weights == {"cp-1": 90, "cp-2": 10}
+    assert world.extras == {"circuitBreaker": {"stable": "cp-1", "consecutiveErrors": 5}, "overrideBaseline": "cp-1"}
+    world.extras = {}  # a router that lost them (redeployed by hand): the next reconcile restores them
+    _, acts = world.step(ro, analysis=OK)
+    assert acts.set_weights == {"cp-1": 90, "cp-2": 10} and "circuitBreaker" in world.extras
+    st, _ = world.step(ro, annotations={**APPROVED, r.PROMOTE: "true"})
+    assert st.canary_weight == 100 and world.extras == {}
+
+
+def test_breaker_off_and_no_override_limit_leave_the_router_as_before():
+    world = World(spec=agent_spec(canary={"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}],
+                                          "circuitBreaker": {"consecutiveErrors": 0},
+                                          "analysis": {"maxOverrideRate": 1}}))
+    ro = make_rollout(APPROVED)
+    world.step(ro)
+    world.step(ro)
+    assert world.weights == {"cp-1": 90, "cp-2": 10} and world.extras == {}
+
+
+def test_an_open_circuit_breaker_rolls_the_canary_back_with_the_reason():
+    world = World()
+    ro = make_rollout(APPROVED)
+    world.step(ro)
+    world.step(ro)
+    st, acts = world.step(ro, circuit_open="5 consecutive canary errors: the router sent all traffic to stable cp-1")
+    assert st.phase == "RolledBack" and st.abort_reason.startswith("circuit breaker open: 5 consecutive")
+    assert world.weights == {"cp-1": 100} and world.extras == {} and set(world.versions) == {"cp-1"}
+
+
+@pytest.mark.parametrize("decisions, agreements, phase", [
+    (1000, 850, "Successful"), (1000, 790, "Failed"), (40, 0, "Successful"),  # 40 < minSampleCount / 2: not judged
+])
+def test_judge_fails_a_canary_that_overrides_stable_too_often(decisions, agreements, phase):
+    meas = r.Measurement(canary_requests=1000, canary_errors=0, canary_decisions=decisions,
+                         canary_agreements=agreements, window_seconds=30)
+    verdict, message, metrics = r.judge(meas, m.AnalysisSpec(), has_stable=True)
+    assert verdict == phase, message
+    if phase == "Failed":
+        assert "canary overrides stable in 21.0% of 1000 compared answers > maxOverrideRate 20.0%" in message
+        assert metrics["canaryOverrideRate"] == 0.21
+
+
+# ----------------------------------------------------------------- observe (shadow) mode
+
+OBSERVE = {"mode": "observe", "observe": {"minDecisions": 100, "minOverrideFeedback": 5}}
+
+
+def counts(decisions, agreements, judged=0, correct=0):
+    return r.ShadowCounts(decisions, agreements, judged, correct)
+
+
+def test_shadow_deploys_beside_stable_mirrors_and_graduates_not_one_decision_early():
+    world = World(spec=agent_spec(**OBSERVE))
+    ro = make_rollout(APPROVED)  # an approval given early counts only after graduation
+    st, acts = world.step(ro)
+    assert st.phase == "Shadowing" and st.approval is None and st.canary_weight == 0
+    assert acts.deploy["weights"] == {"cp-1": 100, "cp-2": 0} and world.extras == {"shadow": "cp-2"}
+    assert [e.reason for e in acts.events] == ["ShadowStarted"]
+    st, _ = world.step(ro)
+    assert st.phase == "Shadowing" and "no measurement yet" in st.message
+    st, _ = world.step(ro, shadow=counts(99, 85, 10, 7))
+    assert st.phase == "Shadowing" and st.shadow.decisions == 99 and st.shadow.agreement_rate == round(85 / 99, 4)
+    assert "99/100 decisions" in st.message and "waiting for: decisions" in st.message
+    assert world.weights == {"cp-1": 100, "cp-2": 0}
+    st, acts = world.step(ro, shadow=counts(100, 86, 10, 7))
+    assert st.shadow.graduated_at == T0 and st.shadow.override_accuracy == 0.7
+    cond = next(c for c in st.conditions if c.type == "Graduated")
+    assert cond.status == "True" and "100/100 decisions" in cond.message
+    # on through the normal approval: the early approval counts now, and the canary starts
+    assert st.approval is not None and st.phase == "Progressing"
+    assert {"Graduated", "Approved", "RolloutStarted"} <= {e.reason for e in acts.events}
+    assert "shadow" not in world.extras
+    st, _ = world.step(ro)
+    assert world.weights["cp-2"] == 10 and "circuitBreaker" in world.extras
+
+
+@pytest.mark.parametrize("c, missing", [
+    (counts(500, 499, 10, 9), "agreement not in [80%, 95%]"),
+    (counts(500, 300, 10, 9), "agreement not in [80%, 95%]"),
+    (counts(500, 450, 4, 4), "5 judged overrides"),
+    (counts(500, 450, 10, 5), "override accuracy >= 60%"),
+])
+def test_shadow_does_not_graduate_outside_the_criteria(c, missing):
+    graduated, progress = r.graduation(c, m.ObserveSpec.model_validate(OBSERVE["observe"]))
+    assert not graduated and missing in progress
+
+
+def test_shadow_without_approval_waits_for_it_after_graduation_and_a_reject_removes_the_candidate():
+    world = World(spec=agent_spec(**OBSERVE))
+    ro = make_rollout()
+    world.step(ro)
+    st, _ = world.step(ro, shadow=counts(100, 90, 5, 5))
+    assert st.phase == "AwaitingApproval" and st.message.startswith("waiting for kubectl annotate")
+    assert set(world.versions) == {"cp-1", "cp-2"} and world.extras == {}
+    st, acts = world.step(ro, annotations={r.REJECT: "not now"})
+    assert st.phase == "Rejected" and set(world.versions) == {"cp-1"} and world.weights == {"cp-1": 100}
+
+
+def test_a_newer_run_supersedes_a_shadow_and_its_candidate_leaves():
+    world = World(spec=agent_spec(**OBSERVE))
+    ro = make_rollout()
+    world.step(ro)
+    st, _ = world.step(ro, newer="cp-3")
+    assert st.phase == "Superseded" and set(world.versions) == {"cp-1"}
+
+
+def test_setting_mode_active_ends_the_shadow_without_graduation():
+    world = World(spec=agent_spec(**OBSERVE))
+    ro = make_rollout()
+    world.step(ro)
+    world.spec = agent_spec()
+    st, acts = world.step(ro)
+    assert st.phase == "AwaitingApproval" and st.shadow.ended and st.shadow.graduated_at is None
+    assert world.extras == {} and [e.reason for e in acts.events] == ["ShadowEnded"]
+
+
+def test_observe_mode_without_a_stable_version_rolls_out_the_first_policy_as_active_mode_does():
+    world = World(stable=None, spec=agent_spec(**OBSERVE))
+    st, _ = world.step(make_rollout())
+    assert st.phase == "AwaitingApproval" and st.shadow is None
+
+
+def test_shadow_queues_behind_another_rollout_and_an_abort_removes_it():
+    world = World(spec=agent_spec(**OBSERVE))
+    ro = make_rollout()
+    st, acts = world.step(ro, blocking="cp-0")
+    assert st.phase == "Queued" and acts.deploy is None
+    world.step(ro)
+    st, _ = world.step(ro, annotations={r.ABORT: "enough"})
+    assert st.phase == "RolledBack" and set(world.versions) == {"cp-1"} and world.extras == {}

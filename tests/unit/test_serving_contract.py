@@ -56,7 +56,8 @@ def test_the_series_the_analysis_queries_are_the_ones_the_router_exports():
     """Each series of the operator's PromQL is a metric of the contract, in its exported name,
     and the one docs/serving.md lists; the alerting rules' series too."""
     exported = {contract.counter_series(role) for role in contract.METRIC_NAMES} \
-        | {contract.bucket_series(role) for role in contract.METRIC_NAMES}
+        | {contract.bucket_series(role) for role in contract.METRIC_NAMES} \
+        | {contract.gauge_series(role) for role in contract.METRIC_NAMES}
     assert set(analysis.SERIES.values()) <= exported
     doc = (ROOT / "docs" / "serving.md").read_text()
     for series in analysis.SERIES.values():

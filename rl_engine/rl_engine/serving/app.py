@@ -9,12 +9,13 @@ restarting any replica. HTTP API, metrics and layout: ``docs/serving.md``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import secrets
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from ray import serve
@@ -27,6 +28,9 @@ from .config import (
     REWARD_BUCKETS,
     ROUTER_DEPLOYMENT,
     BadRequest,
+    CircuitBreaker,
+    ComparisonLedger,
+    RouterConfig,
     DuplicateFeedback,
     FeedbackLedger,
     FeedbackUnavailable,
@@ -36,7 +40,7 @@ from .config import (
     parse_args,
     parse_feedback,
     parse_observation,
-    parse_weights,
+    parse_router_config,
     policy_deployment_name,
 )
 # ray.util.metrics names, exported by Ray's metrics agent as ``ray_<name>`` (counters with a
@@ -53,6 +57,16 @@ LATENCY_BUCKETS_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 _TAGS = METRIC_TAGS
 # Access logs cost more CPU than the request itself here; the metrics count every request.
 _LOGGING = {"enable_access_log": False}
+#: Mirrored requests (shadow / override baseline) wait in the router until MIRROR_BATCH of them
+#: are queued or the oldest has waited MIRROR_WAIT_S seconds, then go to the mirror version in
+#: one call (``PolicyDeployment.act_batch``): one round trip per batch, not per request, so
+#: that the mirror costs the clients' requests next to nothing.
+MIRROR_BATCH = 32
+MIRROR_WAIT_S = 0.05
+#: Batches in flight at once per router replica, and mirrored requests that may wait; beyond
+#: that a mirror is dropped (counted), so that a slow shadow never queues up behind the clients.
+MAX_MIRROR_BATCHES = 4
+MAX_MIRROR_QUEUE = 1024
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -147,6 +161,30 @@ class PolicyDeployment:
             return {"status": 400, "error": f"observation: {err}"}
         return await self._batched(obs)
 
+    async def act_batch(self, observations: list[Any]) -> list[dict[str, Any]]:
+        """Many observations in one call (the router's mirror) -> one result per observation, as
+        :meth:`act` gives it; one policy forward pass for all the valid ones."""
+        from ..policy import InvalidObservation, PolicyError
+
+        out: list[dict[str, Any]] = [{}] * len(observations)
+        valid: list[tuple[int, np.ndarray]] = []
+        for i, observation in enumerate(observations):
+            try:
+                valid.append((i, self.policy.check_observation(observation)))
+            except InvalidObservation as err:
+                out[i] = {"status": 400, "error": f"observation: {err}"}
+        if valid:
+            try:
+                actions = self.policy.act(np.stack([obs for _, obs in valid]))
+                results = [{"action": int(a)} for a in actions]
+            except PolicyError as err:
+                results = [{"status": 500, "error": f"policy {self.version}: {err}"}] * len(valid)
+            except Exception as err:  # noqa: BLE001 - as in _batched
+                results = [{"status": 500, "error": f"policy {self.version}: {_short(err)}"}] * len(valid)
+            for (i, _), result in zip(valid, results):
+                out[i] = result
+        return out
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _batched(self, observations: list[np.ndarray]) -> list[dict[str, Any]]:
         from ..policy import PolicyError
@@ -184,6 +222,16 @@ class PolicyDeployment:
         return JSONResponse({"action": result["action"], "version": self.version})
 
 
+class _Mirrored(NamedTuple):
+    """A request waiting to be mirrored: what was answered, and which version it evaluates."""
+
+    obs: np.ndarray
+    action: int
+    request_id: str
+    evaluated: str
+    answered_by_evaluated: bool
+
+
 @serve.deployment(
     name=ROUTER_DEPLOYMENT,
     ray_actor_options={"num_cpus": 0},
@@ -209,8 +257,25 @@ class Router:
     Request ids are signed with ``args.feedback.key`` (HMAC-SHA256, bound to the version, the
     issue time and ``<namespace>/<agent>``; :func:`rl_engine.serving.config.make_request_id`).
 
-    ``user_config``: ``{"weights": {"<version>": percent}}`` (see
-    :func:`rl_engine.serving.config.parse_weights`), applied by :meth:`reconfigure` in place.
+    ``user_config``: ``{"weights": {"<version>": percent}, "shadow"?, "overrideBaseline"?,
+    "circuitBreaker"?}`` (see :func:`rl_engine.serving.config.parse_router_config`), applied by
+    :meth:`reconfigure` in place:
+
+    * ``shadow: v``: every request another version answers is also sent to ``v`` after the
+      answer is ready, off the response path, in batches (:data:`MIRROR_BATCH` requests or
+      :data:`MIRROR_WAIT_S` seconds, one ``act_batch`` call each); the two actions are compared
+      (``rlops_serve_compared_decisions`` / ``_agreements``, tagged ``version=v``). The client
+      only ever gets the answering version's action.
+    * ``overrideBaseline: s``: the same mirror, to ``s``, for requests other versions answer;
+      counted under the answering version (how often it overrides ``s``).
+    * When the two actions differ, the request id is remembered until its feedback: feedback
+      that is ``negative`` or below the middle of the reward range condemns the answer given
+      (``rlops_serve_override_feedback`` / ``_correct``: the override was right when it
+      differed from a condemned answer, or was itself the approved answer).
+    * ``circuitBreaker: {stable, consecutiveErrors: N}``: a request another version fails
+      (5xx) is answered by ``stable`` instead (the client sees no error); N consecutive
+      failures open the breaker (``rlops_serve_circuit_open`` = 1): every request then goes to
+      ``stable``, with no round trip to the operator, until a reconfiguration without it.
 
     Args:
         args: the application ``args`` (validated again here).
@@ -220,6 +285,7 @@ class Router:
     def __init__(self, args: dict[str, Any], policies: dict[str, Any]) -> None:
         self.config: ServingConfig = parse_args(args)
         self.policies = {v: h.options(method_name="act") for v, h in policies.items()}
+        self.batch_policies = {v: h.options(method_name="act_batch") for v, h in policies.items()}
         self.versions = list(self.config.versions)
         only = {self.versions[0]: 100} if len(self.versions) == 1 else {}
         self.weights: dict[str, int] = {v: only.get(v, 0) for v in self.versions}
@@ -231,6 +297,13 @@ class Router:
         # but every feedback is refused with 503: nothing unsigned reaches the metrics.
         self.id_key = self.config.feedback.key or secrets.token_bytes(32)
         self.ledger = FeedbackLedger()
+        self.router_config = RouterConfig(dict(self.weights))  # no split before the first reconfigure
+        self.breaker: CircuitBreaker | None = None
+        self.comparisons = ComparisonLedger()
+        self.mirror_queue: list[_Mirrored] = []
+        self.mirror_batches = 0  #: batches in flight
+        self._mirror_timer: asyncio.Task | None = None
+        self.mirrors: set[asyncio.Task] = set()  #: the timer and batch tasks (kept from the GC)
         default_tags = {"namespace": self.config.namespace, "agent": self.config.agent}
         self.m_requests = metrics.Counter(METRIC_NAMES["requests"], "Requests routed to a policy version.", _TAGS)
         self.m_errors = metrics.Counter(METRIC_NAMES["errors"], "Requests a policy version failed (HTTP 5xx).", _TAGS)
@@ -247,22 +320,58 @@ class Router:
             METRIC_NAMES["reward_scaled"],
             "Feedback reward of a version as a fraction of the declared range: (reward - min) / (max - min).",
             boundaries=list(REWARD_BUCKETS), tag_keys=_TAGS)
+        self.m_decisions = metrics.Counter(
+            METRIC_NAMES["decisions"], "Answers compared with another version's action, by the version evaluated.", _TAGS)
+        self.m_agreements = metrics.Counter(
+            METRIC_NAMES["agreements"], "Compared answers where both versions chose the same action.", _TAGS)
+        self.m_override_feedback = metrics.Counter(
+            METRIC_NAMES["override_feedback"], "Feedback on answers where the compared versions disagreed.", _TAGS)
+        self.m_override_correct = metrics.Counter(
+            METRIC_NAMES["override_correct"], "Of those, feedback that says the evaluated version was right.", _TAGS)
+        self.m_mirror_dropped = metrics.Counter(
+            METRIC_NAMES["mirror_dropped"], "Mirrored requests not compared (too many in flight, or they failed).", _TAGS)
+        self.m_circuit_open = metrics.Gauge(
+            METRIC_NAMES["circuit_open"], "1 while the circuit breaker sends this version's traffic to stable.", _TAGS)
+        self.m_fallbacks = metrics.Counter(
+            METRIC_NAMES["circuit_fallbacks"], "Requests of this version answered by stable (failed, or breaker open).",
+            _TAGS)
         for m in (self.m_requests, self.m_errors, self.m_latency, self.m_feedback, self.m_reward_pos,
-                  self.m_reward_neg, self.m_negative, self.m_reward_scaled):
+                  self.m_reward_neg, self.m_negative, self.m_reward_scaled, self.m_decisions, self.m_agreements,
+                  self.m_override_feedback, self.m_override_correct, self.m_mirror_dropped, self.m_circuit_open,
+                  self.m_fallbacks):
             m.set_default_tags(default_tags)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply a new traffic split (no restart). Raises ``ServingConfigError`` if invalid."""
-        weights = parse_weights(user_config, self.versions)
-        self.weights = weights
-        self.deck = WeightedDeck(weights)
+        """Apply a new traffic split, comparison and breaker (no restart). An open breaker stays
+        open while the new config keeps the same breaker. Raises ``ServingConfigError`` if invalid."""
+        rc = parse_router_config(user_config, self.versions)
+        self.router_config, self.weights = rc, rc.weights
+        self.deck = WeightedDeck(rc.weights)
+        if rc.mirror != self.router_config.mirror and self.mirror_queue:
+            for item in self.mirror_queue:  # asked of the previous mirror: no longer compared
+                self.m_mirror_dropped.inc(1, {"version": item.evaluated})
+            self.mirror_queue = []
+        old = self.breaker
+        if rc.breaker_stable is None:
+            self.breaker = None
+        elif old is None or (old.stable, old.threshold) != (rc.breaker_stable, rc.breaker_errors):
+            self.breaker = CircuitBreaker(rc.breaker_stable, rc.breaker_errors)
+        if old is not None and old.open and self.breaker is not old:
+            self.m_circuit_open.set(0, {"version": old.opened_by})
         self.reconfigurations += 1
-        logger.info("router %s/%s weights %s", self.config.namespace, self.config.agent, weights)
+        logger.info("router %s/%s weights %s shadow %s baseline %s breaker %s", self.config.namespace,
+                    self.config.agent, rc.weights, rc.shadow, rc.baseline,
+                    f"{rc.breaker_stable}/{rc.breaker_errors}" if rc.breaker_stable else None)
 
     def info(self) -> dict[str, Any]:
         fb = self.config.feedback
+        rc, breaker = self.router_config, self.breaker
         return {"namespace": self.config.namespace, "agent": self.config.agent, "versions": self.versions,
-                "weights": self.weights, "pid": os.getpid(), "replica": _replica_id(),
+                "weights": self.weights, "shadow": rc.shadow, "overrideBaseline": rc.baseline,
+                "circuitBreaker": None if breaker is None else {
+                    "stable": breaker.stable, "consecutiveErrors": breaker.threshold, "open": breaker.open,
+                    "consecutiveFailures": breaker.consecutive},
+                "mirrorsQueued": len(self.mirror_queue), "mirrorBatchesInFlight": self.mirror_batches, "pid": os.getpid(), "replica": _replica_id(),
                 "reconfigurations": self.reconfigurations, "startedAt": self.started_at,
                 "feedback": {"configured": fb.key is not None, "rewardMin": fb.reward_min, "rewardMax": fb.reward_max,
                              "ttlSeconds": fb.ttl_seconds, "remembered": len(self.ledger)}}
@@ -281,6 +390,21 @@ class Router:
             return _error(404, f"no route {path!r}: use POST '' (predict), POST '/feedback', GET ''")
         return _error(405, f"method {request.method} not allowed on {path or '/'!r}")
 
+    async def _act(self, version: str, obs: np.ndarray) -> dict[str, Any]:
+        try:
+            return await self.policies[version].remote(obs)
+        except Exception as err:  # noqa: BLE001 - a dead or failing replica is the version's error
+            return {"status": 500, "error": f"policy {version}: {_short(err)}"}
+
+    def _count(self, version: str, result: dict[str, Any]) -> bool:
+        """Count one answer of ``version``; True when it failed (5xx)."""
+        tags = {"version": version}
+        self.m_requests.inc(1, tags)
+        failed = "error" in result and int(result.get("status", 500)) >= 500
+        if failed:
+            self.m_errors.inc(1, tags)
+        return failed
+
     async def predict(self, request: Request) -> JSONResponse:
         start = time.perf_counter()
         try:
@@ -290,20 +414,95 @@ class Router:
         version = self.deck.draw()
         if version is None:
             return _error(503, "no version has traffic (all weights are 0)")
-        request_id = make_request_id(version, self.id_key, scope=self.scope)
+        breaker = self.breaker
+        guarded = breaker is not None and version != breaker.stable
+        if guarded and breaker.open:
+            self.m_fallbacks.inc(1, {"version": version})
+            version = breaker.stable
+            result = await self._act(version, obs)
+            self._count(version, result)
+        else:
+            result = await self._act(version, obs)
+            failed = self._count(version, result)
+            if guarded and (failed or "error" not in result):
+                if breaker.record(version, ok=not failed):
+                    self.m_circuit_open.set(1, {"version": version})
+                    logger.warning("router %s: circuit breaker open after %d consecutive failures of %s: all "
+                                   "traffic to %s", self.scope, breaker.consecutive, version, breaker.stable)
+                if failed:
+                    self.m_fallbacks.inc(1, {"version": version})
+                    version = breaker.stable
+                    result = await self._act(version, obs)
+                    self._count(version, result)
         tags = {"version": version}
-        try:
-            result = await self.policies[version].remote(obs)
-        except Exception as err:  # noqa: BLE001 - a dead or failing replica is the version's error
-            result = {"status": 500, "error": f"policy {version}: {_short(err)}"}
-        self.m_requests.inc(1, tags)
         self.m_latency.observe(time.perf_counter() - start, tags)
+        request_id = make_request_id(version, self.id_key, scope=self.scope)
         if "error" in result:
-            status = int(result.get("status", 500))
-            if status >= 500:
-                self.m_errors.inc(1, tags)
-            return _error(status, result["error"], version=version, request_id=request_id)
+            return _error(int(result.get("status", 500)), result["error"], version=version, request_id=request_id)
+        self._mirror(version, obs, int(result["action"]), request_id)
         return JSONResponse({"action": result["action"], "version": version, "request_id": request_id})
+
+    def _mirror(self, version: str, obs: np.ndarray, action: int, request_id: str) -> None:
+        """Queue the request ``version`` answered for the shadow / override baseline: it is sent
+        off the response path, in a batch (:data:`MIRROR_BATCH`, :data:`MIRROR_WAIT_S`)."""
+        rc = self.router_config
+        evaluated = rc.evaluated(version)
+        if evaluated is None or rc.mirror is None:
+            return
+        if len(self.mirror_queue) >= MAX_MIRROR_QUEUE:
+            self.m_mirror_dropped.inc(1, {"version": evaluated})
+            return
+        self.mirror_queue.append(_Mirrored(obs, action, request_id, evaluated, version == evaluated))
+        if len(self.mirror_queue) >= MIRROR_BATCH:
+            self._spawn(self._flush_mirrors())
+        elif self._mirror_timer is None:
+            self._mirror_timer = self._spawn(self._flush_mirrors(wait=MIRROR_WAIT_S))
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.mirrors.add(task)
+        task.add_done_callback(self.mirrors.discard)
+        return task
+
+    async def _flush_mirrors(self, wait: float = 0.0) -> None:
+        """Send the queued mirrors, full batches at a time, while fewer than MAX_MIRROR_BATCHES are
+        in flight; after ``wait`` seconds (the timer), the first batch may be partial."""
+        partial = bool(wait)
+        if wait:
+            await asyncio.sleep(wait)
+            self._mirror_timer = None
+        while self.mirror_batches < MAX_MIRROR_BATCHES and (
+                len(self.mirror_queue) >= MIRROR_BATCH or (partial and self.mirror_queue)):
+            partial = False
+            batch, self.mirror_queue = self.mirror_queue[:MIRROR_BATCH], self.mirror_queue[MIRROR_BATCH:]
+            self.mirror_batches += 1
+            try:
+                await self._compare(self.router_config.mirror, batch)
+            finally:
+                self.mirror_batches -= 1
+        if self.mirror_queue and self._mirror_timer is None:  # left behind a full pipeline
+            self._mirror_timer = self._spawn(self._flush_mirrors(wait=MIRROR_WAIT_S))
+
+    async def _compare(self, mirror: str | None, batch: list[_Mirrored]) -> None:
+        """Ask ``mirror`` for the batch's actions and count the agreements; remember disagreements."""
+        try:
+            if mirror is None:
+                raise RuntimeError("no mirror configured")
+            results = await self.batch_policies[mirror].remote([item.obs for item in batch])
+        except Exception as err:  # noqa: BLE001 - a failing mirror drops its batch, never an answer
+            logger.warning("router %s: mirror %s failed: %s", self.scope, mirror, _short(err))
+            results = [{"status": 500}] * len(batch)
+        expires = time.time() + self.config.feedback.ttl_seconds
+        for item, result in zip(batch, results):
+            tags = {"version": item.evaluated}
+            if "action" not in result:
+                self.m_mirror_dropped.inc(1, tags)
+                continue
+            self.m_decisions.inc(1, tags)
+            if int(result["action"]) == item.action:
+                self.m_agreements.inc(1, tags)
+            else:
+                self.comparisons.add(item.request_id, item.evaluated, item.answered_by_evaluated, expires)
 
     async def feedback(self, request: Request) -> JSONResponse:
         """Credit one feedback to the version its (verified, unexpired, not yet credited)
@@ -330,6 +529,12 @@ class Router:
         self.m_reward_scaled.observe(cfg.scaled(fb.reward), tags)
         if fb.negative:
             self.m_negative.inc(1, tags)
+        judged = self.comparisons.judge(fb.request_id, good=not fb.negative and cfg.scaled(fb.reward) >= 0.5, now=now)
+        if judged is not None:
+            evaluated, right = judged
+            self.m_override_feedback.inc(1, {"version": evaluated})
+            if right:
+                self.m_override_correct.inc(1, {"version": evaluated})
         return JSONResponse({"ok": True, "version": fb.version, "request_id": fb.request_id})
 
 

@@ -2,7 +2,12 @@
 
 * :func:`parse_args`: the application ``args`` of the declarative Serve config ->
   :class:`ServingConfig`.
-* :func:`parse_weights`: the router's ``user_config`` -> ``{version: percent}``.
+* :func:`parse_weights`: the router's ``user_config`` -> ``{version: percent}``;
+  :func:`parse_router_config`: the whole ``user_config`` (weights, shadow or override
+  baseline, circuit breaker) -> :class:`RouterConfig`.
+* :class:`CircuitBreaker`: consecutive failures of the versions it guards, and when it opens.
+* :class:`ComparisonLedger`: the answers on which the compared versions disagreed, until
+  their feedback judges who was right.
 * :func:`make_request_id` / :func:`parse_request_id`: request ids that name the version
   that answered and when, signed with the application's feedback key (HMAC-SHA256), so that
   feedback can be credited without state shared across replicas and cannot be forged.
@@ -33,7 +38,12 @@ import numpy as np
 from .contract import (
     ARGS_KEYS as _ARGS_KEYS,
     FEEDBACK_KEYS as _FEEDBACK_KEYS,
+    BASELINE_KEY,
+    BREAKER_KEY,
+    BREAKER_KEYS as _BREAKER_KEYS,
     ROUTER_DEPLOYMENT,
+    SHADOW_KEY,
+    USER_CONFIG_KEYS as _USER_CONFIG_KEYS,
     VERSION_KEYS as _VERSION_KEYS,
     VERSION_RE,
     WEIGHTS_KEY,
@@ -52,6 +62,10 @@ __all__ = [
     "ServingConfig",
     "parse_args",
     "parse_weights",
+    "RouterConfig",
+    "parse_router_config",
+    "CircuitBreaker",
+    "ComparisonLedger",
     "make_request_id",
     "parse_request_id",
     "RequestId",
@@ -375,7 +389,7 @@ def parse_weights(user_config: Any, versions: Any) -> dict[str, int]:
     names = list(versions)
     if not isinstance(user_config, Mapping):
         raise ServingConfigError(f"user_config: must be an object with 'weights', got {user_config!r}")
-    unknown = sorted(set(user_config) - {WEIGHTS_KEY})
+    unknown = sorted(set(user_config) - _USER_CONFIG_KEYS)
     if unknown:
         raise ServingConfigError(f"user_config.{unknown[0]}: unknown field")
     weights = user_config.get(WEIGHTS_KEY)
@@ -652,3 +666,177 @@ class WeightedDeck:
             self._deck = list(self.cards)
             self.rng.shuffle(self._deck)
         return self._deck.pop()
+
+
+#: Most consecutive failures a circuit breaker may wait for.
+MAX_BREAKER_ERRORS = 1000
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The router's parsed ``user_config``.
+
+    Attributes:
+        weights: ``{version: percent}`` for every served version (:func:`parse_weights`).
+        shadow: the version every request is mirrored to (weight 0), or None.
+        baseline: the version every request another version answers is mirrored to, so that
+            the answering version's overrides of it are counted, or None.
+        breaker_stable: the version a failed request falls back to, or None (no breaker).
+        breaker_errors: consecutive failures that open the breaker (>= 1; 0 without breaker).
+    """
+
+    weights: dict[str, int]
+    shadow: str | None = None
+    baseline: str | None = None
+    breaker_stable: str | None = None
+    breaker_errors: int = 0
+
+    @property
+    def mirror(self) -> str | None:
+        """The version requests are mirrored to (the shadow or the baseline), or None."""
+        return self.shadow or self.baseline
+
+    def evaluated(self, answered_by: str) -> str | None:
+        """The version a comparison is counted for, when ``answered_by`` answered: the shadow,
+        or (override baseline) the answering version; None when nothing is compared."""
+        if self.shadow is not None:
+            return self.shadow if answered_by != self.shadow else None
+        if self.baseline is not None:
+            return answered_by if answered_by != self.baseline else None
+        return None
+
+
+def parse_router_config(user_config: Any, versions: Any) -> RouterConfig:
+    """Validate the router's whole ``user_config`` against the served versions.
+
+    ``{"weights": {...}, "shadow"?: "<version>", "overrideBaseline"?: "<version>",
+    "circuitBreaker"?: {"stable": "<version>", "consecutiveErrors": N}}``:
+
+    * ``weights``: as :func:`parse_weights`.
+    * ``shadow``: a served version at weight 0 (a shadow never answers a client).
+    * ``overrideBaseline``: a served version; not with ``shadow``.
+    * ``circuitBreaker.stable``: a served version (it may have weight 0: it still answers the
+      requests that fall back to it); ``consecutiveErrors``: an integer in [1, 1000].
+
+    Raises:
+        ServingConfigError: naming the field, e.g. ``user_config.shadow: version v2 has
+            weight 10: a shadow takes no traffic``.
+    """
+    weights = parse_weights(user_config, versions)
+    names = ", ".join(weights)
+
+    def served(key: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in weights:
+            raise ServingConfigError(f"user_config.{key}: must name a version of this application "
+                                     f"(versions: {names}), got {value!r}")
+        return value
+
+    shadow = baseline = stable = None
+    errors = 0
+    if user_config.get(SHADOW_KEY) is not None:
+        shadow = served(SHADOW_KEY, user_config[SHADOW_KEY])
+        if weights[shadow]:
+            raise ServingConfigError(f"user_config.{SHADOW_KEY}: version {shadow} has weight {weights[shadow]}: "
+                                     "a shadow takes no traffic (weight 0)")
+    if user_config.get(BASELINE_KEY) is not None:
+        if shadow is not None:
+            raise ServingConfigError(f"user_config.{BASELINE_KEY}: not with {SHADOW_KEY} (one comparison at a time)")
+        baseline = served(BASELINE_KEY, user_config[BASELINE_KEY])
+    breaker = user_config.get(BREAKER_KEY)
+    if breaker is not None:
+        if not isinstance(breaker, Mapping):
+            raise ServingConfigError(f"user_config.{BREAKER_KEY}: must be an object with stable, consecutiveErrors, "
+                                     f"got {breaker!r}")
+        for k in sorted(set(breaker) - _BREAKER_KEYS, key=str):
+            raise ServingConfigError(f"user_config.{BREAKER_KEY}.{k}: unknown field")
+        stable = served(f"{BREAKER_KEY}.stable", breaker.get("stable"))
+        errors = breaker.get("consecutiveErrors")
+        if isinstance(errors, bool) or not isinstance(errors, int) or not 1 <= errors <= MAX_BREAKER_ERRORS:
+            raise ServingConfigError(f"user_config.{BREAKER_KEY}.consecutiveErrors: must be an integer in "
+                                     f"[1, {MAX_BREAKER_ERRORS}], got {errors!r}")
+    return RouterConfig(weights, shadow, baseline, stable, errors)
+
+
+class CircuitBreaker:
+    """Consecutive failures of the versions other than ``stable``, in one router replica.
+
+    Every request another version answers is recorded: a success resets the count; a failure
+    adds one, and ``threshold`` consecutive failures open the breaker. Open, it stays open (the
+    router sends every request to ``stable``) until the router is reconfigured without it.
+
+    Args:
+        stable: the version failed requests fall back to.
+        threshold: consecutive failures that open the breaker (>= 1).
+    """
+
+    def __init__(self, stable: str, threshold: int) -> None:
+        if threshold < 1:
+            raise ValueError(f"threshold: must be >= 1, got {threshold}")
+        self.stable, self.threshold = stable, threshold
+        self.consecutive = 0
+        self.open = False
+        self.opened_by: str | None = None  #: the version whose failures opened it
+
+    def record(self, version: str, ok: bool) -> bool:
+        """Record one answer of ``version`` (not ``stable``); True when this failure opened the breaker."""
+        if ok:
+            self.consecutive = 0
+            return False
+        self.consecutive += 1
+        if not self.open and self.consecutive >= self.threshold:
+            self.open, self.opened_by = True, version
+            return True
+        return False
+
+
+#: Default capacity of a :class:`ComparisonLedger` (disagreements awaiting feedback per router replica).
+COMPARISON_MAX_ENTRIES = 100_000
+
+
+class ComparisonLedger:
+    """The answers on which the two compared versions disagreed, kept until their feedback
+    arrives or their request id expires: the feedback then says whether the override (the
+    evaluated version's different action) would have been right.
+
+    Memory is bounded: expired entries are dropped on every call, and beyond ``max_entries``
+    the oldest entry is dropped (its feedback is then not counted as judging an override).
+    """
+
+    def __init__(self, max_entries: int = COMPARISON_MAX_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries: must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, str, bool]] = {}  # insertion order = expiry order
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _purge(self, now: float) -> None:
+        while self._entries:
+            oldest = next(iter(self._entries))
+            if self._entries[oldest][0] >= now and len(self._entries) <= self.max_entries:
+                break
+            del self._entries[oldest]
+
+    def add(self, request_id: str, evaluated: str, answered_by_evaluated: bool, expires_at: float,
+            now: float | None = None) -> None:
+        """Remember a disagreement: ``evaluated`` (the version whose overrides are counted) did
+        not give the action of the answer ``request_id``; ``answered_by_evaluated``: whether the
+        client got the evaluated version's action (override baseline) or the other's (shadow).
+        ``expires_at``: Unix seconds (the request id's feedback deadline)."""
+        self._entries[request_id] = (expires_at, evaluated, answered_by_evaluated)
+        self._purge(time.time() if now is None else now)
+
+    def judge(self, request_id: str, good: bool, now: float | None = None) -> tuple[str, bool] | None:
+        """The feedback on ``request_id`` arrived, ``good`` (not negative, reward at or above the
+        middle of the declared range) or not. Returns ``(evaluated version, override right)``
+        and forgets the entry, or None when the versions agreed (or the entry expired).
+
+        The override was right when the feedback condemns the answer the client got instead of
+        the evaluated version's (shadow), or approves the evaluated version's own answer (baseline)."""
+        self._purge(time.time() if now is None else now)
+        entry = self._entries.pop(request_id, None)
+        if entry is None:
+            return None
+        _, evaluated, answered_by_evaluated = entry
+        return evaluated, good if answered_by_evaluated else not good

@@ -11,8 +11,9 @@ the standard library (``tests/unit/test_serving_contract.py`` checks that in a b
   (:data:`ARGS_KEYS`, :data:`VERSION_KEYS`, :data:`FEEDBACK_KEYS`), version names
   (:data:`VERSION_RE`).
 * The deployments: the ``router`` ingress (:data:`ROUTER_DEPLOYMENT`), whose ``user_config``
-  holds the traffic split under :data:`WEIGHTS_KEY`; one ``policy-<version>`` per version
-  (:func:`policy_deployment_name`).
+  holds the traffic split under :data:`WEIGHTS_KEY`, the shadow or override comparison
+  (:data:`SHADOW_KEY`, :data:`BASELINE_KEY`) and the circuit breaker (:data:`BREAKER_KEY`,
+  :data:`BREAKER_KEYS`); one ``policy-<version>`` per version (:func:`policy_deployment_name`).
 * The metrics: the router's ``ray.util.metrics`` names (:data:`METRIC_NAMES`) with their tags
   (:data:`METRIC_TAGS`), and the Prometheus series Ray's metrics agent exports them as
   (:func:`counter_series`, :func:`bucket_series`).
@@ -26,6 +27,11 @@ __all__ = [
     "IMPORT_PATH",
     "ROUTER_DEPLOYMENT",
     "WEIGHTS_KEY",
+    "SHADOW_KEY",
+    "BASELINE_KEY",
+    "BREAKER_KEY",
+    "BREAKER_KEYS",
+    "USER_CONFIG_KEYS",
     "VERSION_RE",
     "ARGS_KEYS",
     "VERSION_KEYS",
@@ -34,6 +40,7 @@ __all__ = [
     "METRIC_TAGS",
     "policy_deployment_name",
     "counter_series",
+    "gauge_series",
     "bucket_series",
 ]
 
@@ -43,6 +50,19 @@ IMPORT_PATH = "rl_engine.serving.app:build_app"
 ROUTER_DEPLOYMENT = "router"
 #: The router's ``user_config``: ``{"weights": {"<version>": <percent>, ...}}``.
 WEIGHTS_KEY = "weights"
+#: ``"shadow": "<version>"``: every request another version answers is also sent to this
+#: version (weight 0) off the response path; its answer is compared, never returned (shadow mode).
+SHADOW_KEY = "shadow"
+#: ``"overrideBaseline": "<version>"``: every request another version answers is also sent to
+#: this version off the response path, to count how often the answering version overrides it.
+BASELINE_KEY = "overrideBaseline"
+#: ``"circuitBreaker": {"stable": "<version>", "consecutiveErrors": N}``: a request another
+#: version fails (5xx) is answered by ``stable`` instead; after N consecutive failures the
+#: router sends every request to ``stable`` until its next reconfiguration without a breaker.
+BREAKER_KEY = "circuitBreaker"
+BREAKER_KEYS = frozenset({"stable", "consecutiveErrors"})
+#: Every field of the router's ``user_config``.
+USER_CONFIG_KEYS = frozenset({WEIGHTS_KEY, SHADOW_KEY, BASELINE_KEY, BREAKER_KEY})
 #: A version name: letters, digits, ``.``, ``_``, ``-``; starts and ends alphanumeric; <= 63.
 VERSION_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 #: The application's ``args`` fields.
@@ -63,6 +83,16 @@ METRIC_NAMES = {
     "reward_negative": "rlops_serve_feedback_reward_negative",
     "negative_feedback": "rlops_serve_negative_feedback",
     "reward_scaled": "rlops_serve_feedback_reward_scaled",
+    # shadow / override comparison, tagged with the version under evaluation (the shadow, or
+    # the version that answered while an override baseline is set)
+    "decisions": "rlops_serve_compared_decisions",
+    "agreements": "rlops_serve_compared_agreements",
+    "override_feedback": "rlops_serve_override_feedback",
+    "override_correct": "rlops_serve_override_correct",
+    "mirror_dropped": "rlops_serve_mirror_dropped",
+    # circuit breaker, tagged with the version whose failures it counts
+    "circuit_open": "rlops_serve_circuit_open",
+    "circuit_fallbacks": "rlops_serve_circuit_fallbacks",
 }
 #: The tags (Prometheus labels) of every one of those metrics.
 METRIC_TAGS = ("namespace", "agent", "version")
@@ -79,6 +109,12 @@ def counter_series(role: str) -> str:
     """The Prometheus series of a counter in :data:`METRIC_NAMES` (``ray_<name>_total``).
     Raises ``KeyError`` for an unknown role."""
     return f"{_RAY_PREFIX}{METRIC_NAMES[role]}_total"
+
+
+def gauge_series(role: str) -> str:
+    """The Prometheus series of a gauge in :data:`METRIC_NAMES` (``ray_<name>``).
+    Raises ``KeyError`` for an unknown role."""
+    return f"{_RAY_PREFIX}{METRIC_NAMES[role]}"
 
 
 def bucket_series(role: str) -> str:
