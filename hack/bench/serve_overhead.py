@@ -110,17 +110,72 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def compare_arms(urls: dict[str, str], treatment: str, baseline: str, args: argparse.Namespace) -> list[dict]:
+    """Warm both arms up, then for each ``args.concurrency`` run ``args.requests`` per arm in
+    ``args.rounds`` rounds that alternate the arms. Returns one row per concurrency: per arm
+    requests, failures, req/s, p50/p99/mean ms, and ``ratio`` treatment/baseline."""
+    deadline = time.monotonic() + args.max_seconds
+    for url in urls.values():
+        asyncio.run(run_arm(url, args.warmup, 4, deadline))
+    results = []
+    for c in args.concurrency:
+        lat: dict[str, list[float]] = {treatment: [], baseline: []}
+        wall = {treatment: 0.0, baseline: 0.0}
+        fails = {treatment: 0, baseline: 0}
+        per_round = max(1, args.requests // args.rounds)
+        for r in range(args.rounds):
+            for arm in ([treatment, baseline] if r % 2 == 0 else [baseline, treatment]):
+                ls, w, f = asyncio.run(run_arm(urls[arm], per_round, c, deadline))
+                lat[arm] += ls
+                wall[arm] += w
+                fails[arm] += f
+        row: dict = {"concurrency": c}
+        for arm in (treatment, baseline):
+            row[arm] = {"requests": len(lat[arm]), "failures": fails[arm],
+                        "rps": len(lat[arm]) / wall[arm] if wall[arm] else 0.0,
+                        "p50_ms": 1000 * percentile(lat[arm], 50), "p99_ms": 1000 * percentile(lat[arm], 99),
+                        "mean_ms": 1000 * statistics.fmean(lat[arm])}
+        row["ratio"] = {"rps": row[treatment]["rps"] / row[baseline]["rps"],
+                        "p50": row[treatment]["p50_ms"] / row[baseline]["p50_ms"],
+                        "p99": row[treatment]["p99_ms"] / row[baseline]["p99_ms"]}
+        results.append(row)
+        if time.monotonic() >= deadline:
+            print(f"stopped at --max-seconds {args.max_seconds}", file=sys.stderr)
+            break
+    return results
+
+
+def print_arms(results: list[dict], treatment: str, baseline: str) -> None:
+    """The table of :func:`compare_arms`' rows, baseline first, then the ratios."""
+    print(f"{'clients':>7} {'arm':>7} {'requests':>8} {'fail':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for row in results:
+        for arm in (baseline, treatment):
+            a = row[arm]
+            print(f"{row['concurrency']:>7} {arm:>7} {a['requests']:>8} {a['failures']:>4} {a['rps']:>8.1f} "
+                  f"{a['p50_ms']:>8.2f} {a['p99_ms']:>8.2f}")
+        q = row["ratio"]
+        print(f"{row['concurrency']:>7} {'ratio':>7} {treatment}/{baseline}: req/s x{q['rps']:.2f}, "
+              f"p50 x{q['p50']:.2f}, p99 x{q['p99']:.2f}")
+
+
+def arm_parser(description: str, max_seconds: float) -> argparse.ArgumentParser:
+    """The options of :func:`compare_arms` (requests, concurrency, rounds, warm-up, time bound, JSON)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--requests", type=int, default=2000, help="requests per arm and concurrency (default 2000)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="closed-loop clients (default 1 8)")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per concurrency (default 4)")
     p.add_argument("--warmup", type=int, default=200, help="warm-up requests per arm (default 200)")
-    p.add_argument("--max-seconds", type=float, default=600, help="bound on the whole measurement (default 600)")
+    p.add_argument("--max-seconds", type=float, default=max_seconds,
+                   help=f"bound on the whole measurement (default {max_seconds:g})")
+    p.add_argument("--json", help="write the results here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = arm_parser(__doc__.split("\n\n")[0], 600)
     p.add_argument("--artifact-uri", help="serve this artifact (default: train a small CartPole policy)")
     p.add_argument("--dashboard", help="use this Ray dashboard (with --serve) instead of starting a head")
     p.add_argument("--serve", help="Serve HTTP base URL of --dashboard's head")
-    p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
     env = None
@@ -147,51 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         rayserve.wait_running(dashboard, direct_app, 300)
         urls = {"router": f"{serve}/{NAMESPACE}/{AGENT}", "direct": f"{serve}/{NAMESPACE}/direct"}
 
-        deadline = time.monotonic() + args.max_seconds
-        for url in urls.values():
-            asyncio.run(run_arm(url, args.warmup, 4, deadline))
-        results = []
-        for c in args.concurrency:
-            lat: dict[str, list[float]] = {"router": [], "direct": []}
-            wall = {"router": 0.0, "direct": 0.0}
-            fails = {"router": 0, "direct": 0}
-            per_round = max(1, args.requests // args.rounds)
-            for r in range(args.rounds):
-                order = ["router", "direct"] if r % 2 == 0 else ["direct", "router"]
-                for arm in order:
-                    ls, w, f = asyncio.run(run_arm(urls[arm], per_round, c, deadline))
-                    lat[arm] += ls
-                    wall[arm] += w
-                    fails[arm] += f
-            row = {"concurrency": c}
-            for arm in ("router", "direct"):
-                row[arm] = {"requests": len(lat[arm]), "failures": fails[arm],
-                            "rps": len(lat[arm]) / wall[arm] if wall[arm] else 0.0,
-                            "p50_ms": 1000 * percentile(lat[arm], 50), "p99_ms": 1000 * percentile(lat[arm], 99),
-                            "mean_ms": 1000 * statistics.fmean(lat[arm])}
-            row["ratio"] = {"rps": row["router"]["rps"] / row["direct"]["rps"],
-                            "p50": row["router"]["p50_ms"] / row["direct"]["p50_ms"],
-                            "p99": row["router"]["p99_ms"] / row["direct"]["p99_ms"]}
-            results.append(row)
-            if time.monotonic() >= deadline:
-                print(f"stopped at --max-seconds {args.max_seconds}", file=sys.stderr)
-                break
-
-        print(f"{'clients':>7} {'arm':>7} {'requests':>8} {'fail':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-        for row in results:
-            for arm in ("direct", "router"):
-                a = row[arm]
-                print(f"{row['concurrency']:>7} {arm:>7} {a['requests']:>8} {a['failures']:>4} {a['rps']:>8.1f} "
-                      f"{a['p50_ms']:>8.2f} {a['p99_ms']:>8.2f}")
-            q = row["ratio"]
-            print(f"{row['concurrency']:>7} {'ratio':>7} router/direct: req/s x{q['rps']:.2f}, "
-                  f"p50 x{q['p50']:.2f}, p99 x{q['p99']:.2f}")
+        results = compare_arms(urls, "router", "direct", args)
+        print_arms(results, "router", "direct")
         out = {"cpus": os.cpu_count(), "requestsPerArm": args.requests, "rounds": args.rounds,
                "baseline": "HTTP -> proxy -> policy deployment as ingress (build_policy_app)",
                "results": results}
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        return 0 if all(row[a]["failures"] == 0 for row in results for a in ("router", "direct")) else 1
+        return 0 if all(row[a]["failures"] == 0 for row in results for a in urls) else 1
     finally:
         tmp.cleanup()
         if env is not None:

@@ -20,8 +20,6 @@ endpoint; exit 1 when none), and writes JSON. Starts its own head (instance ``rl
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -35,7 +33,7 @@ import httpx
 from rl_operator import rayserve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_overhead import REPO, percentile, run_arm, start_head, train  # noqa: E402
+from serve_overhead import REPO, arm_parser, compare_arms, print_arms, start_head, train  # noqa: E402
 
 NAMESPACE = "bench"
 
@@ -50,13 +48,7 @@ def counter(metrics_url: str, name: str, agent: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=2000, help="requests per arm and concurrency (default 2000)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="closed-loop clients (default 1 8)")
-    p.add_argument("--rounds", type=int, default=4, help="alternating rounds per concurrency (default 4)")
-    p.add_argument("--warmup", type=int, default=200, help="warm-up requests per arm (default 200)")
-    p.add_argument("--max-seconds", type=float, default=900, help="bound on the whole measurement (default 900)")
-    p.add_argument("--json", help="write the results here")
+    p = arm_parser(__doc__.split("\n\n")[0], 900)
     args = p.parse_args(argv)
 
     env, dashboard, serve = start_head()
@@ -72,46 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         for app in (plain, shadow):
             rayserve.wait_running(dashboard, app["name"], 300, expect=app)
         urls = {"plain": f"{serve}/{NAMESPACE}/plain", "shadow": f"{serve}/{NAMESPACE}/shadow"}
-        deadline = time.monotonic() + args.max_seconds
-        for url in urls.values():
-            asyncio.run(run_arm(url, args.warmup, 4, deadline))
-        results = []
-        for c in args.concurrency:
-            lat: dict[str, list[float]] = {"plain": [], "shadow": []}
-            wall = {"plain": 0.0, "shadow": 0.0}
-            fails = {"plain": 0, "shadow": 0}
-            per_round = max(1, args.requests // args.rounds)
-            for r in range(args.rounds):
-                for arm in (["plain", "shadow"] if r % 2 == 0 else ["shadow", "plain"]):
-                    ls, w, f = asyncio.run(run_arm(urls[arm], per_round, c, deadline))
-                    lat[arm] += ls
-                    wall[arm] += w
-                    fails[arm] += f
-            row = {"concurrency": c}
-            for arm in ("plain", "shadow"):
-                row[arm] = {"requests": len(lat[arm]), "failures": fails[arm],
-                            "rps": len(lat[arm]) / wall[arm] if wall[arm] else 0.0,
-                            "p50_ms": 1000 * percentile(lat[arm], 50), "p99_ms": 1000 * percentile(lat[arm], 99)}
-            row["ratio"] = {"rps": row["shadow"]["rps"] / row["plain"]["rps"],
-                            "p50": row["shadow"]["p50_ms"] / row["plain"]["p50_ms"],
-                            "p99": row["shadow"]["p99_ms"] / row["plain"]["p99_ms"]}
-            results.append(row)
-            if time.monotonic() >= deadline:
-                print(f"stopped at --max-seconds {args.max_seconds}", file=sys.stderr)
-                break
+        results = compare_arms(urls, "shadow", "plain", args)
         time.sleep(12)  # the metrics agent's report interval (Ray's default: 10 s)
         compared = counter(metrics_url, "rlops_serve_compared_decisions", "shadow")
         dropped = counter(metrics_url, "rlops_serve_mirror_dropped", "shadow")
         sent = sum(row["shadow"]["requests"] for row in results) + args.warmup
-        print(f"{'clients':>7} {'arm':>7} {'requests':>8} {'fail':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-        for row in results:
-            for arm in ("plain", "shadow"):
-                a = row[arm]
-                print(f"{row['concurrency']:>7} {arm:>7} {a['requests']:>8} {a['failures']:>4} {a['rps']:>8.1f} "
-                      f"{a['p50_ms']:>8.2f} {a['p99_ms']:>8.2f}")
-            q = row["ratio"]
-            print(f"{row['concurrency']:>7} {'ratio':>7} shadow/plain: req/s x{q['rps']:.2f}, "
-                  f"p50 x{q['p50']:.2f}, p99 x{q['p99']:.2f}")
+        print_arms(results, "shadow", "plain")
         print(f"the shadow compared {compared:.0f} of {sent} answers; {dropped:.0f} mirrors dropped "
               "(queue full or the shadow failed)")
         out = {"cpus": os.cpu_count(), "requestsPerArm": args.requests, "rounds": args.rounds,

@@ -412,20 +412,9 @@ def _shadow(spec: m.RolloutSpec, st: m.RolloutStatus, obs: Observed,
         acts.events.append(Event("Normal", "ShadowEnded", st.shadow.ended))
         acts.set_weights = {st.stable_version: 100, spec.version: 0}
         return None
-    versions = {spec.version: {"artifactURI": spec.artifact_uri, "fingerprint": spec.fingerprint}}
-    if obs.active_model and obs.active_model.version == st.stable_version:
-        versions[st.stable_version] = {"artifactURI": obs.active_model.artifact_uri,
-                                       "fingerprint": obs.active_model.fingerprint}
     weights = {st.stable_version: 100, spec.version: 0}
-    if not _deployed(obs, versions):
-        acts.deploy = {"versions": versions, "weights": weights}
-        st.message = "deploying the shadow's policy deployment"
+    if not _serving_ready(spec, st, obs, acts, weights, "shadow"):
         return st, acts
-    if obs.app_status != "RUNNING":
-        st.message = f"waiting for the serving application: {obs.app_status}"
-        return st, acts
-    if not same_split(obs.serving_weights, weights):
-        acts.set_weights = weights
     if obs.shadow is None:
         st.message = "shadowing: no measurement yet"
         return st, acts
@@ -554,6 +543,27 @@ def _deployed(obs: Observed, versions: dict[str, dict[str, str]], exactly: bool 
 def same_split(a: dict[str, int] | None, b: dict[str, int] | None) -> bool:
     """Whether two weight maps route the same traffic (versions at 0% count as absent)."""
     return a is not None and b is not None and {k: v for k, v in a.items() if v} == {k: v for k, v in b.items() if v}
+
+
+def _serving_ready(spec: m.RolloutSpec, st: m.RolloutStatus, obs: Observed, acts: Actions, weights: dict[str, int],
+                   role: str) -> bool:
+    """Whether Serve runs the candidate (``role``: shadow or canary) beside the stable version
+    and is RUNNING; if not, the deploy to make (or the wait) is in ``acts`` / ``st.message``.
+    Ready, the router's split converges on ``weights`` (after a restart: a no-op)."""
+    versions = {spec.version: {"artifactURI": spec.artifact_uri, "fingerprint": spec.fingerprint}}
+    if st.stable_version and obs.active_model:
+        versions[st.stable_version] = {"artifactURI": obs.active_model.artifact_uri,
+                                       "fingerprint": obs.active_model.fingerprint}
+    if not _deployed(obs, versions):
+        acts.deploy = {"versions": versions, "weights": weights}
+        st.message = f"deploying the {role}'s policy deployment"
+        return False
+    if obs.app_status != "RUNNING":
+        st.message = f"waiting for the serving application: {obs.app_status}"
+        return False
+    if not same_split(obs.serving_weights, weights):
+        acts.set_weights = weights
+    return True
 
 
 def _abort(st: m.RolloutStatus, spec: m.RolloutSpec, reason: str, at: datetime, acts: Actions) -> tuple[m.RolloutStatus, Actions]:
@@ -739,22 +749,11 @@ def _pipeline(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
         set_condition(st.conditions, "Progressing", "True", "Started",
                       f"canary {spec.version} beside stable {st.stable_version or '(none)'}", at)
         acts.events.append(Event("Normal", "RolloutStarted", f"canary {spec.version}, stable {st.stable_version or '(none)'}"))
-    versions = {spec.version: {"artifactURI": spec.artifact_uri, "fingerprint": spec.fingerprint}}
-    if st.stable_version and obs.active_model:
-        versions[st.stable_version] = {"artifactURI": obs.active_model.artifact_uri,
-                                       "fingerprint": obs.active_model.fingerprint}
-    weights = weights_for(st.stable_version, spec.version, st.canary_weight or 0)
     if st.phase == "Promoting":
         return _promote(rollout, spec, st, obs, acts)
-    if not _deployed(obs, versions):
-        acts.deploy = {"versions": versions, "weights": weights}
-        st.message = "deploying the canary's policy deployment"
+    if not _serving_ready(spec, st, obs, acts, weights_for(st.stable_version, spec.version, st.canary_weight or 0),
+                          "canary"):
         return st, acts
-    if obs.app_status != "RUNNING":
-        st.message = f"waiting for the serving application: {obs.app_status}"
-        return st, acts
-    if not same_split(obs.serving_weights, weights):  # converge (after a restart: a no-op)
-        acts.set_weights = weights
 
     # 5. the current step
     steps = obs.agent_spec.canary.steps if st.stable_version else [m.CanaryStep(set_weight=100)]

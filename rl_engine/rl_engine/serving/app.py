@@ -222,6 +222,29 @@ class PolicyDeployment:
         return JSONResponse({"action": result["action"], "version": self.version})
 
 
+#: The router's metrics: attribute -> (role in METRIC_NAMES, kind, description). Tags: _TAGS.
+_ROUTER_METRICS: dict[str, tuple[str, str, str]] = {
+    "m_requests": ("requests", "counter", "Requests routed to a policy version."),
+    "m_errors": ("errors", "counter", "Requests a policy version failed (HTTP 5xx)."),
+    "m_latency": ("latency", "histogram", "Request latency through the router (seconds)."),
+    "m_feedback": ("feedback", "counter", "Feedback received for a version."),
+    "m_reward_pos": ("reward_positive", "counter", "Sum of the positive feedback rewards of a version."),
+    "m_reward_neg": ("reward_negative", "counter",
+                     "Sum of the magnitudes of the negative feedback rewards of a version."),
+    "m_negative": ("negative_feedback", "counter", "Feedback flagged negative for a version."),
+    "m_reward_scaled": ("reward_scaled", "histogram", "Feedback reward of a version as a fraction of the declared "
+                                                      "range: (reward - min) / (max - min)."),
+    "m_decisions": ("decisions", "counter", "Answers compared with another version's action, by the version evaluated."),
+    "m_agreements": ("agreements", "counter", "Compared answers where both versions chose the same action."),
+    "m_override_feedback": ("override_feedback", "counter", "Feedback on answers where the compared versions disagreed."),
+    "m_override_correct": ("override_correct", "counter", "Of those, feedback that says the evaluated version was right."),
+    "m_mirror_dropped": ("mirror_dropped", "counter", "Mirrored requests not compared (queue full, mirror failed)."),
+    "m_circuit_open": ("circuit_open", "gauge", "1 while the circuit breaker sends this version's traffic to stable."),
+    "m_fallbacks": ("circuit_fallbacks", "counter", "Requests of this version answered by stable (failed, or breaker "
+                                                    "open)."),
+}
+
+
 class _Mirrored(NamedTuple):
     """A request waiting to be mirrored: what was answered, and which version it evaluates."""
 
@@ -305,41 +328,14 @@ class Router:
         self._mirror_timer: asyncio.Task | None = None
         self.mirrors: set[asyncio.Task] = set()  #: the timer and batch tasks (kept from the GC)
         default_tags = {"namespace": self.config.namespace, "agent": self.config.agent}
-        self.m_requests = metrics.Counter(METRIC_NAMES["requests"], "Requests routed to a policy version.", _TAGS)
-        self.m_errors = metrics.Counter(METRIC_NAMES["errors"], "Requests a policy version failed (HTTP 5xx).", _TAGS)
-        self.m_latency = metrics.Histogram(METRIC_NAMES["latency"], "Request latency through the router (seconds).",
-                                           boundaries=LATENCY_BUCKETS_S, tag_keys=_TAGS)
-        self.m_feedback = metrics.Counter(METRIC_NAMES["feedback"], "Feedback received for a version.", _TAGS)
-        self.m_reward_pos = metrics.Counter(METRIC_NAMES["reward_positive"],
-                                            "Sum of the positive feedback rewards of a version.", _TAGS)
-        self.m_reward_neg = metrics.Counter(METRIC_NAMES["reward_negative"],
-                                            "Sum of the magnitudes of the negative feedback rewards of a version.", _TAGS)
-        self.m_negative = metrics.Counter(METRIC_NAMES["negative_feedback"],
-                                          "Feedback flagged negative for a version.", _TAGS)
-        self.m_reward_scaled = metrics.Histogram(
-            METRIC_NAMES["reward_scaled"],
-            "Feedback reward of a version as a fraction of the declared range: (reward - min) / (max - min).",
-            boundaries=list(REWARD_BUCKETS), tag_keys=_TAGS)
-        self.m_decisions = metrics.Counter(
-            METRIC_NAMES["decisions"], "Answers compared with another version's action, by the version evaluated.", _TAGS)
-        self.m_agreements = metrics.Counter(
-            METRIC_NAMES["agreements"], "Compared answers where both versions chose the same action.", _TAGS)
-        self.m_override_feedback = metrics.Counter(
-            METRIC_NAMES["override_feedback"], "Feedback on answers where the compared versions disagreed.", _TAGS)
-        self.m_override_correct = metrics.Counter(
-            METRIC_NAMES["override_correct"], "Of those, feedback that says the evaluated version was right.", _TAGS)
-        self.m_mirror_dropped = metrics.Counter(
-            METRIC_NAMES["mirror_dropped"], "Mirrored requests not compared (too many in flight, or they failed).", _TAGS)
-        self.m_circuit_open = metrics.Gauge(
-            METRIC_NAMES["circuit_open"], "1 while the circuit breaker sends this version's traffic to stable.", _TAGS)
-        self.m_fallbacks = metrics.Counter(
-            METRIC_NAMES["circuit_fallbacks"], "Requests of this version answered by stable (failed, or breaker open).",
-            _TAGS)
-        for m in (self.m_requests, self.m_errors, self.m_latency, self.m_feedback, self.m_reward_pos,
-                  self.m_reward_neg, self.m_negative, self.m_reward_scaled, self.m_decisions, self.m_agreements,
-                  self.m_override_feedback, self.m_override_correct, self.m_mirror_dropped, self.m_circuit_open,
-                  self.m_fallbacks):
-            m.set_default_tags(default_tags)
+        for attr, (role, kind, doc) in _ROUTER_METRICS.items():  # self.m_requests, self.m_errors, ...
+            if kind == "histogram":
+                bounds = list(REWARD_BUCKETS) if role == "reward_scaled" else LATENCY_BUCKETS_S
+                metric = metrics.Histogram(METRIC_NAMES[role], doc, boundaries=bounds, tag_keys=_TAGS)
+            else:
+                metric = (metrics.Gauge if kind == "gauge" else metrics.Counter)(METRIC_NAMES[role], doc, _TAGS)
+            metric.set_default_tags(default_tags)
+            setattr(self, attr, metric)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new traffic split, comparison and breaker (no restart). An open breaker stays
