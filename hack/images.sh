@@ -64,11 +64,14 @@ build() { # target
 # unchanged tree then re-runs its steps, from pip's cache).
 prune_store() {
   buildah rm --all >/dev/null 2>&1 || true
-  local repo tag
-  for repo in ghcr.io/rlops/operator ghcr.io/rlops/engine; do
-    for tag in $(buildah images --format '{{.Name}}:{{.Tag}}' "$repo" 2>/dev/null); do
-      case $tag in "$repo:$version" | "$repo:$version-$sha") ;; *) buildah rmi "$tag" >/dev/null 2>&1 || true ;; esac
-    done
+  local tag
+  # (`buildah images <repo>` matches a whole image name, not a repository: list all, filter here)
+  for tag in $(buildah images --format '{{.Name}}:{{.Tag}}' 2>/dev/null); do
+    case $tag in
+      ghcr.io/rlops/operator:"$version" | ghcr.io/rlops/operator:"$version-$sha") ;;
+      ghcr.io/rlops/engine:"$version" | ghcr.io/rlops/engine:"$version-$sha") ;;
+      ghcr.io/rlops/operator:* | ghcr.io/rlops/engine:*) buildah rmi "$tag" >/dev/null 2>&1 || true ;;
+    esac
   done
   local free_gib
   free_gib=$(df -Pk "$cache" | awk 'NR==2 {print int($4 / 1048576)}')

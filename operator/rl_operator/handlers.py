@@ -329,7 +329,14 @@ def _expire_runs(namespace: str, agent_name: str) -> None:
         return
     runs = _owned(agent, cache.list_custom(namespace, m.TrainingRun.PLURAL, agent_name))
     rollouts = cache.list_custom(namespace, m.Rollout.PLURAL, agent_name)
+    reclaim = m.RLAgentSpec.model_validate(agent["spec"]).artifact_reclaim_policy == "Delete"
+    by_name = {r["metadata"]["name"]: r for r in runs}
     for name in triggers.expired_runs(agent, runs, rollouts):
+        if reclaim:  # the Job first: once the run is gone, nothing would remember its artifact
+            job, created = kube.create_job_or_get(training.reclaim_job(by_name[name], agent, SETTINGS))
+            if created:
+                _post(agent, [training.Event("Normal", "ArtifactReclaimed", f"deleting the artifact of expired "
+                                             f"TrainingRun {name} (Job {job['metadata']['name']})")])
         if kube.delete_custom(namespace, m.TrainingRun.PLURAL, name):
             log.info("%s/%s: deleted TrainingRun %s (over the history limits)", namespace, agent_name, name)
 
@@ -1066,6 +1073,9 @@ def _write_rollout(ro: dict[str, Any], status: m.RolloutStatus, events: list[tra
     metrics.rollout_written(namespace, name, ro["spec"]["agentRef"]["name"], old.phase, status.phase,
                             status.canary_weight, status.phase in rollout.TERMINAL)
     _post(ro, events)
+    if status.phase in rollout.TERMINAL and old.phase not in rollout.TERMINAL:
+        # its run was kept for it: now it may be over the history limits
+        _expire_runs(namespace, ro["spec"]["agentRef"]["name"])
 
 
 def abort_agent_rollout(namespace: str, agent: str, reason: str) -> str | None:

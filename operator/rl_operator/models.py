@@ -529,6 +529,11 @@ class RLAgentSpec(_Model):
             "latest run, its active model's run and a run whose Rollout is not finished are always kept."))
     failed_runs_history_limit: int = Field(
         1, ge=0, le=100, description="Failed and Superseded TrainingRuns kept; older ones are deleted.")
+    artifact_reclaim_policy: Literal["Retain", "Delete"] = Field(
+        "Retain", description=(
+            "The artifact of a TrainingRun deleted over the history limits: Retain (the default) keeps it in the "
+            "artifact store, where it can still be audited by its fingerprint; Delete removes its directory, with a "
+            "short Job (rlops-reclaim-<run uid>, no GPU) that mounts the artifact store as training does."))
     suspend: bool = Field(
         False, description=("true: no new TrainingRun and no new Rollout start; due triggers wait (a scheduled "
                             "time within its startingDeadlineSeconds still runs on resume)."))

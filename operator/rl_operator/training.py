@@ -230,10 +230,7 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
         "tolerations": tolerations,
         "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "fsGroup": settings.trainer_uid},
     }
-    if settings.artifact_pvc and uri.startswith("file://"):
-        mount = urlparse(settings.artifact_root).path
-        pod_spec["volumes"] = [{"name": "artifacts", "persistentVolumeClaim": {"claimName": settings.artifact_pvc}}]
-        container["volumeMounts"] = [{"name": "artifacts", "mountPath": mount}]
+    _mount_artifacts(settings, uri, pod_spec, container)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -248,6 +245,61 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
             "activeDeadlineSeconds": training.active_deadline_seconds,
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
+    }
+
+
+def _mount_artifacts(settings: OperatorSettings, uri: str, pod_spec: dict[str, Any], container: dict[str, Any]) -> None:
+    """The artifact store's volume (``settings.artifact_pvc``, a ``file://`` root), mounted at the root's path."""
+    if settings.artifact_pvc and uri.startswith("file://"):
+        mount = urlparse(settings.artifact_root).path
+        pod_spec["volumes"] = [{"name": "artifacts", "persistentVolumeClaim": {"claimName": settings.artifact_pvc}}]
+        container["volumeMounts"] = [{"name": "artifacts", "mountPath": mount}]
+
+
+#: The artifact-reclaim Job's name prefix: ``rlops-reclaim-<run uid>`` (50 characters).
+RECLAIM_PREFIX = "rlops-reclaim-"
+#: Label on a reclaim Job: the run whose artifact it deletes (it has no RUN_LABEL: no run owns it).
+RECLAIM_LABEL = f"{m.GROUP}/reclaim-of"
+
+
+def reclaim_job(run: dict[str, Any], agent: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
+    """The Job that deletes an expired run's artifact directory (``artifactReclaimPolicy: Delete``).
+
+    It runs ``python -m rl_engine.artifacts delete <uri> --under <root>/<namespace>/<agent>`` in
+    the training image, with the artifact store mounted as training mounts it and the same extra
+    environment (store credentials), as the trainer's non-root user, without a GPU, and with the
+    training template's tolerations (and the GPU taint's) but not its node selector. It is
+    owned by the agent (the run is deleted at once) and removed 10 minutes after it finishes.
+    """
+    meta, training = run["metadata"], m.RLAgentSpec.model_validate(agent["spec"]).training
+    agent_name = agent["metadata"]["name"]
+    uri = artifact_uri(settings, run)
+    under = f"{settings.artifact_root.rstrip('/')}/{meta['namespace']}/{agent_name}"
+    labels = {m.AGENT_LABEL: agent_name, RECLAIM_LABEL: meta["name"], "app.kubernetes.io/managed-by": "rlops"}
+    container: dict[str, Any] = {
+        "name": "reclaim",
+        "image": training.image,
+        "command": [settings.trainer_command[0], "-m", "rl_engine.artifacts", "delete", uri, "--under", under],
+        "env": [{"name": k, "value": v} for k, v in sorted(settings.extra_env.items())],
+        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
+        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+                        *(t.wire() for t in training.tolerations)],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "fsGroup": settings.trainer_uid},
+    }
+    _mount_artifacts(settings, uri, pod_spec, container)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": f"{RECLAIM_PREFIX}{meta['uid']}", "namespace": meta["namespace"], "labels": labels,
+                     "ownerReferences": [owner_reference(agent)]},
+        "spec": {"backoffLimit": 3, "activeDeadlineSeconds": 600, "ttlSecondsAfterFinished": 600,
+                 "template": {"metadata": {"labels": labels}, "spec": pod_spec}},
     }
 
 

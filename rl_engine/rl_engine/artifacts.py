@@ -59,6 +59,8 @@ __all__ = [
     "fingerprint_digest",
     "file_digests",
     "evaluation_summary",
+    "uri_parts",
+    "delete_artifact",
 ]
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -72,6 +74,7 @@ ARTIFACT_FILES = (
     "evaluation.json",
 )
 _CHUNK = 1 << 20
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
 
 
 class ArtifactError(Exception):
@@ -456,3 +459,80 @@ def compute_fingerprint(uri: str) -> str:
         ArtifactError: the artifact or its ``evaluation.json`` is missing or malformed.
     """
     return read_artifact(uri).fingerprint()
+
+
+def uri_parts(uri: str) -> tuple[str, list[str]]:
+    """``(scheme, path components)`` of an fsspec URI or absolute local path, for prefix checks.
+
+    A plain path is scheme ``file``; the scheme is lower-cased; one trailing ``/`` is dropped.
+    Raises ValueError (the reason) for chained URIs (``::``), a ``file://host/...`` URI, a
+    relative local path, and empty, ``.`` or ``..`` path components.
+    """
+    if "::" in uri:
+        raise ValueError("chained URIs ('::') are refused")
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        if not _SCHEME_RE.match(scheme):
+            raise ValueError(f"invalid scheme {scheme!r}")
+        scheme = scheme.lower()
+        if scheme == "file" and not rest.startswith("/"):
+            raise ValueError("a file URI must be file:///<absolute path>")
+    else:
+        scheme, rest = "file", uri
+        if not rest.startswith("/"):
+            raise ValueError("a local path must be absolute")
+    if rest.startswith("/"):  # the root of the file system (file:///x, memory:///x)
+        rest = rest[1:]
+    if rest.endswith("/"):
+        rest = rest[:-1]
+    parts = rest.split("/") if rest else []
+    if ".." in parts:
+        raise ValueError("'..' path components are refused")
+    if any(p in ("", ".") for p in parts):
+        raise ValueError("empty or '.' path components are refused")
+    return scheme, parts
+
+
+def delete_artifact(uri: str, under: str) -> bool:
+    """Delete the artifact directory at ``uri`` (every file in it), which must lie strictly
+    below ``under`` (same scheme, compared by path component: :func:`uri_parts`).
+
+    Returns:
+        True when something was deleted, False when nothing was there (idempotent).
+
+    Raises:
+        ValueError: ``uri`` is not strictly below ``under``, or either is malformed.
+    """
+    scheme, parts = uri_parts(uri)
+    root_scheme, root_parts = uri_parts(under)
+    if scheme != root_scheme or len(parts) <= len(root_parts) or parts[:len(root_parts)] != root_parts:
+        raise ValueError(f"{uri!r} is not below {under!r}: refused")
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        return False
+    fs.rm(path, recursive=True)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rl_engine.artifacts delete <uri> --under <prefix>``: what the operator's
+    artifact-reclaim Job runs (``spec.artifactReclaimPolicy: Delete``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m rl_engine.artifacts", description="Artifact store maintenance.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("delete", help="delete one artifact directory")
+    d.add_argument("uri", help="the artifact's fsspec URI")
+    d.add_argument("--under", required=True, help="refuse unless the URI is strictly below this prefix")
+    args = p.parse_args(argv)
+    try:
+        deleted = delete_artifact(args.uri, args.under)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}")
+        return 2
+    print(f"{'deleted' if deleted else 'nothing at'} {args.uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
+from urllib.parse import urlparse
 
 from support import PENDING_AGENT as AGENT, stage_chain, wait_for
 
@@ -173,3 +175,35 @@ def test_a_run_that_succeeds_while_suspended_gets_its_rollout_on_resume(cluster,
     cluster.kubectl("patch", "rlagent", "q", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')
     ro = wait_for(lambda: cluster.get("rollout", "q-7", "-n", namespace), 30, "Rollout q-7 once resumed")
     assert ro["spec"]["fingerprint"] == FP
+
+
+def test_delete_policy_reclaims_the_artifacts_of_expired_runs(cluster, operator, namespace):
+    """artifactReclaimPolicy Delete, successfulRunsHistoryLimit 1: the older of two Succeeded runs
+    is deleted, and a Job that runs on the dev node deletes its artifact directory; the newer
+    run's artifact stays."""
+    extra = "  successfulRunsHistoryLimit: 1\n  artifactReclaimPolicy: Delete\n"
+    assert cluster.apply(AGENT.format(name="rc", extra=extra), namespace).returncode == 0
+    wait_for(lambda: "rc-1" in runs(cluster, namespace, "rc"), 60, "run rc-1")
+    dirs: dict[str, Path] = {}
+
+    def artifact(name):
+        def write(uri):
+            dirs[name] = Path(urlparse(uri).path)
+            dirs[name].mkdir(parents=True)
+            (dirs[name] / "model.pt").write_bytes(b"weights")
+            return FP
+        return write
+
+    old = stage_chain(cluster, namespace, "rc", "rc-old", operator.artifact_root, artifact("rc-old"), generation=98)
+    old_uid = old["metadata"]["ownerReferences"][0]["uid"]
+    stage_chain(cluster, namespace, "rc", "rc-new", operator.artifact_root, artifact("rc-new"), generation=99)
+    wait_for(lambda: "rc-old" not in runs(cluster, namespace, "rc"), 60, "rc-old deleted over the history limit")
+    job = wait_for(lambda: (j := cluster.get("job", f"rlops-reclaim-{old_uid}", "-n", namespace))
+                   and (j.get("status") or {}).get("succeeded") and j, 120, "the reclaim Job succeeded")
+    assert "rlops.dev/training-run" not in job["metadata"]["labels"]
+    assert not dirs["rc-old"].exists(), "the expired run's artifact is still there"
+    assert (dirs["rc-new"] / "model.pt").exists(), "the kept run's artifact was touched"
+    assert "rc-new" in runs(cluster, namespace, "rc")
+    reasons = [e["reason"] for e in cluster.get("events", "-n", namespace)["items"]
+               if e["involvedObject"]["name"] == "rc"]
+    assert reasons.count("ArtifactReclaimed") == 1

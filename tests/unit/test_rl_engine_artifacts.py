@@ -245,3 +245,23 @@ def test_metadata_file_references_as_the_trainer_writes_them_pass(tmp_path):
     (tmp_path / "metadata.json").write_text(json.dumps(
         {"files": {"model": "model.pt", "evaluation": "evaluation.json", "fingerprint": FINGERPRINT_FILE}}))
     read_artifact(uri).check_metadata_references()
+
+
+def test_delete_artifact_only_below_the_given_prefix(tmp_path):
+    from rl_engine.artifacts import delete_artifact, main
+
+    root = tmp_path / "art"
+    run = root / "ns" / "agent" / "run-1"
+    run.mkdir(parents=True)
+    (run / "model.pt").write_bytes(b"x")
+    sibling = root / "ns" / "other"
+    sibling.mkdir()
+    under = f"file://{root}/ns/agent"
+    for bad in (f"file://{root}/ns/agent", f"file://{root}/ns/other", f"file://{root}/ns/agent/../other",
+                f"{root}/ns/agent/run-1::file://x"):
+        with pytest.raises(ValueError):
+            delete_artifact(bad, under)
+    assert sibling.exists()
+    assert main(["delete", f"file://{run}", "--under", under]) == 0 and not run.exists()
+    assert delete_artifact(f"file://{run}", under) is False  # already gone: nothing to do
+    assert main(["delete", f"file://{sibling}", "--under", under]) == 2 and sibling.exists()

@@ -716,3 +716,13 @@ def test_shadow_queues_behind_another_rollout_and_an_abort_removes_it():
     world.step(ro)
     st, _ = world.step(ro, annotations={r.ABORT: "enough"})
     assert st.phase == "RolledBack" and set(world.versions) == {"cp-1"} and world.extras == {}
+
+
+def test_a_graduated_shadow_is_approved_automatically_when_the_agents_policy_says_so():
+    world = World(spec=agent_spec(**OBSERVE, approval={"mode": "auto", "auto": {"minMeanReturn": 400}}))
+    ro = make_rollout(mean=500.0)
+    st, _ = world.step(ro)
+    assert st.phase == "Shadowing" and st.approval is None, "auto-approval waits for graduation"
+    st, acts = world.step(ro, shadow=counts(100, 90, 5, 5))
+    assert st.approval.policy == "auto" and st.phase == "Progressing"
+    assert {"Graduated", "Approved", "RolloutStarted"} <= {e.reason for e in acts.events}

@@ -266,3 +266,26 @@ def test_the_trainers_trajectory_counts_reach_the_run_status():
     done = pod("Succeeded", {"exitCode": 0, "reason": "Completed", "message": json.dumps(summary)})
     status, _ = training.observe_run(run, job_with(("Complete", ""), completionTime="2026-11-22T12:04:00Z"), [done], AT)
     assert status.phase == "Succeeded" and status.wire()["trajectories"] == used
+
+
+def test_the_reclaim_job_deletes_exactly_the_runs_artifact_and_belongs_to_no_run():
+    tolerations = [{"key": "pool", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+    owner = agent(training={"nodeSelector": {"pool": "gpu-a100"}, "tolerations": tolerations})
+    owner["metadata"]["uid"] = "agent-uid"
+    run = run_for(owner, uid="0f6c1c52-0000-4000-8000-00000000abcd")
+    settings = OperatorSettings(artifact_root="file:///data/art", artifact_pvc="artifacts",
+                                extra_env={"AWS_REGION": "eu-west-1"})
+    job = training.reclaim_job(run, owner, settings)
+    meta, pod = job["metadata"], job["spec"]["template"]["spec"]
+    assert meta["name"] == "rlops-reclaim-0f6c1c52-0000-4000-8000-00000000abcd" and len(meta["name"]) <= 63
+    assert m.RUN_LABEL not in meta["labels"] and meta["labels"][training.RECLAIM_LABEL] == "cartpole-1"
+    assert [o["uid"] for o in meta["ownerReferences"]] == ["agent-uid"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["python", "-m", "rl_engine.artifacts", "delete",
+                            training.artifact_uri(settings, run), "--under", "file:///data/art/ml/cartpole"]
+    assert c["env"] == [{"name": "AWS_REGION", "value": "eu-west-1"}]
+    assert "nvidia.com/gpu" not in c["resources"]["limits"] and "nodeSelector" not in pod
+    assert {t["key"] for t in pod["tolerations"]} == {"nvidia.com/gpu", "pool"}
+    assert pod["volumes"] == [{"name": "artifacts", "persistentVolumeClaim": {"claimName": "artifacts"}}]
+    assert c["volumeMounts"] == [{"name": "artifacts", "mountPath": "/data/art"}]
+    assert job["spec"]["ttlSecondsAfterFinished"] == 600 and c["securityContext"]["runAsNonRoot"]

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..artifacts import uri_parts
 # the names the operator writes and reads too (router, versions, args fields): one home
 from .contract import (
     ARGS_KEYS as _ARGS_KEYS,
@@ -179,41 +180,6 @@ class ServingConfig:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
 
-_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
-
-
-def _uri_parts(uri: str) -> tuple[str, list[str]]:
-    """``(scheme, path components)`` of an fsspec URI or absolute local path, for prefix checks.
-
-    A plain path is scheme ``file``; the scheme is lower-cased; one trailing ``/`` is dropped.
-    Raises ValueError (the reason) for chained URIs (``::``), a ``file://host/...`` URI, a
-    relative local path, and empty, ``.`` or ``..`` path components.
-    """
-    if "::" in uri:
-        raise ValueError("chained URIs ('::') are refused")
-    if "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        if not _SCHEME_RE.match(scheme):
-            raise ValueError(f"invalid scheme {scheme!r}")
-        scheme = scheme.lower()
-        if scheme == "file" and not rest.startswith("/"):
-            raise ValueError("a file URI must be file:///<absolute path>")
-    else:
-        scheme, rest = "file", uri
-        if not rest.startswith("/"):
-            raise ValueError("a local path must be absolute")
-    if rest.startswith("/"):  # the root of the file system (file:///x, memory:///x)
-        rest = rest[1:]
-    if rest.endswith("/"):
-        rest = rest[:-1]
-    parts = rest.split("/") if rest else []
-    if ".." in parts:
-        raise ValueError("'..' path components are refused")
-    if any(p in ("", ".") for p in parts):
-        raise ValueError("empty or '.' path components are refused")
-    return scheme, parts
-
-
 def _check_under_root(errors: list[str], args: Mapping[str, Any], versions: Mapping[str, VersionSpec]) -> str | None:
     root = args.get("artifactRoot")
     if root is None:
@@ -222,7 +188,7 @@ def _check_under_root(errors: list[str], args: Mapping[str, Any], versions: Mapp
         errors.append(f"args.artifactRoot: must be a non-empty fsspec URI, got {root!r}")
         return None
     try:
-        root_scheme, root_parts = _uri_parts(root)
+        root_scheme, root_parts = uri_parts(root)
     except ValueError as err:
         errors.append(f"args.artifactRoot: {root!r}: {err}")
         return None
@@ -238,7 +204,7 @@ def _check_under_root(errors: list[str], args: Mapping[str, Any], versions: Mapp
     for name, spec in versions.items():
         path = f"args.versions.{name}.artifactURI"
         try:
-            scheme, parts = _uri_parts(spec.artifact_uri)
+            scheme, parts = uri_parts(spec.artifact_uri)
         except ValueError as err:
             errors.append(f"{path}: {spec.artifact_uri!r}: {err}")
             continue
