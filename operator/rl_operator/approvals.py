@@ -25,7 +25,7 @@ from typing import Any
 
 from rl_operator.rollout import APPROVAL_SIGNATURE, APPROVE, APPROVED_AT, APPROVED_BY, APPROVED_VIA, REJECT, \
     check_manual_approval
-from rl_operator.models import OPERATOR_USER
+from rl_operator.models import OPERATOR_USER, rfc3339
 from rl_operator.trust import service_account_refusal, signature
 
 APPROVE_VERB = "approve"
@@ -88,7 +88,7 @@ def review(old: dict[str, str] | None, new: dict[str, str], target: Target, who:
             return Review(error=f"approval refused: {wrong}")
         if key is None:
             return Review(error="approval refused: the operator has not loaded its approval signing key yet; retry")
-        stamp = at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = rfc3339(at)
         recorded = {APPROVED_BY: who.user, APPROVED_AT: stamp}
         # a new approval replaces the record of an earlier one, impersonator included
         recorded[APPROVED_VIA] = f"impersonated by {who.impersonator}" if who.impersonator else None

@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable
 
 import kopf
 
@@ -176,23 +176,23 @@ def agents_with_triggers() -> list[tuple[str, str]]:
     return sorted(key for key, store in idx.items() if any(needs(a) for a in store))
 
 
-def every(plural: str) -> list[dict[str, Any]]:
-    """Every RLAgent, TrainingRun or Rollout in the watch cache (copies). Call it on kopf's
-    event loop, where the indexes change."""
+def every(plural: str, where: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
+    """Every RLAgent, TrainingRun or Rollout in the watch cache (copies; with ``where``, only
+    those it accepts, tested before copying). Call it on kopf's event loop, where the indexes change."""
     idx = _INDEXES.get(_PLURAL_INDEX[plural])
     if idx is None:
         return []
     return [copy.deepcopy(o) for key, store in sorted(idx.items(), key=lambda kv: tuple(map(str, kv[0])))
-            if len(key) == 2 for o in list(store)]  # (namespace, name), not ("agent", namespace, agent)
+            if len(key) == 2  # (namespace, name), not ("agent", namespace, agent)
+            for o in list(store) if where is None or where(o)]
 
 
 def agents(with_trajectory_trigger: bool = False) -> list[dict[str, Any]]:
     """Every RLAgent in the watch cache (copies), or those with ``spec.triggers.trajectories``.
     Call it on kopf's event loop, where the indexes change."""
-    found = every(m.RLAgent.PLURAL)
-    if with_trajectory_trigger:
-        found = [a for a in found if ((a.get("spec") or {}).get("triggers") or {}).get("trajectories")]
-    return found
+    if not with_trajectory_trigger:
+        return every(m.RLAgent.PLURAL)
+    return every(m.RLAgent.PLURAL, lambda a: bool(((a.get("spec") or {}).get("triggers") or {}).get("trajectories")))
 
 
 def list_custom(namespace: str, plural: str, agent: str) -> list[dict[str, Any]]:

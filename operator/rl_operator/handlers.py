@@ -466,13 +466,11 @@ _LIVE: dict[str, triggers.LiveReward] = {}  #: the last live reward of each agen
 _LIVE_GUARD = threading.Lock()
 
 
-def measure_live_reward(namespace: str, name: str) -> None:
+def measure_live_reward(agent: dict[str, Any]) -> None:
     """The degradation trigger's measurement of the agent's active model (Prometheus), kept for
     its plans (:data:`_LIVE`) and exported (``rlops_agent_live_reward``); the first one over a
     full window after promotion is recorded as its baseline (``triggers.baseline_to_record``)."""
-    agent = cache.get_custom(namespace, m.RLAgent.PLURAL, name)
-    if agent is None:
-        return
+    namespace, name = agent["metadata"]["namespace"], agent["metadata"]["name"]
     spec = m.RLAgentSpec.model_validate(agent["spec"])
     active = m.RLAgentStatus.model_validate(agent.get("status") or {}).active_model
     uid = agent["metadata"]["uid"]
@@ -500,7 +498,7 @@ def measure_live_reward(namespace: str, name: str) -> None:
         with cache.locked("rlagents", namespace, name):
             cache.patch_status(namespace, m.RLAgent.PLURAL, name, {"activeModel": {
                 "baselineReward": round(baseline, 6),
-                "baselineMeasuredAt": training.now().strftime("%Y-%m-%dT%H:%M:%SZ")}})
+                "baselineMeasuredAt": m.rfc3339(training.now())}})
         _post(agent, [training.Event("Normal", "BaselineRecorded", (
             f"the live reward of {active.version} over its first {wanted.window_seconds} s with all traffic: "
             f"{baseline:.3f} (10%-trimmed mean of {feedback:.0f} feedbacks), the degradation trigger's baseline"))])
@@ -512,7 +510,7 @@ def resync_triggers(namespace: str, name: str, trajectories: triggers.Window | N
     try:
         agent = cache.get_custom(namespace, m.RLAgent.PLURAL, name)
         if agent is not None and ((agent.get("spec") or {}).get("triggers") or {}).get("degradation"):
-            measure_live_reward(namespace, name)
+            measure_live_reward(agent)
         return reconcile_triggers(namespace, name, trajectories=trajectories)
     except Exception as exc:  # the next round tries again
         log.warning("resync of the triggers of RLAgent %s/%s failed: %s", namespace, name, exc)
@@ -655,7 +653,7 @@ async def resync_trajectory_triggers() -> None:
         if read is not None:
             await read.settle(plan.handled_sequence if plan else None)
     if agents or counter.client is not None:
-        await counter.forget_others(cache.agents(), SETTINGS.namespaces)
+        await counter.forget_others(agents, SETTINGS.namespaces)
 
 
 @kopf.on.startup()

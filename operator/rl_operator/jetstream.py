@@ -172,9 +172,11 @@ class Trajectories:
 
     async def forget_others(self, agents: list[dict[str, Any]], namespaces: tuple[str, ...]) -> None:
         """Delete the consumers of agents in ``namespaces`` (empty: all) that no trajectory
-        trigger uses any more (the agent is gone, or names another stream). Only call it with
-        every agent of those namespaces (a complete watch cache). A consumer names its agent's
-        namespace in its description: the consumers of another operator's namespaces stay."""
+        trigger uses any more (the agent is gone, its trigger was removed, or it names another
+        stream), and forget the counts of agents not in ``agents``. Only call it with every agent
+        of those namespaces that has a trajectory trigger (from a complete watch cache). A
+        consumer names its agent's namespace in its description: the consumers of another
+        operator's namespaces stay."""
         if self.client is None or not self.client.is_connected:
             return
         js = self.client.jetstream(timeout=REQUEST_TIMEOUT_SECONDS)

@@ -11,7 +11,7 @@ field's own terms (environment, episode, return, timesteps).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,6 +40,14 @@ NO_DEFAULT = "x-rlops-no-default"
 
 #: Stored as free-form JSON in the CRD schema (``x-kubernetes-preserve-unknown-fields``).
 FREE_FORM = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
+def rfc3339(t: datetime) -> str:
+    """A time as the Kubernetes API writes one: RFC 3339, UTC, whole seconds (``2026-12-04T12:00:00Z``).
+    A naive datetime is taken as UTC."""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:

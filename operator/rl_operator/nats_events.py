@@ -78,7 +78,7 @@ def _ts(t: datetime | str | None) -> str | None:
         return None
     if isinstance(t, str):
         return t
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return m.rfc3339(t)
 
 
 def _job_id(obj: dict[str, Any]) -> str:

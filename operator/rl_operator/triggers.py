@@ -339,7 +339,7 @@ def new_run(agent: dict[str, Any], runs: list[dict[str, Any]], due: list[Due]) -
         trigger["nonce"] = nonce
     scheduled = next((d.scheduled_time for d in due if d.scheduled_time), None)
     if scheduled:
-        trigger["scheduledTime"] = scheduled.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        trigger["scheduledTime"] = m.rfc3339(scheduled)
     degraded = next((d.degraded for d in due if d.degraded), None)
     if degraded is not None:
         trigger["degraded"] = degraded.wire()

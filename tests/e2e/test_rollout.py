@@ -42,9 +42,12 @@ spec:
     - setWeight: 50
     - pause: {{}}
     - setWeight: 100
-    analysis: {{intervalSeconds: 2, windowSeconds: 30, minSampleCount: {min_samples}}}
+    analysis: {{intervalSeconds: 2, windowSeconds: 30, minSampleCount: {min_samples}, maxOverrideRate: 1}}
     # the poisoned canary below must fail client requests, so that the alert path acts: no breaker
     circuitBreaker: {{consecutiveErrors: 0}}
+# Two policies trained from different seeds choose differently on many near-upright states (the
+# load's observations): the override limit is not what this test is about (see
+# test_a_canary_that_overrides_stable_too_often_is_rolled_back)
 """
 RESULTS = Path(os.environ.get("RLOPS_BENCH_RESULTS", REPO / "tests" / "e2e" / ".results"))
 
@@ -614,3 +617,38 @@ def test_observe_mode_shadows_then_graduates_on_the_exact_decision(cluster, stac
     reasons = {e["reason"] for e in cluster.get("events", "-n", namespace)["items"]
                if e["involvedObject"]["name"] == "pole-shadow"}
     assert {"ShadowStarted", "Graduated", "Approved", "Promoted"} <= reasons
+
+
+def test_a_canary_that_overrides_stable_too_often_is_rolled_back(cluster, stack, namespace, app_cleanup):
+    """The default override limit (20%) under client load: a canary that prefers one action more
+    than the stable policy (a copy of it with that action's logit raised) chooses differently
+    on a third or more of the load's observations. Its analysis fails on the override rate and it
+    is rolled back; its answers were valid, so no client request failed."""
+    url = f"{stack['ray'].serve}/{namespace}/{AGENT}"
+    stable_uri = promote_first_policy(cluster, namespace, QUICK_AGENT.format(seed=1))
+    stable = load_policy(stable_uri)
+    observations = np.random.default_rng(0).uniform(-0.05, 0.05, size=(2000, 4)).astype(np.float32)
+    share: dict[str, float] = {}
+
+    def overriding(uri):
+        for action in (0, 1):  # the action the stable policy chooses less often near upright
+            fp = shift_action_preference(stable_uri, uri, action=action, delta=3.0)
+            share["expected"] = float(np.mean(load_policy(uri).act(observations) != stable.act(observations)))
+            if share["expected"] > 0.3:
+                return fp
+        raise AssertionError(f"no shifted copy overrides the stable policy often enough: {share}")
+
+    stage_chain(cluster, namespace, AGENT, "pole-override", stack["operator"].artifact_root, overriding)
+    wait_phase(cluster, namespace, "rollout", "pole-override", ("AwaitingApproval",), 60)
+    with Load(url) as load:
+        wait_for(lambda: load.count_since(0) > 20, 60, "client load to start")
+        approve(cluster, namespace, "pole-override")
+        status = wait_phase(cluster, namespace, "rollout", "pole-override", ("RolledBack",), 300)
+        time.sleep(2)
+    assert "canary overrides stable in" in status["abortReason"] and "> maxOverrideRate 20.0%" in status["abortReason"]
+    measured = status["analysis"]["metrics"]["canaryOverrideRate"]
+    assert abs(measured - share["expected"]) < 0.15, (measured, share)  # a sample of the load vs the test's count
+    assert not [r for r in load.records if not r[2]], "client requests failed"
+    assert "pole-override" in {r[1] for r in load.records}, "the canary never answered"
+    wait_for(lambda: serving(stack["ray"], namespace) == ({"pole-1"}, {"pole-1": 100}), 60, "back on stable")
+    print(f"override rate measured {measured:.1%} (the test's count {share['expected']:.1%}): rolled back")
