@@ -23,6 +23,10 @@
 # Ray reads its own RAY_* settings from the environment too (e.g. RAY_metrics_report_interval_ms).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+# Ray turns token authentication on when it finds a token (~/.ray/auth_token, left by any
+# earlier ray.init() on this machine); the dashboard's REST API then answers 401 to the operator
+# and to this script. This head listens on 127.0.0.1 only: keep it off unless asked for.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 name=${RLOPS_RAY_NAME:-rlops}
 dashboard_port=${RLOPS_RAY_DASHBOARD_PORT:-8265}

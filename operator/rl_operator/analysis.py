@@ -24,7 +24,7 @@ SERIES: Mapping[str, str] = {
        ("requests", "errors", "feedback", "reward_positive", "reward_negative", "negative_feedback", "decisions",
         "agreements", "override_feedback", "override_correct")},
     "reward_scaled_bucket": contract.bucket_series("reward_scaled"),
-    "circuit_open": contract.gauge_series("circuit_open"),
+    "circuit_opens": contract.counter_series("circuit_opens"),
 }
 
 
@@ -139,12 +139,14 @@ def shadow_counts(prometheus_url: str, namespace: str, agent: str, version: str)
 
 
 def circuit_open(prometheus_url: str, namespace: str, agent: str, version: str) -> bool:
-    """Whether a router replica reports its circuit breaker open for this (canary) version.
+    """Whether a router replica has opened its circuit breaker on this (canary) version's
+    failures. It reads the count of openings, not the ``circuit_open`` gauge: a counter stays
+    in Prometheus from its first scrape on, where a gauge can slip between two scrapes.
 
     Raises:
         AnalysisError: Prometheus could not be queried or answered something unexpected.
     """
-    return instant(prometheus_url, f"max({_selector('circuit_open', namespace, agent, version)})") > 0
+    return instant(prometheus_url, f"sum({_selector('circuit_opens', namespace, agent, version)})") > 0
 
 
 def live_reward(prometheus_url: str, namespace: str, agent: str, version: str, window_seconds: int,

@@ -1017,6 +1017,8 @@ def _observe_router(obs: rollout.Observed, namespace: str, agent: str, version: 
                                 f"{extras[BREAKER_KEY].get('stable')}")
     except analysis.AnalysisError as exc:
         log.warning("rollout %s/%s: %s", namespace, version, exc)
+        if status.phase == "Shadowing":  # the shadow's message says why it does not progress
+            obs.shadow_error = f"Prometheus: {str(exc)[:300]}"
 
 
 def _newer_rollout(namespace: str, run: dict[str, Any], rollouts: list[dict[str, Any]]) -> str | None:

@@ -368,6 +368,10 @@ class CircuitBreakerSpec(_Model):
             "no error; this many consecutive canary failures open the breaker: the router itself sends all "
             "traffic to the stable version, and the operator then rolls the canary back. 0: no breaker (canary "
             "failures reach the clients)."))
+    timeout_seconds: float = Field(
+        2.0, gt=0, le=60, description=(
+            "A canary request without an answer after this many seconds counts as a failure: the router stops "
+            "waiting for the canary and answers from the stable version."))
 
 
 class CanarySpec(_Model):

@@ -367,9 +367,10 @@ def router_extras(st: m.RolloutStatus, version: str, agent_spec: m.RLAgentSpec) 
         return {SHADOW_KEY: version}
     if st.phase in ("Progressing", "Paused") and 0 < (st.canary_weight or 0) < 100:
         extras: dict[str, Any] = {}
-        errors = agent_spec.canary.circuit_breaker.consecutive_errors
-        if errors:
-            extras[BREAKER_KEY] = {"stable": st.stable_version, "consecutiveErrors": errors}
+        breaker = agent_spec.canary.circuit_breaker
+        if breaker.consecutive_errors:
+            extras[BREAKER_KEY] = {"stable": st.stable_version, "consecutiveErrors": breaker.consecutive_errors,
+                                   "timeoutSeconds": breaker.timeout_seconds}
         if agent_spec.canary.analysis.max_override_rate < 1:
             extras[BASELINE_KEY] = st.stable_version
         return extras
@@ -416,7 +417,8 @@ def _shadow(spec: m.RolloutSpec, st: m.RolloutStatus, obs: Observed,
     if not _serving_ready(spec, st, obs, acts, weights, "shadow"):
         return st, acts
     if obs.shadow is None:
-        st.message = "shadowing: no measurement yet"
+        st.message = (f"shadowing: cannot measure: {obs.shadow_error}" if obs.shadow_error
+                      else "shadowing: no measurement yet")
         return st, acts
     c = obs.shadow
     graduated, progress = graduation(c, agent.observe)
@@ -474,6 +476,8 @@ class Observed:
     serving_extras: dict[str, Any] | None = None
     #: Observe mode: the shadow's comparison counters (None: not measured).
     shadow: ShadowCounts | None = None
+    #: Observe mode: why the shadow's counters could not be read (Prometheus' error), or None.
+    shadow_error: str | None = None
     #: Why the router's circuit breaker is open for this canary (None: closed or not measured).
     circuit_open: str | None = None
 

@@ -474,6 +474,44 @@ def serving_extras(ray, namespace):
     return rayserve.router_extras((summary or {}).get("config") or {})
 
 
+def serving_dump(ray, namespace, url, load=None, prometheus=None) -> str:
+    """What a failed serving test needs to tell why: the router's own view (weights, breaker),
+    each deployment's status and replicas, the router's raw metrics at Ray, Prometheus' view of
+    its scrapes of Ray, the last 30 s of load."""
+    lines = []
+    if prometheus is not None:
+        for promql in ("up", "scrape_duration_seconds", "scrape_samples_scraped",
+                       f'count(rlops_serve_requests_total{{namespace="{namespace}"}}) or '
+                       f'count(ray_rlops_serve_requests_total{{namespace="{namespace}"}})'):
+            try:
+                resp = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}, timeout=10)
+                lines.append(f"prometheus {promql}: {resp.json().get('data', {}).get('result')}")
+            except (httpx.HTTPError, ValueError) as err:
+                lines.append(f"prometheus {promql} failed: {err!r}")
+    try:
+        lines.append(f"router GET: {httpx.get(url, timeout=10).text[:2000]}")
+    except httpx.HTTPError as err:
+        lines.append(f"router GET failed: {err!r}")
+    try:
+        summary = rayserve.application_summary(rayserve.get_applications(ray.dashboard),
+                                               rayserve.app_name(namespace, AGENT)) or {}
+        lines.append(f"application: {summary.get('status')} {summary.get('message')!r}")
+        for name, dep in (summary.get("deployments") or {}).items():
+            lines.append(f"  {name}: {dep}")
+    except Exception as err:  # noqa: BLE001 - a diagnostic must not hide the failure
+        lines.append(f"applications failed: {err!r}")
+    try:
+        lines += [f"  {line}" for line in ray.metrics_text().splitlines()
+                  if "rlops_serve" in line and namespace in line and "bucket" not in line]
+    except httpx.HTTPError as err:
+        lines.append(f"metrics failed: {err!r}")
+    if load is not None:
+        t = time.monotonic()
+        lines.append(f"load, last 30 s: {Counter((r[1], r[2]) for r in load.between(t - 30, t))}; "
+                     f"all: {Counter((r[1], r[2]) for r in load.records)}")
+    return "\n".join(lines)
+
+
 def promote_first_policy(cluster, namespace, yaml):
     assert cluster.apply(yaml, namespace).returncode == 0
     train_and_wait_rollout(cluster, namespace, "pole-1")
@@ -498,10 +536,13 @@ def test_the_circuit_breaker_answers_from_stable_and_the_canary_is_rolled_back(c
         wait_phase(cluster, namespace, "rollout", "pole-bad", ("AwaitingApproval",), 60)
         approve(cluster, namespace, "pole-bad")
         wait_for(lambda: (serving_extras(stack["ray"], namespace) or {}).get("circuitBreaker") ==
-                 {"stable": "pole-1", "consecutiveErrors": 5}, 300, "the canary at 50% behind the breaker",
+                 {"stable": "pole-1", "consecutiveErrors": 5, "timeoutSeconds": 2.0}, 300, "the canary at 50% behind the breaker",
                  interval=0.2)
         t_canary = time.monotonic()
-        status = wait_phase(cluster, namespace, "rollout", "pole-bad", ("RolledBack",), 120)
+        try:
+            status = wait_phase(cluster, namespace, "rollout", "pole-bad", ("RolledBack",), 120)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{serving_dump(stack['ray'], namespace, url, load, stack['prometheus'])}") from None
         t_rolled_back = time.monotonic()
         time.sleep(3)
     assert status["abortReason"].startswith("circuit breaker open: 5 consecutive canary errors"), status
@@ -514,6 +555,7 @@ def test_the_circuit_breaker_answers_from_stable_and_the_canary_is_rolled_back(c
     fallbacks = wait_for(lambda: stack["ray"].metric("ray_rlops_serve_circuit_fallbacks_total", namespace=namespace,
                                                      version="pole-bad"), 30, "the fallbacks counted")
     errors = stack["ray"].metric("ray_rlops_serve_errors_total", namespace=namespace, version="pole-bad")
+    assert stack["ray"].metric("ray_rlops_serve_circuit_opens_total", namespace=namespace, version="pole-bad") == 1
     # 5 failures open it; requests already on their way to the canary then (one per client thread
     # at most) fail too, and are answered from stable like the others
     assert 5 <= errors <= 5 + load.threads - 1 and fallbacks > errors, (errors, fallbacks)

@@ -61,13 +61,14 @@ class World:
         self.now = T0
 
     def step(self, ro, analysis=None, annotations=None, blocking=None, frozen=None, shadow=None, circuit_open=None,
-             newer=None):
+             newer=None, shadow_error=None):
         ro["metadata"]["annotations"] = annotations if annotations is not None else ro["metadata"]["annotations"]
         obs = r.Observed(now=self.now, annotations=dict(ro["metadata"]["annotations"]), agent_spec=self.spec,
                          active_model=self.stable, serving_versions=self.versions,
                          serving_weights=self.weights, app_status="RUNNING" if self.versions else None,
                          blocking_rollout=blocking, analysis=analysis, approval_key=KEY, frozen=frozen,
-                         serving_extras=self.extras, shadow=shadow, circuit_open=circuit_open, newer_rollout=newer)
+                         serving_extras=self.extras, shadow=shadow, circuit_open=circuit_open, newer_rollout=newer,
+                         shadow_error=shadow_error)
         status, acts = r.reconcile(ro, obs)
         if acts.set_weights is not None:
             self.weights = dict(acts.set_weights)
@@ -587,7 +588,8 @@ def test_the_canary_carries_the_breaker_and_the_override_baseline_only_while_it_
     assert world.extras == {}
     world.step(ro)
     assert world.weights == {"cp-1": 90, "cp-2": 10}
-    assert world.extras == {"circuitBreaker": {"stable": "cp-1", "consecutiveErrors": 5}, "overrideBaseline": "cp-1"}
+    assert world.extras == {"circuitBreaker": {"stable": "cp-1", "consecutiveErrors": 5, "timeoutSeconds": 2.0},
+                            "overrideBaseline": "cp-1"}
     world.extras = {}  # a router that lost them (redeployed by hand): the next reconcile restores them
     _, acts = world.step(ro, analysis=OK)
     assert acts.set_weights == {"cp-1": 90, "cp-2": 10} and "circuitBreaker" in world.extras
@@ -646,6 +648,9 @@ def test_shadow_deploys_beside_stable_mirrors_and_graduates_not_one_decision_ear
     assert [e.reason for e in acts.events] == ["ShadowStarted"]
     st, _ = world.step(ro)
     assert st.phase == "Shadowing" and "no measurement yet" in st.message
+    st, _ = world.step(ro, shadow_error="Prometheus: GET http://prom:9090/api/v1/query: ConnectError")
+    assert st.phase == "Shadowing" and st.message == \
+        "shadowing: cannot measure: Prometheus: GET http://prom:9090/api/v1/query: ConnectError"
     st, _ = world.step(ro, shadow=counts(99, 85, 10, 7))
     assert st.phase == "Shadowing" and st.shadow.decisions == 99 and st.shadow.agreement_rate == round(85 / 99, 4)
     assert "99/100 decisions" in st.message and "waiting for: decisions" in st.message

@@ -42,6 +42,10 @@ def test_router_config_parses_shadow_baseline_and_breaker():
      "consecutiveErrors: must be an integer"),
     ({"weights": {"v1": 100}, "circuitBreaker": {"stable": "v1", "consecutiveErrors": 2, "x": 1}},
      "user_config.circuitBreaker.x: unknown field"),
+    ({"weights": {"v1": 100}, "circuitBreaker": {"stable": "v1", "consecutiveErrors": 2, "timeoutSeconds": 0}},
+     "user_config.circuitBreaker.timeoutSeconds: must be a number in (0, 60]"),
+    ({"weights": {"v1": 100}, "circuitBreaker": {"stable": "v1", "consecutiveErrors": 2, "timeoutSeconds": "2s"}},
+     "user_config.circuitBreaker.timeoutSeconds: must be a number"),
     ({"weights": {"v1": 100}, "mirror": "v2"}, "user_config.mirror: unknown field"),
 ])
 def test_router_config_errors_name_the_field(user_config, fragment):
@@ -114,7 +118,8 @@ class _Method:
             self.policy.batches.append(len(arg))
             return [self.policy.act(o) for o in arg]
         self.policy.calls += 1
-        return self.policy.act(arg)
+        result = self.policy.act(arg)
+        return await result if asyncio.iscoroutine(result) else result
 
 
 def _router(monkeypatch, v1, v2, user_config):
@@ -166,13 +171,39 @@ def test_breaker_answers_every_failed_canary_request_from_stable_then_opens(monk
                      {"weights": {"v1": 50, "v2": 50}, "circuitBreaker": {"stable": "v1", "consecutiveErrors": 5}})
     answers = _serve(router, [[0.0] * 4] * 100)
     assert all(code == 200 and body["version"] == "v1" for code, body in answers), "a client saw a failure"
-    assert router.breaker.open and router.m_circuit_open.values == [("v2", 1)]
+    assert router.breaker.open and router.m_circuit_opens.values == [("v2", 1)]  # opened once
+    assert router.m_circuit_open.values[0] == ("v2", 1)
     canary_calls = router.policies["v2"].policy.calls
     assert canary_calls == 5 and router.m_errors.total("v2") == 5, "open: the canary gets no more requests"
     assert router.m_fallbacks.total("v2") == 50  # every request drawn for the canary
-    # the operator's abort: weights back on stable, no breaker: the gauge goes back to 0
-    router.reconfigure({"weights": {"v1": 100, "v2": 0}})
-    assert router.breaker is None and router.m_circuit_open.values[-1] == ("v2", 0)
+
+
+def test_the_open_gauge_is_set_again_until_a_config_without_the_breaker_then_zero(monkeypatch):
+    """Ray exports a gauge value once per set: the open breaker's gauge is set again every
+    GAUGE_REFRESH_S, with no traffic, until the operator's rollback config drops the breaker."""
+    from rl_engine.serving import app
+    monkeypatch.setattr(app, "GAUGE_REFRESH_S", 0.01)
+    router = _router(monkeypatch, lambda o: {"action": 0}, _fail,
+                     {"weights": {"v1": 0, "v2": 100}, "circuitBreaker": {"stable": "v1", "consecutiveErrors": 2}})
+
+    async def go():
+        for _ in range(2):
+            await _call(router, "", {"observation": [0.0] * 4})
+        assert router.breaker.open and len(router.background) == 1
+        await asyncio.sleep(0.1)  # no requests: the keeper alone sets it
+        kept = list(router.m_circuit_open.values)
+        # a weight change that keeps the breaker keeps it open, and the gauge at 1
+        router.reconfigure({"weights": {"v1": 50, "v2": 50}, "circuitBreaker": {"stable": "v1", "consecutiveErrors": 2}})
+        await asyncio.sleep(0.05)
+        assert router.m_circuit_open.values[-1] == ("v2", 1) and router.background
+        router.reconfigure({"weights": {"v1": 100, "v2": 0}})  # the operator's rollback
+        await asyncio.sleep(0.05)
+        return kept
+
+    kept = asyncio.run(go())
+    assert len(kept) >= 4 and set(kept) == {("v2", 1)}, kept
+    assert router.breaker is None and router.m_circuit_open.values[-1] == ("v2", 0) and not router.background
+    assert router.m_circuit_opens.total("v2") == 1
 
 
 def test_breaker_state_survives_a_weight_change_with_the_same_breaker(monkeypatch):
@@ -188,6 +219,22 @@ def test_breaker_state_survives_a_weight_change_with_the_same_breaker(monkeypatc
     assert router.breaker is kept
     router.reconfigure({"weights": {"v1": 50, "v2": 50}, "circuitBreaker": {**breaker, "consecutiveErrors": 4}})
     assert router.breaker is not kept and router.breaker.consecutive == 0
+
+
+def test_a_canary_that_does_not_answer_in_time_is_a_failure_answered_by_stable(monkeypatch):
+    """A hung canary (no answer, no error) must not hang the clients: after timeoutSeconds the
+    router answers from stable and counts a failure; the failures open the breaker."""
+    async def hang(observation):
+        await asyncio.sleep(3600)
+
+    router = _router(monkeypatch, lambda o: {"action": 0}, hang,
+                     {"weights": {"v1": 0, "v2": 100},
+                      "circuitBreaker": {"stable": "v1", "consecutiveErrors": 3, "timeoutSeconds": 0.02}})
+    assert router.breaker.timeout == 0.02
+    answers = _serve(router, [[0.0] * 4] * 10)
+    assert [(code, body["version"]) for code, body in answers] == [(200, "v1")] * 10
+    assert router.policies["v2"].policy.calls == 3 and router.m_errors.total("v2") == 3
+    assert router.breaker.open and router.m_circuit_opens.total("v2") == 1
 
 
 def test_a_4xx_from_the_canary_is_the_clients_error_not_a_breaker_failure(monkeypatch):

@@ -63,6 +63,9 @@ _LOGGING = {"enable_access_log": False}
 #: that the mirror costs the clients' requests next to nothing.
 MIRROR_BATCH = 32
 MIRROR_WAIT_S = 0.05
+#: How often a gauge that must stay visible is set again (seconds). Ray exports a gauge value
+#: once per set and its metrics agent forgets it after two report intervals (at least 1 s each).
+GAUGE_REFRESH_S = 1.0
 #: Batches in flight at once per router replica, and mirrored requests that may wait; beyond
 #: that a mirror is dropped (counted), so that a slow shadow never queues up behind the clients.
 MAX_MIRROR_BATCHES = 4
@@ -240,6 +243,7 @@ _ROUTER_METRICS: dict[str, tuple[str, str, str]] = {
     "m_override_correct": ("override_correct", "counter", "Of those, feedback that says the evaluated version was right."),
     "m_mirror_dropped": ("mirror_dropped", "counter", "Mirrored requests not compared (queue full, mirror failed)."),
     "m_circuit_open": ("circuit_open", "gauge", "1 while the circuit breaker sends this version's traffic to stable."),
+    "m_circuit_opens": ("circuit_opens", "counter", "Times the circuit breaker opened on this version's failures."),
     "m_fallbacks": ("circuit_fallbacks", "counter", "Requests of this version answered by stable (failed, or breaker "
                                                     "open)."),
 }
@@ -295,10 +299,12 @@ class Router:
       that is ``negative`` or below the middle of the reward range condemns the answer given
       (``rlops_serve_override_feedback`` / ``_correct``: the override was right when it
       differed from a condemned answer, or was itself the approved answer).
-    * ``circuitBreaker: {stable, consecutiveErrors: N}``: a request another version fails
-      (5xx) is answered by ``stable`` instead (the client sees no error); N consecutive
-      failures open the breaker (``rlops_serve_circuit_open`` = 1): every request then goes to
-      ``stable``, with no round trip to the operator, until a reconfiguration without it.
+    * ``circuitBreaker: {stable, consecutiveErrors: N, timeoutSeconds?: T}``: a request another
+      version fails (5xx, or no answer within T s: 504) is answered by ``stable`` instead (the
+      client sees no error); N consecutive
+      failures open the breaker (``rlops_serve_circuit_opens`` + 1, ``rlops_serve_circuit_open``
+      held at 1): every request then goes to ``stable``, with no round trip to the operator,
+      until a reconfiguration without it.
 
     Args:
         args: the application ``args`` (validated again here).
@@ -327,6 +333,7 @@ class Router:
         self.mirror_batches = 0  #: batches in flight
         self._mirror_timer: asyncio.Task | None = None
         self.mirrors: set[asyncio.Task] = set()  #: the timer and batch tasks (kept from the GC)
+        self.background: set[asyncio.Task] = set()  #: other tasks: the open breaker's gauge keeper
         default_tags = {"namespace": self.config.namespace, "agent": self.config.agent}
         for attr, (role, kind, doc) in _ROUTER_METRICS.items():  # self.m_requests, self.m_errors, ...
             if kind == "histogram":
@@ -350,10 +357,9 @@ class Router:
         old = self.breaker
         if rc.breaker_stable is None:
             self.breaker = None
-        elif old is None or (old.stable, old.threshold) != (rc.breaker_stable, rc.breaker_errors):
-            self.breaker = CircuitBreaker(rc.breaker_stable, rc.breaker_errors)
-        if old is not None and old.open and self.breaker is not old:
-            self.m_circuit_open.set(0, {"version": old.opened_by})
+        elif old is None or (old.stable, old.threshold, old.timeout) != \
+                (rc.breaker_stable, rc.breaker_errors, rc.breaker_timeout):
+            self.breaker = CircuitBreaker(rc.breaker_stable, rc.breaker_errors, rc.breaker_timeout)
         self.reconfigurations += 1
         logger.info("router %s/%s weights %s shadow %s baseline %s breaker %s", self.config.namespace,
                     self.config.agent, rc.weights, rc.shadow, rc.baseline,
@@ -386,9 +392,13 @@ class Router:
             return _error(404, f"no route {path!r}: use POST '' (predict), POST '/feedback', GET ''")
         return _error(405, f"method {request.method} not allowed on {path or '/'!r}")
 
-    async def _act(self, version: str, obs: np.ndarray) -> dict[str, Any]:
+    async def _act(self, version: str, obs: np.ndarray, timeout: float | None = None) -> dict[str, Any]:
+        """``version``'s answer; a failure (or none within ``timeout`` seconds: 504) as a result."""
         try:
-            return await self.policies[version].remote(obs)
+            response = self.policies[version].remote(obs)
+            return await (response if timeout is None else asyncio.wait_for(response, timeout))
+        except asyncio.TimeoutError:
+            return {"status": 504, "error": f"policy {version}: no answer within {timeout:g} s"}
         except Exception as err:  # noqa: BLE001 - a dead or failing replica is the version's error
             return {"status": 500, "error": f"policy {version}: {_short(err)}"}
 
@@ -418,11 +428,12 @@ class Router:
             result = await self._act(version, obs)
             self._count(version, result)
         else:
-            result = await self._act(version, obs)
+            result = await self._act(version, obs, breaker.timeout if guarded else None)
             failed = self._count(version, result)
             if guarded and (failed or "error" not in result):
                 if breaker.record(version, ok=not failed):
-                    self.m_circuit_open.set(1, {"version": version})
+                    self.m_circuit_opens.inc(1, {"version": version})
+                    self._spawn(self._keep_open_gauge(breaker, version), self.background)
                     logger.warning("router %s: circuit breaker open after %d consecutive failures of %s: all "
                                    "traffic to %s", self.scope, breaker.consecutive, version, breaker.stable)
                 if failed:
@@ -454,11 +465,24 @@ class Router:
         elif self._mirror_timer is None:
             self._mirror_timer = self._spawn(self._flush_mirrors(wait=MIRROR_WAIT_S))
 
-    def _spawn(self, coro: Any) -> asyncio.Task:
+    def _spawn(self, coro: Any, tasks: set[asyncio.Task] | None = None) -> asyncio.Task:
+        """Run ``coro`` on the replica's loop, kept in ``tasks`` (default: the mirrors) until done."""
+        tasks = self.mirrors if tasks is None else tasks
         task = asyncio.get_running_loop().create_task(coro)
-        self.mirrors.add(task)
-        task.add_done_callback(self.mirrors.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         return task
+
+    async def _keep_open_gauge(self, breaker: CircuitBreaker, version: str) -> None:
+        """Hold ``rlops_serve_circuit_open`` at 1 while ``breaker`` is the router's and open, then 0.
+        Ray exports a gauge value once per set (the next export sees nothing), so a value set once
+        vanishes from Prometheus within two report intervals: it is set again every
+        :data:`GAUGE_REFRESH_S`. (The operator reads the ``circuit_opens`` counter, which needs
+        no refresh.)"""
+        while self.breaker is breaker and breaker.open:
+            self.m_circuit_open.set(1, {"version": version})
+            await asyncio.sleep(GAUGE_REFRESH_S)
+        self.m_circuit_open.set(0, {"version": version})
 
     async def _flush_mirrors(self, wait: float = 0.0) -> None:
         """Send the queued mirrors, full batches at a time, while fewer than MAX_MIRROR_BATCHES are

@@ -636,6 +636,8 @@ class WeightedDeck:
 
 #: Most consecutive failures a circuit breaker may wait for.
 MAX_BREAKER_ERRORS = 1000
+#: Longest a circuit breaker may wait for a guarded version's answer (seconds).
+MAX_BREAKER_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -649,6 +651,8 @@ class RouterConfig:
             the answering version's overrides of it are counted, or None.
         breaker_stable: the version a failed request falls back to, or None (no breaker).
         breaker_errors: consecutive failures that open the breaker (>= 1; 0 without breaker).
+        breaker_timeout: seconds the router waits for a guarded version's answer before it
+            counts a failure and asks stable instead (None: it waits as long as the client).
     """
 
     weights: dict[str, int]
@@ -656,6 +660,7 @@ class RouterConfig:
     baseline: str | None = None
     breaker_stable: str | None = None
     breaker_errors: int = 0
+    breaker_timeout: float | None = None
 
     @property
     def mirror(self) -> str | None:
@@ -676,13 +681,14 @@ def parse_router_config(user_config: Any, versions: Any) -> RouterConfig:
     """Validate the router's whole ``user_config`` against the served versions.
 
     ``{"weights": {...}, "shadow"?: "<version>", "overrideBaseline"?: "<version>",
-    "circuitBreaker"?: {"stable": "<version>", "consecutiveErrors": N}}``:
+    "circuitBreaker"?: {"stable": "<version>", "consecutiveErrors": N, "timeoutSeconds"?: T}}``:
 
     * ``weights``: as :func:`parse_weights`.
     * ``shadow``: a served version at weight 0 (a shadow never answers a client).
     * ``overrideBaseline``: a served version; not with ``shadow``.
     * ``circuitBreaker.stable``: a served version (it may have weight 0: it still answers the
-      requests that fall back to it); ``consecutiveErrors``: an integer in [1, 1000].
+      requests that fall back to it); ``consecutiveErrors``: an integer in [1, 1000];
+      ``timeoutSeconds``: a number in (0, 60] (optional).
 
     Raises:
         ServingConfigError: naming the field, e.g. ``user_config.shadow: version v2 has
@@ -698,7 +704,7 @@ def parse_router_config(user_config: Any, versions: Any) -> RouterConfig:
         return value
 
     shadow = baseline = stable = None
-    errors = 0
+    errors, timeout = 0, None
     if user_config.get(SHADOW_KEY) is not None:
         shadow = served(SHADOW_KEY, user_config[SHADOW_KEY])
         if weights[shadow]:
@@ -720,25 +726,33 @@ def parse_router_config(user_config: Any, versions: Any) -> RouterConfig:
         if isinstance(errors, bool) or not isinstance(errors, int) or not 1 <= errors <= MAX_BREAKER_ERRORS:
             raise ServingConfigError(f"user_config.{BREAKER_KEY}.consecutiveErrors: must be an integer in "
                                      f"[1, {MAX_BREAKER_ERRORS}], got {errors!r}")
-    return RouterConfig(weights, shadow, baseline, stable, errors)
+        timeout = breaker.get("timeoutSeconds")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout <= MAX_BREAKER_TIMEOUT_S):
+            raise ServingConfigError(f"user_config.{BREAKER_KEY}.timeoutSeconds: must be a number in "
+                                     f"(0, {MAX_BREAKER_TIMEOUT_S:g}], got {timeout!r}")
+    return RouterConfig(weights, shadow, baseline, stable, errors, None if timeout is None else float(timeout))
 
 
 class CircuitBreaker:
     """Consecutive failures of the versions other than ``stable``, in one router replica.
 
     Every request another version answers is recorded: a success resets the count; a failure
-    adds one, and ``threshold`` consecutive failures open the breaker. Open, it stays open (the
+    (a 5xx, or no answer within ``timeout``) adds one, and ``threshold`` consecutive failures
+    open the breaker. Open, it stays open (the
     router sends every request to ``stable``) until the router is reconfigured without it.
 
     Args:
         stable: the version failed requests fall back to.
         threshold: consecutive failures that open the breaker (>= 1).
+        timeout: seconds to wait for another version's answer before it counts as a failure
+            (None: no limit).
     """
 
-    def __init__(self, stable: str, threshold: int) -> None:
+    def __init__(self, stable: str, threshold: int, timeout: float | None = None) -> None:
         if threshold < 1:
             raise ValueError(f"threshold: must be >= 1, got {threshold}")
-        self.stable, self.threshold = stable, threshold
+        self.stable, self.threshold, self.timeout = stable, threshold, timeout
         self.consecutive = 0
         self.open = False
         self.opened_by: str | None = None  #: the version whose failures opened it

@@ -56,11 +56,12 @@ SHADOW_KEY = "shadow"
 #: ``"overrideBaseline": "<version>"``: every request another version answers is also sent to
 #: this version off the response path, to count how often the answering version overrides it.
 BASELINE_KEY = "overrideBaseline"
-#: ``"circuitBreaker": {"stable": "<version>", "consecutiveErrors": N}``: a request another
-#: version fails (5xx) is answered by ``stable`` instead; after N consecutive failures the
+#: ``"circuitBreaker": {"stable": "<version>", "consecutiveErrors": N, "timeoutSeconds"?: T}``:
+#: a request another version fails (5xx, or no answer within T seconds) is answered by
+#: ``stable`` instead; after N consecutive failures the
 #: router sends every request to ``stable`` until its next reconfiguration without a breaker.
 BREAKER_KEY = "circuitBreaker"
-BREAKER_KEYS = frozenset({"stable", "consecutiveErrors"})
+BREAKER_KEYS = frozenset({"stable", "consecutiveErrors", "timeoutSeconds"})
 #: Every field of the router's ``user_config``.
 USER_CONFIG_KEYS = frozenset({WEIGHTS_KEY, SHADOW_KEY, BASELINE_KEY, BREAKER_KEY})
 #: A version name: letters, digits, ``.``, ``_``, ``-``; starts and ends alphanumeric; <= 63.
@@ -92,6 +93,7 @@ METRIC_NAMES = {
     "mirror_dropped": "rlops_serve_mirror_dropped",
     # circuit breaker, tagged with the version whose failures it counts
     "circuit_open": "rlops_serve_circuit_open",
+    "circuit_opens": "rlops_serve_circuit_opens",
     "circuit_fallbacks": "rlops_serve_circuit_fallbacks",
 }
 #: The tags (Prometheus labels) of every one of those metrics.
