@@ -230,7 +230,7 @@ def test_a_canary_that_does_not_answer_in_time_is_a_failure_answered_by_stable(m
     router = _router(monkeypatch, lambda o: {"action": 0}, hang,
                      {"weights": {"v1": 0, "v2": 100},
                       "circuitBreaker": {"stable": "v1", "consecutiveErrors": 3, "timeoutSeconds": 0.02}})
-    assert router.breaker.timeout == 0.02
+    assert router.info()["circuitBreaker"]["timeoutSeconds"] == 0.02  # the router's GET shows it
     answers = _serve(router, [[0.0] * 4] * 10)
     assert [(code, body["version"]) for code, body in answers] == [(200, "v1")] * 10
     assert router.policies["v2"].policy.calls == 3 and router.m_errors.total("v2") == 3

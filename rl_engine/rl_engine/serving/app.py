@@ -371,8 +371,8 @@ class Router:
         return {"namespace": self.config.namespace, "agent": self.config.agent, "versions": self.versions,
                 "weights": self.weights, "shadow": rc.shadow, "overrideBaseline": rc.baseline,
                 "circuitBreaker": None if breaker is None else {
-                    "stable": breaker.stable, "consecutiveErrors": breaker.threshold, "open": breaker.open,
-                    "consecutiveFailures": breaker.consecutive},
+                    "stable": breaker.stable, "consecutiveErrors": breaker.threshold, "timeoutSeconds": breaker.timeout,
+                    "open": breaker.open, "consecutiveFailures": breaker.consecutive},
                 "mirrorsQueued": len(self.mirror_queue), "mirrorBatchesInFlight": self.mirror_batches, "pid": os.getpid(), "replica": _replica_id(),
                 "reconfigurations": self.reconfigurations, "startedAt": self.started_at,
                 "feedback": {"configured": fb.key is not None, "rewardMin": fb.reward_min, "rewardMax": fb.reward_max,
