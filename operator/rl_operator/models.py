@@ -365,10 +365,9 @@ class CircuitBreakerSpec(_Model):
     consecutive_errors: int = Field(
         5, ge=0, le=1000, description=(
             "A canary request that fails (HTTP 5xx, or no answer within timeoutSeconds) is answered by the stable "
-            "version instead, so the client sees "
-            "no error; this many consecutive canary failures open the breaker: the router itself sends all "
-            "traffic to the stable version, and the operator then rolls the canary back. 0: no breaker (canary "
-            "failures reach the clients)."))
+            "version instead, so the client sees no error; this many consecutive canary failures open the breaker: "
+            "the router itself sends all traffic to the stable version, and the operator then rolls the canary "
+            "back. 0: no breaker (canary failures reach the clients)."))
     timeout_seconds: float = Field(
         2.0, gt=0, le=60, description=(
             "A canary request without an answer after this many seconds counts as a failure: the router stops "

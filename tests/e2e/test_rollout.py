@@ -22,8 +22,9 @@ import pytest
 
 from support import REPO, prometheus_down, prometheus_up, published_events, sample, stage_chain, wait_for
 from rl_engine.policy import load_policy
+from rl_engine.serving.contract import counter_series
 from rl_engine.serving.testing import poison_artifact, shift_action_preference
-from rl_operator import rayserve
+from rl_operator import analysis, rayserve
 
 AGENT = "pole"
 AGENT_YAML = """apiVersion: rlops.dev/v1alpha1
@@ -481,13 +482,11 @@ def serving_dump(ray, namespace, url, load=None, prometheus=None) -> str:
     lines = []
     if prometheus is not None:
         for promql in ("up", "scrape_duration_seconds", "scrape_samples_scraped",
-                       f'count(rlops_serve_requests_total{{namespace="{namespace}"}}) or '
-                       f'count(ray_rlops_serve_requests_total{{namespace="{namespace}"}})'):
+                       f'count({counter_series("requests")}{{namespace="{namespace}"}})'):
             try:
-                resp = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}, timeout=10)
-                lines.append(f"prometheus {promql}: {resp.json().get('data', {}).get('result')}")
-            except (httpx.HTTPError, ValueError) as err:
-                lines.append(f"prometheus {promql} failed: {err!r}")
+                lines.append(f"prometheus {promql}: {analysis.instant_vector(prometheus, promql, timeout=10)}")
+            except analysis.AnalysisError as err:
+                lines.append(f"prometheus {promql} failed: {err}")
     try:
         lines.append(f"router GET: {httpx.get(url, timeout=10).text[:2000]}")
     except httpx.HTTPError as err:
@@ -536,13 +535,14 @@ def test_the_circuit_breaker_answers_from_stable_and_the_canary_is_rolled_back(c
         wait_phase(cluster, namespace, "rollout", "pole-bad", ("AwaitingApproval",), 60)
         approve(cluster, namespace, "pole-bad")
         wait_for(lambda: (serving_extras(stack["ray"], namespace) or {}).get("circuitBreaker") ==
-                 {"stable": "pole-1", "consecutiveErrors": 5, "timeoutSeconds": 2.0}, 300, "the canary at 50% behind the breaker",
-                 interval=0.2)
+                 {"stable": "pole-1", "consecutiveErrors": 5, "timeoutSeconds": 2.0}, 300,
+                 "the canary at 50% behind the breaker", interval=0.2)
         t_canary = time.monotonic()
         try:
             status = wait_phase(cluster, namespace, "rollout", "pole-bad", ("RolledBack",), 120)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{serving_dump(stack['ray'], namespace, url, load, stack['prometheus'])}") from None
+            dump = serving_dump(stack["ray"], namespace, url, load, stack["prometheus"])
+            raise AssertionError(f"{exc}\n{dump}") from None
         t_rolled_back = time.monotonic()
         time.sleep(3)
     assert status["abortReason"].startswith("circuit breaker open: 5 consecutive canary errors"), status

@@ -301,10 +301,10 @@ class Router:
       differed from a condemned answer, or was itself the approved answer).
     * ``circuitBreaker: {stable, consecutiveErrors: N, timeoutSeconds?: T}``: a request another
       version fails (5xx, or no answer within T s: 504) is answered by ``stable`` instead (the
-      client sees no error); N consecutive
-      failures open the breaker (``rlops_serve_circuit_opens`` + 1, ``rlops_serve_circuit_open``
-      held at 1): every request then goes to ``stable``, with no round trip to the operator,
-      until a reconfiguration without it.
+      client sees no error); N consecutive failures open the breaker
+      (``rlops_serve_circuit_opens`` + 1, ``rlops_serve_circuit_open`` held at 1): every
+      request then goes to ``stable``, with no round trip to the operator, until a
+      reconfiguration without it.
 
     Args:
         args: the application ``args`` (validated again here).

@@ -726,12 +726,12 @@ def parse_router_config(user_config: Any, versions: Any) -> RouterConfig:
         if isinstance(errors, bool) or not isinstance(errors, int) or not 1 <= errors <= MAX_BREAKER_ERRORS:
             raise ServingConfigError(f"user_config.{BREAKER_KEY}.consecutiveErrors: must be an integer in "
                                      f"[1, {MAX_BREAKER_ERRORS}], got {errors!r}")
-        timeout = breaker.get("timeoutSeconds")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not 0 < timeout <= MAX_BREAKER_TIMEOUT_S):
-            raise ServingConfigError(f"user_config.{BREAKER_KEY}.timeoutSeconds: must be a number in "
-                                     f"(0, {MAX_BREAKER_TIMEOUT_S:g}], got {timeout!r}")
-    return RouterConfig(weights, shadow, baseline, stable, errors, None if timeout is None else float(timeout))
+        if breaker.get("timeoutSeconds") is not None:
+            path = f"user_config.{BREAKER_KEY}.timeoutSeconds"
+            timeout = float(_number(breaker["timeoutSeconds"], path))
+            if not 0 < timeout <= MAX_BREAKER_TIMEOUT_S:
+                raise ServingConfigError(f"{path}: must be a number in (0, {MAX_BREAKER_TIMEOUT_S:g}], got {timeout!r}")
+    return RouterConfig(weights, shadow, baseline, stable, errors, timeout)
 
 
 class CircuitBreaker:
@@ -739,8 +739,8 @@ class CircuitBreaker:
 
     Every request another version answers is recorded: a success resets the count; a failure
     (a 5xx, or no answer within ``timeout``) adds one, and ``threshold`` consecutive failures
-    open the breaker. Open, it stays open (the
-    router sends every request to ``stable``) until the router is reconfigured without it.
+    open the breaker. Open, it stays open (the router sends every request to ``stable``) until
+    the router is reconfigured without it.
 
     Args:
         stable: the version failed requests fall back to.

@@ -58,8 +58,8 @@ SHADOW_KEY = "shadow"
 BASELINE_KEY = "overrideBaseline"
 #: ``"circuitBreaker": {"stable": "<version>", "consecutiveErrors": N, "timeoutSeconds"?: T}``:
 #: a request another version fails (5xx, or no answer within T seconds) is answered by
-#: ``stable`` instead; after N consecutive failures the
-#: router sends every request to ``stable`` until its next reconfiguration without a breaker.
+#: ``stable`` instead; after N consecutive failures the router sends every request to
+#: ``stable`` until its next reconfiguration without a breaker.
 BREAKER_KEY = "circuitBreaker"
 BREAKER_KEYS = frozenset({"stable", "consecutiveErrors", "timeoutSeconds"})
 #: Every field of the router's ``user_config``.
