@@ -59,9 +59,10 @@ build() { # target
 [ -f /etc/pip.conf ] || touch /etc/pip.conf
 
 # The store keeps only what the next build reuses: working containers left by an interrupted
-# build go, so do the tags of earlier commits (<version>-<sha>); when the disk runs low (the
-# engine image is ~6.5 GB, mostly PyTorch), the layers no tag holds go too (the next build of an
-# unchanged tree then re-runs its steps, from pip's cache).
+# build go, so do the tags of earlier commits (<version>-<sha>) and then the images that no tag
+# and no later build step holds (an earlier commit's code layers). The dependency layers stay:
+# they are the parents of the current images (the Dockerfile installs dependencies from
+# pyproject.toml alone, before the code), so an unchanged pyproject.toml reinstalls nothing.
 prune_store() {
   buildah rm --all >/dev/null 2>&1 || true
   local tag
@@ -73,17 +74,13 @@ prune_store() {
       ghcr.io/rlops/operator:* | ghcr.io/rlops/engine:*) buildah rmi "$tag" >/dev/null 2>&1 || true ;;
     esac
   done
-  local free_gib
-  free_gib=$(df -Pk "$cache" | awk 'NR==2 {print int($4 / 1048576)}')
-  if [ "$free_gib" -lt "${RLOPS_IMAGES_MIN_FREE_GIB:-20}" ]; then
-    say "only $free_gib GiB free under $cache: pruning the image layers no tag holds"
-    buildah rmi --prune >/dev/null 2>&1 || true
-    say "  now $(df -Pk "$cache" | awk 'NR==2 {print int($4 / 1048576)}') GiB free"
-  fi
+  buildah rmi --prune >/dev/null 2>&1 || true
 }
 prune_store
 build operator
 build engine
+prune_store  # (the images that this build replaced)
+say "  image store: $(du -sh "$cache/buildah" | cut -f1), $(df -Pk "$cache" | awk 'NR==2 {print int($4 / 1048576)}') GiB free"
 
 # load SOCK: import into containerd unless the same image id is already there.
 if [ "${1:-}" = load ]; then
@@ -103,12 +100,23 @@ if [ "${1:-}" = load ]; then
     ctr images import --no-unpack=false "$archive" >/dev/null
     ctr images tag --force "$ref" "ghcr.io/rlops/$name:$version-$sha" >/dev/null
     rm -f "$archive"
-    # earlier commits' tags go (containerd's garbage collector then frees their layers); the
-    # running pods use the version tag, which stays
+    # earlier commits' tags go; the running pods use the version tag, which stays
     for old in $(ctr images ls -q | grep "^ghcr.io/rlops/$name:" || true); do
       case $old in "$ref" | "ghcr.io/rlops/$name:$version-$sha") ;; *) ctr images rm "$old" >/dev/null 2>&1 || true ;; esac
     done
     echo "$id" >"$stamp"
     say "  imported $ref into containerd ($((SECONDS - start)) s)"
   done
+  # The kubelet's CRI also names each image it has seen by its id (sha256:<config digest>), and
+  # such a name keeps an earlier commit's image (6 GB for the engine) in the store after its tags
+  # went: the ids of images that no longer have another name go too, and containerd's garbage
+  # collector frees their layers.
+  keep=" "
+  for ref in "ghcr.io/rlops/operator:$version" "ghcr.io/rlops/engine:$version" localhost/rlops/pause:1; do
+    keep+="sha256:$(buildah inspect --type image --format '{{.FromImageID}}' "$ref" 2>/dev/null || true) "
+  done
+  for old in $(ctr images ls -q | grep '^sha256:' || true); do
+    case $keep in *" $old "*) ;; *) ctr images rm --sync "$old" >/dev/null 2>&1 || true ;; esac
+  done
+  say "  node image store: $(du -sh "$cache/node/containerd" 2>/dev/null | cut -f1)"
 fi

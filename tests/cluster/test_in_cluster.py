@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from incluster import helm, tenant_namespace
-from support import REPO, Cluster, sample, scrape, wait_for
+from support import CACHE, REPO, Cluster, sample, scrape, wait_for
 from rl_operator import models as m
 from rl_operator import rayserve
 
@@ -78,6 +78,24 @@ def test_the_operator_runs_in_a_pod_read_only_and_non_root(real_cluster, rlops):
     services = {h["name"]: h["clientConfig"].get("service") for h in hooks}
     assert services and all(s and s["name"] == "rlops-operator" and s["namespace"] == "rlops-system"
                             for s in services.values()), services
+
+
+def test_the_node_and_the_build_store_keep_one_copy_of_each_image(real_cluster):
+    """Every commit builds and imports new images (the engine is 6.5 GB): hack/images.sh drops the
+    earlier ones, in containerd including the kubelet's names by image id (``sha256:...``), which
+    once kept every earlier engine on the disk until it filled."""
+    ctr = ["ctr", "-a", "/run/rlops-node/containerd.sock", "-n", "k8s.io", "images", "ls"]
+    rows = [line.split() for line in subprocess.run(ctr, check=True, capture_output=True, text=True).stdout.splitlines()[1:]]
+    targets: dict[str, set[str]] = {}
+    for name, _type, digest, *_ in rows:
+        targets.setdefault(name.split(":")[0] if not name.startswith("sha256:") else "sha256", set()).add(digest)
+    assert len(targets["ghcr.io/rlops/engine"]) == 1 and len(targets["ghcr.io/rlops/operator"]) == 1, targets
+    named = set().union(*(t for repo, t in targets.items() if repo != "sha256"))
+    assert targets.get("sha256", set()) <= named, f"images known only by their id: {targets['sha256'] - named}"
+    buildah = ["buildah", "--root", str(CACHE / "buildah" / "storage"), "--runroot", "/run/rlops-buildah"]
+    dangling = subprocess.run([*buildah, "images", "--quiet", "--filter", "dangling=true"], check=True,
+                              capture_output=True, text=True).stdout.split()
+    assert dangling == [], f"images that nothing holds in buildah's store: {dangling}"
 
 
 def test_train_in_the_engine_image_approve_through_the_service_serve_and_canary(real_cluster, rlops, monitoring):
