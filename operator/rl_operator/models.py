@@ -357,6 +357,12 @@ class AnalysisSpec(_Model):
             "The canary fails when it overrides the stable version (chooses another action for the same "
             "observation) in more than this fraction of its compared answers. Every canary answer is also asked "
             "of the stable version, off the response path, to count that. 1: no limit and no comparison."))
+    # Argo Rollouts' consecutiveErrorLimit (default 4): a canary is not left taking traffic unmeasured.
+    consecutive_error_limit: int = Field(
+        4, ge=0, le=100, description=(
+            "The canary is rolled back when more than this many measurements in a row could not be taken "
+            "(Prometheus unreachable, or a query failing), one every intervalSeconds: a canary does not keep its "
+            "traffic unmeasured. A measurement that succeeds, whatever its verdict, starts the count again."))
 
 
 class CircuitBreakerSpec(_Model):
@@ -749,6 +755,8 @@ class AnalysisRun(_Status):
     message: str = ""
     step_index: int | None = None
     measured_at: datetime | None = None
+    consecutive_errors: int = Field(
+        0, description="Measurements in a row at this step that could not be taken (phase Error), this one included.")
     metrics: dict[str, Any] = Field(default_factory=dict, json_schema_extra=FREE_FORM)
 
 

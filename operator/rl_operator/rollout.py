@@ -570,6 +570,13 @@ def _serving_ready(spec: m.RolloutSpec, st: m.RolloutStatus, obs: Observed, acts
     return True
 
 
+def _errors_note(run: m.AnalysisRun, agent_spec: m.RLAgentSpec) -> str:
+    """`` (2 in a row; more than 4 roll back)`` for an Error verdict, else empty."""
+    if run.phase != "Error":
+        return ""
+    return f" ({run.consecutive_errors} in a row; more than {agent_spec.canary.analysis.consecutive_error_limit} roll back)"
+
+
 def _abort(st: m.RolloutStatus, spec: m.RolloutSpec, reason: str, at: datetime, acts: Actions) -> tuple[m.RolloutStatus, Actions]:
     st.phase = "RolledBack"
     st.abort_reason = reason
@@ -787,10 +794,18 @@ def _pipeline(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
         verdict = obs.analysis
         if verdict is not None:
             phase, message, metrics = verdict
+            last, errors = st.analysis, 0
+            if phase == "Error":
+                errors = 1 + (last.consecutive_errors if last is not None and last.phase == "Error"
+                              and last.step_index == st.current_step_index else 0)
             st.analysis = m.AnalysisRun(phase=phase, message=message, step_index=st.current_step_index,
-                                        measured_at=at, metrics=metrics)
+                                        measured_at=at, metrics=metrics, consecutive_errors=errors)
             if phase == "Failed":
                 return _abort(st, spec, f"analysis failed at {st.canary_weight}%: {message}", at, acts)
+            limit = obs.agent_spec.canary.analysis.consecutive_error_limit
+            if errors > limit:
+                return _abort(st, spec, f"analysis could not measure {errors} times in a row at {st.canary_weight}% "
+                                        f"(consecutiveErrorLimit {limit}): {message}", at, acts)
         if promote is not None:
             promote = None  # consumed by this step
         elif step.pause is not None:
@@ -804,7 +819,8 @@ def _pipeline(rollout: dict[str, Any], obs: Observed) -> tuple[m.RolloutStatus, 
         elif st.analysis is None or st.analysis.phase != "Successful" or st.analysis.step_index != st.current_step_index:
             st.phase = "Progressing"
             st.message = f"canary weight {st.canary_weight}%: analysis " + (
-                f"{st.analysis.phase}: {st.analysis.message}" if st.analysis else "pending")
+                f"{st.analysis.phase}{_errors_note(st.analysis, obs.agent_spec)}: {st.analysis.message}"
+                if st.analysis else "pending")
             return st, acts
         st.current_step_index += 1
         st.step_started_at = at

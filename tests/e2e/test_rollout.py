@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import threading
 import time
 from collections import Counter
@@ -70,7 +71,7 @@ def stack(cluster, operator, ray_head, tmp_path_factory, request):
     operator.kill()
     operator.start()
     return {"prometheus": services["prometheus"], "alertmanager": services["alertmanager"], "ray": ray_head,
-            "token": token, "operator": operator}
+            "token": token, "operator": operator, "prometheus_pid_file": state / "prometheus.pid"}
 
 
 @pytest.fixture
@@ -564,6 +565,43 @@ def test_the_circuit_breaker_answers_from_stable_and_the_canary_is_rolled_back(c
     assert "RolledBack" in reasons
     print(f"canary at 50% -> rolled back by the breaker: {t_rolled_back - t_canary:.2f} s; "
           f"{len(load.records)} requests, {fallbacks:.0f} answered by stable instead of the canary, 0 failed")
+
+
+def test_a_canary_that_cannot_be_measured_is_rolled_back(cluster, stack, namespace, app_cleanup):
+    """Prometheus stops answering (SIGSTOP: its port stays open and queries time out) while a
+    healthy canary is paused at 50% under client load. After more than consecutiveErrorLimit
+    (here 1) measurements in a row could not be taken, the operator rolls the canary back with
+    Prometheus' error as the reason: it does not keep half the traffic unmeasured. Not one client
+    request fails."""
+    url = f"{stack['ray'].serve}/{namespace}/{AGENT}"
+    yaml = QUICK_AGENT.format(seed=1).replace("minSampleCount: 50}", "minSampleCount: 50, consecutiveErrorLimit: 1}")
+    assert "consecutiveErrorLimit: 1" in yaml
+    stable_uri = promote_first_policy(cluster, namespace, yaml)
+    stage_chain(cluster, namespace, AGENT, "pole-blind", stack["operator"].artifact_root,
+                lambda uri: shift_action_preference(stable_uri, uri, action=0, delta=0.01))  # a healthy copy
+    wait_phase(cluster, namespace, "rollout", "pole-blind", ("AwaitingApproval",), 60)
+    prometheus = int(stack["prometheus_pid_file"].read_text())
+    with Load(url) as load:
+        wait_for(lambda: load.count_since(0) > 20, 60, "client load to start")
+        approve(cluster, namespace, "pole-blind")
+        paused = wait_for(lambda: (s := rollout_status(cluster, namespace, "pole-blind")).get("phase") == "Paused"
+                          and s.get("canaryWeight") == 50 and s, 300, "the canary paused at 50%", interval=0.5)
+        assert paused["analysis"]["phase"] == "Successful", paused["analysis"]
+        os.kill(prometheus, signal.SIGSTOP)
+        t_stopped = time.monotonic()
+        try:
+            status = wait_phase(cluster, namespace, "rollout", "pole-blind", ("RolledBack",), 120)
+        finally:
+            os.kill(prometheus, signal.SIGCONT)
+        t_rolled_back = time.monotonic()
+        wait_for(lambda: serving(stack["ray"], namespace) == ({"pole-1"}, {"pole-1": 100}), 60, "back on stable")
+    assert status["abortReason"].startswith(
+        "analysis could not measure 2 times in a row at 50% (consecutiveErrorLimit 1): GET "), status
+    assert "/api/v1/query: ReadTimeout" in status["abortReason"], status["abortReason"]
+    assert status["analysis"]["consecutiveErrors"] == 2
+    assert not [r for r in load.records if not r[2]], "client requests failed"
+    assert "pole-blind" in {r[1] for r in load.records}, "the canary never answered"
+    print(f"Prometheus stopped -> canary rolled back: {t_rolled_back - t_stopped:.1f} s")
 
 
 OBSERVING_AGENT = QUICK_AGENT.format(seed=1) + """  mode: observe

@@ -144,6 +144,41 @@ def test_full_canary_to_promotion():
     assert [w["cp-2"] for w in world.weight_history] == [10, 50, 100]
 
 
+def test_measurements_that_cannot_be_taken_roll_back_after_the_error_limit():
+    """Prometheus unreachable: the canary holds its weight for consecutiveErrorLimit (4) errors in
+    a row and is rolled back at the next; a measurement that succeeds, whatever its verdict,
+    starts the count again."""
+    world = World()
+    ro = make_rollout(APPROVED)
+    world.step(ro)
+    world.step(ro)  # canary at 10%
+    down = ("Error", "GET http://prom:9090/api/v1/query: ConnectError: [Errno 111] Connection refused", {})
+    for n in (1, 2, 3):
+        st, _ = world.step(ro, analysis=down)
+        assert (st.phase, st.canary_weight, st.analysis.consecutive_errors) == ("Progressing", 10, n)
+    assert st.message.startswith("canary weight 10%: analysis Error (3 in a row; more than 4 roll back): GET")
+    st, _ = world.step(ro, analysis=("Inconclusive", "3 canary requests < minSampleCount 100", {}))
+    assert st.analysis.consecutive_errors == 0
+    for n in (1, 2, 3, 4):
+        st, acts = world.step(ro, analysis=down)
+        assert st.phase == "Progressing" and acts.set_weights is None, n
+    st, acts = world.step(ro, analysis=down)
+    assert st.phase == "RolledBack" and acts.set_weights == {"cp-1": 100, "cp-2": 0}
+    assert st.abort_reason == ("analysis could not measure 5 times in a row at 10% (consecutiveErrorLimit 4): "
+                               "GET http://prom:9090/api/v1/query: ConnectError: [Errno 111] Connection refused")
+
+
+@pytest.mark.parametrize("limit, rolled_back_at", [(0, 1), (1, 2)])
+def test_the_error_limit_is_the_agents(limit, rolled_back_at):
+    world = World(spec=agent_spec(canary={"analysis": {"consecutiveErrorLimit": limit}}))
+    ro = make_rollout(APPROVED)
+    world.step(ro)
+    world.step(ro)
+    for _ in range(rolled_back_at):
+        st, _ = world.step(ro, analysis=("Error", "ReadTimeout", {}))
+    assert st.phase == "RolledBack" and st.analysis.consecutive_errors == rolled_back_at
+
+
 def test_failed_analysis_rolls_back_at_once():
     world = World()
     ro = make_rollout(APPROVED)
