@@ -4,7 +4,7 @@ PY := .venv/bin/python
 
 .PHONY: services ray-up ray-down bench-serve bench-train bench-scale demo test test-unit test-integration test-e2e test-cluster images node-up node-down kuberay-up kuberay-down venv binaries cluster-up cluster-down install crds clean
 
-demo: ## the local demo: control plane + node agent + operator, then train manifests/samples/cartpole.yaml
+demo: services ## the local demo: control plane + node agent + operator, Ray Serve, Prometheus; then train manifests/samples/cartpole.yaml
 	bash hack/demo.sh
 
 test: venv binaries services ## unit, integration (real API server), e2e (real training, Ray, Prometheus, Alertmanager) and cluster (helm install on a real node)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Stop the operator and node agent started by the demo (and KubeRay's operator, if started), and
-# delete the local cluster.
+# delete the local cluster; the demo's Ray head, Prometheus and Alertmanager stop too.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 stop_bg operator
 stop_bg node-agent
 stop_bg kuberay
-[ "$cluster_name" = rlops ] && bash "$root/hack/ray-down.sh" >/dev/null 2>&1 || true
+if [ "$cluster_name" = rlops ]; then
+  bash "$root/hack/ray-down.sh" >/dev/null 2>&1 || true
+  bash "$root/hack/prom-down.sh" >/dev/null 2>&1 || true
+fi
 if [ -x "$bindir/kwokctl" ]; then
   "$bindir/kwokctl" --name "$cluster_name" delete cluster 2>/dev/null || true
 fi

@@ -12,6 +12,12 @@ if [ "${RLOPS_DEMO_SERVE:-1}" = 1 ]; then
   # before any delete: an agent's finalizer removes its Serve application, so Ray must be up
   say "starting a local Ray head with Ray Serve (hack/ray-up.sh)"
   bash "$root/hack/ray-up.sh" >"$clusterdir/logs/ray-up.log" 2>&1 || { tail -20 "$clusterdir/logs/ray-up.log"; exit 1; }
+  # the canary analysis queries Prometheus (scraping Ray's metrics), and Alertmanager calls the
+  # operator's receiver with the token of Secret rlops-system/rlops-alertmanager
+  say "starting Prometheus and Alertmanager (hack/prom-up.sh): the canary analysis and the rollback alerts"
+  bash "$root/hack/prom-up.sh" >"$clusterdir/logs/prom-up.log" 2>&1 || { tail -20 "$clusterdir/logs/prom-up.log"; exit 1; }
+  kubectl -n rlops-system create secret generic rlops-alertmanager --from-file=token="$cache/services/alert-token" \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 fi
 if kubectl get rlagent "$agent" >/dev/null 2>&1; then
   say "deleting the previous demo's RLAgent $agent (its TrainingRuns and Jobs are garbage-collected)"
@@ -93,6 +99,11 @@ MSG
 [ -n "$served" ] && cat <<MSG
     curl -X POST http://127.0.0.1:${RLOPS_SERVE_PORT:-8000}/default/$agent -d '{"observation": [0, 0, 0, 0]}'
     kubectl patch rla $agent --type=merge -p '{"spec":{"training":{"seed":2}}}'   # retrain: a canary rollout follows
+    .venv/bin/python hack/demo_load.py   # client traffic for the canary's analysis (Prometheus: http://127.0.0.1:9090)
+  Approve the new Rollout as above; its canary then goes 10% -> 25% -> 50% -> 100% under analysis.
+  A policy trained from another seed chooses another action than $run on many near-upright
+  states: the default override limit (20%) rolls it back. To see it promoted, retrain with
+  '{"spec":{"training":{"seed":2},"canary":{"analysis":{"maxOverrideRate":1}}}}' instead.
 MSG
 cat <<MSG
 Logs: operator $clusterdir/logs/operator.log, node agent $clusterdir/logs/node-agent.log
