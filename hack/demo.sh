@@ -66,8 +66,8 @@ if [ "${RLOPS_DEMO_SERVE:-1}" = 1 ]; then
   kubectl annotate rollout/"$run" "rlops.dev/approve=$fp" >/dev/null
   deadline=$((SECONDS + 300)) rphase=""
   while [ $SECONDS -lt $deadline ]; do
-    rphase=$(kubectl get rollout "$run" -o jsonpath='{.status.phase}')
-    msg=$(kubectl get rollout "$run" -o jsonpath='{.status.message}')
+    # phase and message from one read (two reads can straddle a status write)
+    IFS='|' read -r rphase msg < <(kubectl get rollout "$run" -o jsonpath='{.status.phase}|{.status.message}{"\n"}')
     line="[$((SECONDS - t0))s] Rollout $run: $rphase | $msg"
     [ "$line" != "$last" ] && echo "$line"
     last=$line
