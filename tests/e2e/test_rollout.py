@@ -567,6 +567,55 @@ def test_the_circuit_breaker_answers_from_stable_and_the_canary_is_rolled_back(c
           f"{len(load.records)} requests, {fallbacks:.0f} answered by stable instead of the canary, 0 failed")
 
 
+def test_a_canary_that_stops_answering_is_answered_by_stable_and_rolled_back(cluster, stack, namespace,
+                                                                              app_cleanup):
+    """A healthy canary at 50% under client load whose replica then hangs (SIGSTOP: no answer,
+    no error). The router stops waiting for it after timeoutSeconds (2 s), answers from stable
+    and counts a failure; 5 in a row open the breaker, and the operator rolls the canary back.
+    Not one client request fails. (The analysis cannot decide: huge sample minimum.)"""
+    url = f"{stack['ray'].serve}/{namespace}/{AGENT}"
+    yaml = QUICK_AGENT.format(seed=1).replace("minSampleCount: 50", "minSampleCount: 100000000")
+    stable_uri = promote_first_policy(cluster, namespace, yaml)
+    stage_chain(cluster, namespace, AGENT, "pole-hung", stack["operator"].artifact_root,
+                lambda uri: shift_action_preference(stable_uri, uri, action=0, delta=0.01))  # a healthy copy
+    wait_phase(cluster, namespace, "rollout", "pole-hung", ("AwaitingApproval",), 60)
+    with Load(url) as load:
+        wait_for(lambda: load.count_since(0) > 20, 60, "client load to start")
+        approve(cluster, namespace, "pole-hung")
+        wait_for(lambda: (serving_extras(stack["ray"], namespace) or {}).get("circuitBreaker") ==
+                 {"stable": "pole-1", "consecutiveErrors": 5, "timeoutSeconds": 2.0}, 300,
+                 "the canary at 50% behind the breaker", interval=0.2)
+        t_canary = time.monotonic()
+        wait_for(lambda: sum(1 for r in load.between(t_canary, time.monotonic()) if r[1] == "pole-hung") >= 10, 60,
+                 "the canary answering", interval=0.2)
+        summary = rayserve.application_summary(rayserve.get_applications(stack["ray"].dashboard),
+                                               rayserve.app_name(namespace, AGENT))
+        pids = [r["pid"] for r in summary["deployments"]["policy-pole-hung"]["replicas"]]
+        assert pids, summary["deployments"]["policy-pole-hung"]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        t_hung = time.monotonic()
+        try:
+            status = wait_phase(cluster, namespace, "rollout", "pole-hung", ("RolledBack",), 120)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{serving_dump(stack['ray'], namespace, url, load, stack['prometheus'])}") from None
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        t_rolled_back = time.monotonic()
+        wait_for(lambda: serving(stack["ray"], namespace) == ({"pole-1"}, {"pole-1": 100}), 60, "back on stable")
+    assert status["abortReason"].startswith("circuit breaker open: 5 consecutive canary errors"), status
+    failed = [r for r in load.records if not r[2]]
+    assert not failed, f"{len(failed)} of {len(load.records)} client requests failed"
+    hung = load.between(t_hung, t_rolled_back)
+    assert hung and all(r[1] == "pole-1" for r in hung), Counter(r[1] for r in hung)  # stable answered them all
+    errors = wait_for(lambda: (n := stack["ray"].metric("ray_rlops_serve_errors_total", namespace=namespace,
+                                                         version="pole-hung")) and n >= 5 and n, 30,
+                      "the canary's timeouts counted as errors")
+    print(f"canary replica hung -> rolled back by the breaker: {t_rolled_back - t_hung:.2f} s; "
+          f"{len(load.records)} requests, {errors:.0f} canary timeouts answered by stable, 0 failed")
+
+
 def test_a_canary_that_cannot_be_measured_is_rolled_back(cluster, stack, namespace, app_cleanup):
     """Prometheus stops answering (SIGSTOP: its port stays open and queries time out) while a
     healthy canary is paused at 50% under client load. After more than consecutiveErrorLimit
