@@ -623,8 +623,11 @@ def test_a_canary_that_cannot_be_measured_is_rolled_back(cluster, stack, namespa
     Prometheus' error as the reason: it does not keep half the traffic unmeasured. Not one client
     request fails."""
     url = f"{stack['ray'].serve}/{namespace}/{AGENT}"
-    yaml = QUICK_AGENT.format(seed=1).replace("minSampleCount: 50}", "minSampleCount: 50, consecutiveErrorLimit: 1}")
-    assert "consecutiveErrorLimit: 1" in yaml
+    # the copy's tiny logit shift flips near-ties of a briefly trained policy: the override limit
+    # is not what this test is about
+    yaml = QUICK_AGENT.format(seed=1).replace("minSampleCount: 50}",
+                                              "minSampleCount: 50, consecutiveErrorLimit: 1, maxOverrideRate: 1}")
+    assert "consecutiveErrorLimit: 1, maxOverrideRate: 1}" in yaml
     stable_uri = promote_first_policy(cluster, namespace, yaml)
     stage_chain(cluster, namespace, AGENT, "pole-blind", stack["operator"].artifact_root,
                 lambda uri: shift_action_preference(stable_uri, uri, action=0, delta=0.01))  # a healthy copy
@@ -635,7 +638,7 @@ def test_a_canary_that_cannot_be_measured_is_rolled_back(cluster, stack, namespa
         approve(cluster, namespace, "pole-blind")
         paused = wait_for(lambda: (s := rollout_status(cluster, namespace, "pole-blind")).get("phase") == "Paused"
                           and s.get("canaryWeight") == 50 and s, 300, "the canary paused at 50%", interval=0.5)
-        assert paused["analysis"]["phase"] == "Successful", paused["analysis"]
+        assert paused["currentStepIndex"] == 1, paused  # the analysis gate at 50% passed: measurements worked
         os.kill(prometheus, signal.SIGSTOP)
         t_stopped = time.monotonic()
         try:
