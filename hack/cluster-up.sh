@@ -87,6 +87,9 @@ EOF
     # lease renewal that misses its 10 s deadline (etcd slow on a loaded 2-core machine: a
     # trainer, image imports) makes the process exit ("leaderelection lost"), and from then on
     # no Job gets a pod, no claim binds and no Deployment rolls.
+    # Each controller acts as its own ServiceAccount (use-service-account-credentials), as
+    # kubeadm and managed clusters run them: the reserved labels of rlops's pods are the Job
+    # controller's (system:serviceaccount:kube-system:job-controller) to set, not any admin's.
     kwokctl create cluster --runtime binary --config "$clusterdir/kwokctl.yaml" \
       --kubeconfig "$KUBECONFIG" \
       --etcd-binary "$bindir/etcd" \
@@ -99,6 +102,7 @@ EOF
       --extra-args "kube-apiserver=audit-policy-file=$clusterdir/audit-policy.yaml" \
       --extra-args kube-controller-manager=leader-elect=false \
       --extra-args kube-scheduler=leader-elect=false \
+      --extra-args kube-controller-manager=use-service-account-credentials=true \
       --extra-args kwok-controller=manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
       --extra-args "kube-apiserver=audit-webhook-config-file=$clusterdir/audit-webhook.kubeconfig" \
       --extra-args kube-apiserver=audit-webhook-batch-max-wait=1s \

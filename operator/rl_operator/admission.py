@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 CONFIGURATION = m.GROUP  # MutatingWebhookConfiguration "rlops.dev" (the chart's RBAC names it)
 WEBHOOK = f"approval.{m.GROUP}"
 PATH = "/approval"
-#: The annotations the webhook reviews: an approval or rejection, and the record it writes.
-REVIEWED = (rollout.APPROVE, rollout.REJECT, *approvals.RECORDED)
+#: The annotations the webhook reviews: an approval, rejection or promotion, and the record it writes.
+REVIEWED = (*approvals.DECISIONS, *approvals.RECORDED)
 #: Seconds the API server waits for an answer (then the request fails: failurePolicy Fail).
 TIMEOUT_SECONDS = 10
 

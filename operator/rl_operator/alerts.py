@@ -4,7 +4,8 @@ Alertmanager (route ``rlops_action="rollback"``, grouped by ``namespace`` and ``
 ``docs/alerting.md``) POSTs its webhook payload (version ``"4"``) to ``POST /api/v1/alerts`` with
 ``Authorization: Bearer <token>``. Each **firing** alert that names an RLAgent (labels
 ``namespace`` and ``rlagent``) becomes an :class:`AlertTarget` handed to the operator's
-``on_alert`` callback (which aborts that agent's canary). Resolved alerts do nothing: a rollback
+``on_alert`` callback, which aborts that agent's canary once Prometheus confirms that the alert
+really fires (its ``ALERTS`` series: anyone who can reach Alertmanager's API can post an alert). Resolved alerts do nothing: a rollback
 is not undone when the error rate recovers.
 
 Two parts:
@@ -106,6 +107,10 @@ class AlertTarget:
     fingerprint: str
     version: str | None = None
     """The serving version the alert is about (label ``version``), if the rule carries one."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """All the alert's labels: the operator asks Prometheus for the ``ALERTS`` series with these
+    (``analysis.alert_firing``) before it acts, so that an alert posted to Alertmanager's API by
+    hand changes nothing."""
 
     def wire(self) -> dict[str, Any]:
         d = asdict(self)
@@ -150,6 +155,7 @@ def classify(payload: WebhookPayload) -> Classified:
             starts_at=alert.starts_at,
             fingerprint=alert.fingerprint,
             version=alert.labels.get(VERSION_LABEL) or None,
+            labels=dict(alert.labels),
         ))
     return out
 

@@ -10,6 +10,7 @@ fraction of the declared range). ``rollout.judge`` turns the measurement into a 
 
 from __future__ import annotations
 
+import json
 from typing import Mapping
 
 import httpx
@@ -161,3 +162,29 @@ def live_reward(prometheus_url: str, namespace: str, agent: str, version: str, w
     feedback = instant(prometheus_url, query("feedback", namespace, agent, version, window_seconds))
     buckets = histogram(prometheus_url, query("reward_scaled_bucket", namespace, agent, version, window_seconds, by="le"))
     return feedback, Measurement.trimmed_mean(buckets, low, high, Measurement.REWARD_TRIM)
+
+
+#: Prometheus' own series of its alerting rules' alerts: one per alert while it is pending or firing.
+ALERTS_SERIES = "ALERTS"
+#: The alert labels that select its ``ALERTS`` series (the rest are compared one by one).
+ALERT_KEYS = ("alertname", "namespace", "rlagent")
+
+
+def alert_firing(prometheus_url: str, labels: Mapping[str, str], timeout: float = 5.0) -> bool:
+    """Whether Prometheus itself fires this alert: an ``ALERTS{alertstate="firing"}`` series with
+    its ``alertname``, ``namespace`` and ``rlagent`` whose every other label (the rule's own and
+    its expression's, ``version`` among them) equals the alert's. The alert may carry labels that
+    the series lacks (Prometheus' external labels, added on the way to Alertmanager). An alert
+    posted to Alertmanager's API by hand has no such series.
+
+    Args:
+        labels: the alert's labels, as Alertmanager delivered them.
+    Raises:
+        AnalysisError: Prometheus could not be queried or answered something unexpected.
+    """
+    matchers = ",".join(f"{k}={json.dumps(labels.get(k, ''))}" for k in ALERT_KEYS)
+    for element in instant_vector(prometheus_url, f'{ALERTS_SERIES}{{alertstate="firing",{matchers}}}', timeout):
+        series = {k: v for k, v in (element.get("metric") or {}).items() if k not in ("__name__", "alertstate")}
+        if all(labels.get(k) == v for k, v in series.items()):
+            return True
+    return False

@@ -13,8 +13,9 @@ the approver and the time). The operator honours an annotation approval only wit
 signature: with the webhook disabled or unregistered, no approval by annotation counts, and a
 hand-written ``approved-by`` never does.
 
-Separation of duties: an approval by a ServiceAccount (``system:serviceaccount:*``) is refused
-unless the agent's ``spec.approval.allowedServiceAccounts`` names it.
+Separation of duties: an approval, a rejection or a promotion by a ServiceAccount
+(``system:serviceaccount:*``) is refused unless the agent's ``spec.approval.allowedServiceAccounts``
+names it (anyone who can create Secrets or pods in a ServiceAccount's namespace can mint its token).
 """
 
 from __future__ import annotations
@@ -23,13 +24,25 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from rl_operator.rollout import APPROVAL_SIGNATURE, APPROVE, APPROVED_AT, APPROVED_BY, APPROVED_VIA, REJECT, \
-    check_manual_approval
+from rl_operator.rollout import APPROVAL_SIGNATURE, APPROVE, APPROVED_AT, APPROVED_BY, APPROVED_VIA, PROMOTE, \
+    REJECT, check_manual_approval
+from rl_operator import models as m
+from rl_operator.conditions import get_condition, set_condition
 from rl_operator.models import OPERATOR_USER, rfc3339
+from rl_operator.training import Event
 from rl_operator.trust import service_account_refusal, signature
 
 APPROVE_VERB = "approve"
 RECORDED = (APPROVED_BY, APPROVED_AT, APPROVED_VIA, APPROVAL_SIGNATURE)
+#: The annotations that decide promotion, and what the refusal calls an action of each.
+DECISIONS = {APPROVE: "approvals", REJECT: "rejections", PROMOTE: "promotions"}
+
+
+def decisions(old: dict[str, str] | None, new: dict[str, str]) -> list[str]:
+    """The deciding annotations (:data:`DECISIONS`) that ``new`` sets to a new value (added or
+    changed; a removal decides nothing: the operator removes ``promote`` once a step took it)."""
+    old = old or {}
+    return [k for k in DECISIONS if new.get(k) is not None and new.get(k) != old.get(k)]
 
 
 @dataclass
@@ -73,17 +86,20 @@ def review(old: dict[str, str] | None, new: dict[str, str], target: Target, who:
         key: the approval signing key; None refuses every approval (the key is not loaded yet).
     """
     old = old or {}
-    approve_changed = new.get(APPROVE) is not None and new.get(APPROVE) != old.get(APPROVE)
-    reject_changed = new.get(REJECT) is not None and new.get(REJECT) != old.get(REJECT)
+    decided = decisions(old, new)
+    approve_changed = APPROVE in decided
     if not approve_changed and who.user == OPERATOR_USER and all(
             new.get(k) == old.get(k) for k in RECORDED if k != APPROVED_VIA):
         return Review()  # the operator records an impersonator from the audit log (rl_operator.audit)
     if not approve_changed and any(new.get(k) != old.get(k) for k in RECORDED):
         return Review(error=f"{APPROVED_BY} and {APPROVED_AT} are recorded by the rlops admission webhook "
                             f"from the approving request; set {APPROVE}=<fingerprint> instead")
+    for ann in decided:  # separation of duties: a ServiceAccount decides only when listed
+        wrong = service_account_refusal(who.user, target.allowed_service_accounts, DECISIONS[ann])
+        if wrong:
+            return Review(error=f"{ann} refused: {wrong}")
     if approve_changed:
-        wrong = check_manual_approval(new, target.fingerprint) or service_account_refusal(
-            who.user, target.allowed_service_accounts)
+        wrong = check_manual_approval(new, target.fingerprint)
         if wrong:
             return Review(error=f"approval refused: {wrong}")
         if key is None:
@@ -95,9 +111,7 @@ def review(old: dict[str, str] | None, new: dict[str, str], target: Target, who:
         recorded[APPROVAL_SIGNATURE] = signature(key, target.namespace, target.name, target.uid, target.fingerprint,
                                                  who.user, stamp)
         return Review(permission=APPROVE_VERB, annotations=recorded)
-    if reject_changed:
-        return Review(permission=APPROVE_VERB)
-    return Review()
+    return Review(permission=APPROVE_VERB) if decided else Review()  # reject, promote: the verb
 
 
 def impersonator(userinfo: dict[str, Any]) -> str | None:
@@ -128,3 +142,30 @@ def sar_body(userinfo: dict[str, Any], namespace: str, name: str, verb: str = AP
                                    "namespace": namespace, "name": name},
         },
     }
+
+
+#: The agent condition that says whether an approver ServiceAccount shares the agent's namespace.
+APPROVERS_ISOLATED = "ApproversIsolated"
+
+
+def note_approvers(status: m.RLAgentStatus, spec: m.RLAgentSpec, namespace: str, at: datetime) -> list[Event]:
+    """Warn when ``spec.approval.allowedServiceAccounts`` lists a ServiceAccount of the agent's own
+    namespace: whoever may create Secrets or pods there (the agent's own tenants, with ``edit``)
+    can mint its token and approve as it. Sets the condition :data:`APPROVERS_ISOLATED` (False,
+    reason ``ServiceAccountInAgentNamespace``; True once none is left) and returns a Warning Event
+    when it turns False. An agent that never listed one gets no condition."""
+    local = [sa for sa in spec.approval.allowed_service_accounts
+             if sa.startswith(f"{m.SERVICE_ACCOUNT_PREFIX}{namespace}:")]
+    before = get_condition(status.conditions, APPROVERS_ISOLATED)
+    if not local:
+        if before is not None or spec.approval.allowed_service_accounts:
+            set_condition(status.conditions, APPROVERS_ISOLATED, "True", "ServiceAccountsElsewhere",
+                          "no ServiceAccount in spec.approval.allowedServiceAccounts lives in this agent's namespace", at)
+        return []
+    message = (f"spec.approval.allowedServiceAccounts lists {', '.join(local)}, in this agent's own namespace "
+               f"{namespace}: anyone who may create Secrets or pods here can mint its token and approve as it. "
+               "Keep approver ServiceAccounts in a namespace where tenants create neither")
+    set_condition(status.conditions, APPROVERS_ISOLATED, "False", "ServiceAccountInAgentNamespace", message, at)
+    if before is not None and before.status == "False" and before.message == message:
+        return []
+    return [Event("Warning", "ApproverInAgentNamespace", message)]

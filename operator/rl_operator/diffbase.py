@@ -16,7 +16,9 @@ right: no duplicate TrainingRun, Job or Rollout (the same as ``on.resume``, whic
 restart anyway).
 
 An entry goes when the watch reports its object deleted (:func:`forget`); a size bound is not
-needed beyond that: one short JSON string per live object.
+needed beyond that: one short JSON string per live object. The free-form maps a tenant writes
+(``spec.environment.kwargs``, ``spec.algorithm.hyperparameters``) are kept as their digest: a
+change of them still changes the essence, and no handler reads them from it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import json
 from typing import Any, cast
 
 import kopf
+
+from rl_operator import models as m
 
 #: kopf's storage prefix: annotations under it (an older operator's last-handled configuration,
 #: progress records) are kopf's bookkeeping, not part of what users changed.
@@ -48,6 +52,10 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
             for key in [k for k in annotations if k.startswith(KOPF_PREFIX)]:
                 del annotations[key]
             self.remove_empty_stanzas(essence)
+        for parent, name in m.FREE_FORM_FIELDS:  # the tenant's large maps: a change still shows, as a new digest
+            part = (essence.get("spec") or {}).get(parent)
+            if isinstance(part, dict) and part.get(name):
+                part[name] = m.digest(part[name])
         return essence
 
     def fetch(self, *, body: kopf.Body) -> Any:

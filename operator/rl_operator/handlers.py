@@ -132,6 +132,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = SETTINGS.workers  # bounded reconcile concurrency
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # Jobs and pods filtered by the API server, not after decoding: only the ones that carry a
+    # run's label reach this process, and only the operator (Jobs) and the Job controller (their
+    # pods) may set it (rl_operator.policygen), so no tenant's Job or pod fills its memory
+    for group, plural in (("batch", "jobs"), ("", "pods")):
+        settings.watching.label_selectors[
+            lambda r, g=group, p=plural: r.group == g and r.plural == p] = m.RUN_LABEL
     # our own finalizer name: a ValidatingAdmissionPolicy lets only the operator remove it
     settings.persistence.finalizer = m.FINALIZER
     # the last-handled state in memory, not as an annotation: one PATCH less per handled change
@@ -397,6 +403,7 @@ def sync_agent(namespace: str, name: str, handled_generation: int | None = None,
                 status.observed_generation = max(status.observed_generation or 0, handled_generation)
             if plan is not None:
                 events += triggers.note_plan(status, plan, at)
+            events += approvals.note_approvers(status, m.RLAgentSpec.model_validate(agent["spec"]), namespace, at)
             return status, events
 
         synced = _sync_status(namespace, m.RLAgent.PLURAL, name, m.RLAgentStatus, observe)
@@ -1099,12 +1106,24 @@ def abort_agent_rollout(namespace: str, agent: str, reason: str) -> str | None:
 
 
 async def on_alert(target: alerts.AlertTarget) -> None:
-    """Alertmanager receiver callback: a firing alert naming an RLAgent aborts its canary.
-    An agent outside this operator's namespaces is another shard's: left alone."""
+    """Alertmanager receiver callback: a firing alert naming an RLAgent aborts its canary, once
+    Prometheus confirms that it fires (``analysis.alert_firing``: an alert posted to
+    Alertmanager's API by hand changes nothing). An agent outside this operator's namespaces is
+    another shard's: left alone."""
     if not shards.serves(SETTINGS, target.namespace):
         metrics.ALERTS.labels("other_shard").inc()
         log.warning("alert %s for %s/%s: not a namespace this operator serves (%s); ignored", target.alertname,
                     target.namespace, target.agent, ", ".join(SETTINGS.namespaces))
+        return
+    try:  # anyone who reaches Alertmanager's API can post an alert: Prometheus must say it fires
+        confirmed = await asyncio.to_thread(analysis.alert_firing, SETTINGS.prometheus_url, target.labels)
+        doubt = "" if confirmed else f"Prometheus at {SETTINGS.prometheus_url} has no firing ALERTS series with its labels"
+    except analysis.AnalysisError as exc:
+        confirmed, doubt = False, f"Prometheus could not be asked: {exc}"
+    if not confirmed:
+        metrics.ALERTS.labels("unconfirmed").inc()
+        log.warning("alert %s for %s/%s not acted on: %s (labels %s)", target.alertname, target.namespace,
+                    target.agent, doubt, target.labels)
         return
     reason = f"alert {target.alertname} firing" + (f": {target.summary}" if target.summary else "")
     name = await asyncio.to_thread(abort_agent_rollout, target.namespace, target.agent, reason)
@@ -1220,10 +1239,9 @@ def decide_approval(request: dict[str, Any]) -> dict[str, str | None]:
     old_ann = dict(old.get("metadata", {}).get("annotations") or {}) if old else None
     new_ann = dict(body.get("metadata", {}).get("annotations") or {})
     allowed_sas: tuple[str, ...] = ()
-    # the agent's allowedServiceAccounts matter for a ServiceAccount's approval only: read fresh
+    # the agent's allowedServiceAccounts matter for a ServiceAccount's decision only: read fresh
     # from the API server (never the cache), and only then
-    if new_ann.get(rollout.APPROVE) not in (None, (old_ann or {}).get(rollout.APPROVE)) and \
-            str(userinfo.get("username", "")).startswith(trust.SERVICE_ACCOUNT_PREFIX):
+    if approvals.decisions(old_ann, new_ann) and str(userinfo.get("username", "")).startswith(m.SERVICE_ACCOUNT_PREFIX):
         agent = kube.get_custom(namespace, m.RLAgent.PLURAL, body["spec"]["agentRef"]["name"])
         if agent is not None:
             allowed_sas = tuple(m.RLAgentSpec.model_validate(agent["spec"]).approval.allowed_service_accounts)
@@ -1238,6 +1256,6 @@ def decide_approval(request: dict[str, Any]) -> dict[str, str | None]:
         if not allowed:
             raise admission.Denied(
                 f"user {userinfo.get('username')!r} may not {verdict.permission} rollouts.rlops.dev in namespace "
-                f"{namespace!r} (RBAC verb '{verdict.permission}', e.g. ClusterRole rlops-approver){': ' + why if why else ''}",
-                code=403)
+                f"{namespace!r}: setting {', '.join(approvals.decisions(old_ann, new_ann))} needs the RBAC verb "
+                f"'{verdict.permission}' (e.g. ClusterRole rlops-approver){': ' + why if why else ''}", code=403)
     return dict(verdict.annotations)

@@ -11,6 +11,8 @@ field's own terms (environment, episode, return, timesteps).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime, timezone
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -25,6 +27,13 @@ API_VERSION = f"{GROUP}/{VERSION}"
 AGENT_LABEL = f"{GROUP}/agent"
 #: Label put on a training Job and its pods, naming the TrainingRun.
 RUN_LABEL = f"{GROUP}/training-run"
+#: Label on a reclaim Job: the run whose artifact it deletes (it has no RUN_LABEL: no run owns it).
+RECLAIM_LABEL = f"{GROUP}/reclaim-of"
+#: The labels the operator acts on, reserved on Jobs and pods: only the operator sets them on a
+#: Job (or its pod template), and a pod carries them only when the Job controller made it for a
+#: Job (a ValidatingAdmissionPolicy, ``rl_operator.policygen``). So a tenant can neither make the
+#: operator watch and cache objects of its choosing, nor pass a pod off as a trainer.
+RESERVED_LABELS = (RUN_LABEL, AGENT_LABEL, RECLAIM_LABEL)
 #: The operator's finalizer (kopf's, renamed): a Rollout is born with it; an agent gets it while
 #: it serves or may serve. A ValidatingAdmissionPolicy lets only the operator remove it.
 FINALIZER = f"{GROUP}/finalizer"
@@ -40,6 +49,46 @@ NO_DEFAULT = "x-rlops-no-default"
 
 #: Stored as free-form JSON in the CRD schema (``x-kubernetes-preserve-unknown-fields``).
 FREE_FORM = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
+def _scalar(x: str, max_length: int) -> str:
+    return f"(type({x}) != list && type({x}) != map && (type({x}) != string || size({x}) <= {max_length}))"
+
+
+#: The most names in a free-form map of keyword arguments (``kwargs``, ``hyperparameters``).
+FREE_FORM_MAX_PROPERTIES = 32
+#: Stored as free-form JSON, with at most :data:`FREE_FORM_MAX_PROPERTIES` names.
+BOUNDED_FREE_FORM = {**FREE_FORM, "maxProperties": FREE_FORM_MAX_PROPERTIES}
+
+
+def free_form_bound(expr: str) -> str:
+    """CEL that holds when the free-form map ``expr`` stays small, whatever a tenant writes (what
+    the operator caches of each agent is bounded): each name at most 128 characters, each value a
+    scalar (a string of at most 4096 characters), a list of at most 256 scalars (strings of at
+    most 256), or a map of at most 32 such scalars. A CRD's own rules cannot look inside
+    free-form values (they have no type), so a ValidatingAdmissionPolicy applies this
+    (``rl_operator.policygen``)."""
+    value = f"{expr}[k]"
+    return (f"{expr}.all(k, size(k) <= 128 && (type({value}) == list ? size({value}) <= 256 && {value}.all(x, "
+            f"{_scalar('x', 256)}) : type({value}) == map ? size({value}) <= 32 && {value}.all(j, size(j) <= 128 && "
+            f"{_scalar(f'{value}[j]', 256)}) : {_scalar(value, 4096)}))")
+
+
+FREE_FORM_BOUND_MESSAGE = ("each value must be a number, a boolean, a string (at most 4096 characters), a list of at "
+                           "most 256 of those (strings of at most 256) or a map of at most 32 of those; names at most "
+                           "128 characters")
+
+
+def digest(value: Any) -> str:
+    """``sha256:<hex>`` of ``value``'s canonical JSON (sorted keys, no spaces): what the operator
+    keeps in memory instead of a large value it only ever compares (``rl_operator.cache``,
+    ``rl_operator.diffbase``)."""
+    return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+#: The free-form maps of an RLAgent's or TrainingRun's spec, as ``(parent, name)``: the large parts
+#: a tenant controls.
+FREE_FORM_FIELDS = (("environment", "kwargs"), ("algorithm", "hyperparameters"))
 
 
 def rfc3339(t: datetime) -> str:
@@ -110,8 +159,9 @@ class EnvironmentSpec(_Model):
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keyword arguments passed to the environment's constructor.",
-        json_schema_extra=FREE_FORM,
+        description=("Keyword arguments passed to the environment's constructor: at most 32, each a number, a "
+                     "boolean, a string, a list of those or a map of those."),
+        json_schema_extra=BOUNDED_FREE_FORM,
     )
 
 
@@ -125,7 +175,7 @@ class AlgorithmSpec(_Model):
             "Algorithm hyperparameters in camelCase (e.g. learningRate, gaeLambda); the trainer "
             "refuses unknown names. Omitted ones take the trainer's defaults."
         ),
-        json_schema_extra=FREE_FORM,
+        json_schema_extra=BOUNDED_FREE_FORM,
     )
 
 
@@ -247,6 +297,8 @@ class AutoApproval(_Model):
     )
 
 
+#: The user name prefix of every ServiceAccount in Kubernetes authentication.
+SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 #: A ServiceAccount's user name in Kubernetes authentication.
 SERVICE_ACCOUNT_USER = r"^system:serviceaccount:[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 

@@ -14,7 +14,9 @@ hold while the operator is down and need no webhook:
 2. ``rlops.dev-promotion-policy``: ``spec.approval`` and ``spec.canary`` (steps and analysis
    thresholds) of an RLAgent change only with the ``approve`` verb on ``rlagents.rlops.dev``.
    A new agent without that verb gets the defaults (the CEL compares with them, generated here
-   from the models so that the two cannot drift).
+   from the models so that the two cannot drift). A ServiceAccount changes them only when the
+   agent's ``spec.approval.allowedServiceAccounts`` named it before the change, and never
+   changes that list (anyone who can create Secrets or pods in an SA's namespace can act as it).
 3. ``rlops.dev-rollout-annotations``: on a Rollout, ``rlops.dev/approve``, ``rlops.dev/reject``
    and ``rlops.dev/promote`` (``promote=full`` too) need the ``approve`` verb on
    ``rollouts.rlops.dev``; the recorded ``approved-by``/``approved-at``/``approval-signature``
@@ -22,6 +24,14 @@ hold while the operator is down and need no webhook:
    ``approved-via`` changes only with an approval or by the operator (from the audit log).
    ``rlops.dev/abort`` stays open to ``edit``: it only ever sends traffic back to the stable
    version, which an approver approved (``docs/security.md``).
+4. ``rlops.dev-bounded-arguments``: the free-form ``spec.environment.kwargs`` and
+   ``spec.algorithm.hyperparameters`` of an RLAgent hold scalars, short lists and small maps
+   only (a CRD's own rules cannot look inside free-form values).
+5. ``rlops.dev-trainer-images``: an RLAgent's ``spec.training.image`` is one the platform allows
+   (ConfigMap ``rlops-trainer-images``, the chart's ``training.allowedImages``).
+6. ``rlops.dev-reserved-job-labels`` and ``rlops.dev-reserved-pod-labels``: the labels the
+   operator acts on (``models.RESERVED_LABELS``) are set on Jobs by the operator only, and on
+   pods by the Job controller only, for a Job.
 """
 
 from __future__ import annotations
@@ -142,6 +152,109 @@ def _changed(key: str) -> str:
             f"(('{key}' in {new}) && {new}['{key}'] != {old}['{key}']))")
 
 
+#: The users the Job controller acts as: its own ServiceAccount (kube-controller-manager with
+#: ``--use-service-account-credentials``, as kubeadm and managed clusters run it) or the
+#: controller manager's shared identity.
+JOB_CONTROLLER_USERS = ("system:serviceaccount:kube-system:job-controller", "system:kube-controller-manager")
+
+
+#: The ConfigMap (in the operator's namespace) of the trainer images an agent may name: one
+#: entry per data key (the chart's ``training.allowedImages``).
+TRAINER_IMAGES = "rlops-trainer-images"
+
+
+def _trainer_images() -> list[dict[str, Any]]:
+    """``rlops.dev-trainer-images``: an RLAgent's ``spec.training.image`` is one that the
+    platform allows (the ConfigMap :data:`TRAINER_IMAGES`, the policy's parameter): a repository
+    (any tag or digest of it), a whole reference, a prefix ending in ``/``, or ``*``. Without the
+    ConfigMap every agent is refused (the parameter is required)."""
+    image = "object.spec.training.image"
+    allowed = ("params.data.exists(k, params.data[k] == '*' || {i} == params.data[k] || "
+               "{i}.startsWith(params.data[k] + ':') || {i}.startsWith(params.data[k] + '@') || "
+               "(params.data[k].endsWith('/') && {i}.startsWith(params.data[k])))").format(i=image)
+    docs = _policy(
+        f"{m.GROUP}-trainer-images",
+        [_rule(["rlagents"], ["CREATE", "UPDATE"])],
+        [{"expression": f"!has(object.spec.training) || !has({image}) || (has(params.data) && {allowed})",
+          "messageExpression": (f"'spec.training.image: ' + {image} + ' is not an allowed trainer image (the platform "
+                                "allows: ' + (has(params.data) ? params.data.map(k, params.data[k]).join(', ') : "
+                                f"'none') + '; ConfigMap {m.OPERATOR_NAMESPACE}/{TRAINER_IMAGES})'"),
+          "reason": "Invalid"}],
+    )
+    docs[0]["spec"]["paramKind"] = {"apiVersion": "v1", "kind": "ConfigMap"}
+    docs[1]["spec"]["paramRef"] = {"name": TRAINER_IMAGES, "namespace": m.OPERATOR_NAMESPACE,
+                                   "parameterNotFoundAction": "Deny"}
+    return docs
+
+
+def _reserved(labels: str) -> str:
+    """CEL: the reserved labels among ``labels`` (a map), as ``key=value`` strings in the fixed
+    order of ``models.RESERVED_LABELS`` (so that two of them compare with ``==``)."""
+    return f"{_lit(list(m.RESERVED_LABELS))}.filter(k, k in {labels}).map(k, k + '=' + {labels}[k])"
+
+
+def _labels_of(obj: str, path: str = "metadata") -> str:
+    """CEL: the labels map at ``<obj>.<path>.labels``, or an empty map."""
+    parts = f"{obj}.{path}".split(".")
+    checks = " && ".join(f"has({'.'.join(parts[:i + 1])})" for i in range(1, len(parts)))
+    return f"{checks} && has({obj}.{path}.labels) ? {obj}.{path}.labels : {{}}"
+
+
+def _reserved_labels(operator_user: str) -> list[dict[str, Any]]:
+    """The policies that reserve the operator's labels (``models.RESERVED_LABELS``) on Jobs and pods.
+
+    A Job with one (on itself or in its pod template), or with one changed, is the operator's
+    alone. A pod may carry one only when the Job controller made it for a Job (its controller
+    ownerReference), from such a Job's template; a change of one on an existing pod is refused.
+    Objects that keep their reserved labels as they were pass (status writes, finalizers, the
+    garbage collector), whoever writes them."""
+    names = ", ".join(m.RESERVED_LABELS)
+    job_vars = [  # a variable may use only the ones before it
+        {"name": "labels", "expression": _labels_of("object")},
+        {"name": "templateLabels", "expression": _labels_of("object", "spec.template.metadata")},
+        {"name": "oldLabels", "expression": "request.operation == 'UPDATE' ? "
+                                            f"({_labels_of('oldObject')}) : {{}}"},
+        {"name": "oldTemplateLabels", "expression": "request.operation == 'UPDATE' ? "
+                                                    f"({_labels_of('oldObject', 'spec.template.metadata')}) : {{}}"},
+        {"name": "reserved", "expression": f"{_reserved('variables.labels')} + "
+                                           f"{_reserved('variables.templateLabels')}"},
+        {"name": "oldReserved", "expression": f"{_reserved('variables.oldLabels')} + "
+                                              f"{_reserved('variables.oldTemplateLabels')}"},
+    ]
+    docs = _policy(
+        f"{m.GROUP}-reserved-job-labels",
+        [{"apiGroups": ["batch"], "apiVersions": ["*"], "operations": ["CREATE", "UPDATE"], "resources": ["jobs"]}],
+        [{
+            "expression": f"variables.reserved == variables.oldReserved || request.userInfo.username == {_lit(operator_user)}",
+            "messageExpression": (f"'the labels {names} on a Job and its pod template are set by the rlops operator "
+                                  "only; ' + request.userInfo.username + ' may not set or change them'"),
+            "reason": "Forbidden",
+        }],
+        job_vars,
+    )
+    made_for_a_job = ("has(object.metadata.ownerReferences) && object.metadata.ownerReferences.exists(r, "
+                      "has(r.controller) && r.controller && r.kind == 'Job' && r.apiVersion.startsWith('batch/'))")
+    pod_vars = [
+        {"name": "labels", "expression": _labels_of("object")},
+        {"name": "reserved", "expression": _reserved("variables.labels")},
+        {"name": "oldLabels", "expression": f"request.operation == 'UPDATE' ? ({_labels_of('oldObject')}) : {{}}"},
+        {"name": "oldReserved", "expression": _reserved("variables.oldLabels")},
+    ]
+    docs += _policy(
+        f"{m.GROUP}-reserved-pod-labels",
+        [{"apiGroups": [""], "apiVersions": ["*"], "operations": ["CREATE", "UPDATE"], "resources": ["pods"]}],
+        [{
+            "expression": (f"variables.reserved == variables.oldReserved || (request.operation == 'CREATE' && "
+                           f"request.userInfo.username in {_lit(list(JOB_CONTROLLER_USERS))} && {made_for_a_job})"),
+            "messageExpression": (f"'the labels {names} on a pod are set by the Job controller, from a Job of the "
+                                  "rlops operator, only; ' + request.userInfo.username + ' may not set or change them'"),
+            "reason": "Forbidden",
+        }],
+        pod_vars,
+    )
+    return docs
+
+
 def policies(operator_user: str = m.OPERATOR_USER) -> list[dict[str, Any]]:
     """Every ValidatingAdmissionPolicy and its binding, in apply order.
 
@@ -183,20 +296,56 @@ def policies(operator_user: str = m.OPERATOR_USER) -> list[dict[str, Any]]:
         path = f"object.spec.{field_name}"
         unchanged = f"(has(oldObject.spec.{field_name}) == has({path}) && (!has({path}) || {path} == oldObject.spec.{field_name}))"
         is_default = f"(!has({path}) || {cel_equals(path, model, default)})"
+        as_before = f"(request.operation == 'UPDATE' ? {unchanged} : {is_default})"
+        changing = (f"(request.operation == 'UPDATE' ? 'changing spec.{field_name}' : "
+                    f"'a spec.{field_name} other than the default') + ' ({what})'")
         agent_checks.append({
-            "expression": (f"(request.operation == 'UPDATE' ? {unchanged} : {is_default}) "
-                           "|| variables.mayApprove"),
-            "messageExpression": (f"(request.operation == 'UPDATE' ? 'changing spec.{field_name}' : "
-                                  f"'a spec.{field_name} other than the default') + ' ({what})' + "
-                                  + _refusal("", "rlagents")),
+            "expression": f"{as_before} || variables.mayApprove",
+            "messageExpression": f"{changing} + " + _refusal("", "rlagents"),
             "reason": "Forbidden",
         })
+        # a ServiceAccount's token can be minted by anyone who may create Secrets or pods in its
+        # namespace: it decides promotion only when a person listed it on this very agent
+        agent_checks.append({
+            "expression": f"{as_before} || !variables.isServiceAccount || variables.listedBefore",
+            "messageExpression": (f"{changing} + ' by a ServiceAccount needs the agent\\'s "
+                                  f"spec.approval.allowedServiceAccounts (set by a person) to name it; ' + "
+                                  "request.userInfo.username + ' is not listed'"),
+            "reason": "Forbidden",
+        })
+    agent_checks.append({
+        "expression": ("!variables.isServiceAccount || (request.operation == 'UPDATE' ? "
+                       "variables.oldServiceAccounts == variables.serviceAccounts : "
+                       "size(variables.serviceAccounts) == 0)"),
+        "messageExpression": ("'spec.approval.allowedServiceAccounts is set by a person, never by a ServiceAccount; ' + "
+                              "request.userInfo.username + ' is one'"),
+        "reason": "Forbidden",
+    })
+    sas = "spec.approval.allowedServiceAccounts"
     docs += _policy(
         f"{m.GROUP}-promotion-policy",
         [_rule(["rlagents"], ["CREATE", "UPDATE"])],
         agent_checks,
-        [{"name": "mayApprove", "expression": _may_approve("rlagents")}],
+        [{"name": "mayApprove", "expression": _may_approve("rlagents")},
+         {"name": "isServiceAccount",
+          "expression": f"request.userInfo.username.startsWith({_lit(m.SERVICE_ACCOUNT_PREFIX)})"},
+         {"name": "serviceAccounts",
+          "expression": f"has(object.spec.approval) && has(object.{sas}) ? object.{sas} : []"},
+         {"name": "oldServiceAccounts",
+          "expression": (f"request.operation == 'UPDATE' && has(oldObject.spec.approval) && has(oldObject.{sas}) "
+                         f"? oldObject.{sas} : []")},
+         {"name": "listedBefore", "expression": "request.userInfo.username in variables.oldServiceAccounts"}],
     )
+    docs += _policy(
+        f"{m.GROUP}-bounded-arguments",
+        [_rule(["rlagents"], ["CREATE", "UPDATE"])],
+        [{"expression": (f"!has(object.spec.{parent}) || !has(object.spec.{parent}.{name}) || "
+                         f"{m.free_form_bound(f'object.spec.{parent}.{name}')}"),
+          "message": f"spec.{parent}.{name}: {m.FREE_FORM_BOUND_MESSAGE}", "reason": "Invalid"}
+         for parent, name in (("environment", "kwargs"), ("algorithm", "hyperparameters"))],
+    )
+    docs += _trainer_images()
+    docs += _reserved_labels(operator_user)
     by, at, sig = RECORDED
     docs += _policy(
         f"{m.GROUP}-rollout-annotations",

@@ -258,8 +258,6 @@ def _mount_artifacts(settings: OperatorSettings, uri: str, pod_spec: dict[str, A
 
 #: The artifact-reclaim Job's name prefix: ``rlops-reclaim-<run uid>`` (50 characters).
 RECLAIM_PREFIX = "rlops-reclaim-"
-#: Label on a reclaim Job: the run whose artifact it deletes (it has no RUN_LABEL: no run owns it).
-RECLAIM_LABEL = f"{m.GROUP}/reclaim-of"
 
 
 def reclaim_job(run: dict[str, Any], agent: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
@@ -275,7 +273,7 @@ def reclaim_job(run: dict[str, Any], agent: dict[str, Any], settings: OperatorSe
     agent_name = agent["metadata"]["name"]
     uri = artifact_uri(settings, run)
     under = f"{settings.artifact_root.rstrip('/')}/{meta['namespace']}/{agent_name}"
-    labels = {m.AGENT_LABEL: agent_name, RECLAIM_LABEL: meta["name"], "app.kubernetes.io/managed-by": "rlops"}
+    labels = {m.AGENT_LABEL: agent_name, m.RECLAIM_LABEL: meta["name"], "app.kubernetes.io/managed-by": "rlops"}
     container: dict[str, Any] = {
         "name": "reclaim",
         "image": training.image,

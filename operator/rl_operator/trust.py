@@ -137,17 +137,16 @@ def pod_untrusted(pod: dict[str, Any], job: dict[str, Any], container_name: str)
 
 # ----------------------------------------------------------------------------- approvals
 
-SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
+def service_account_refusal(user: str, allowed: tuple[str, ...] | list[str], action: str = "approvals") -> str | None:
+    """Why ``action`` (approvals, rejections, promotions) by ``user`` is refused under
+    separation of duties, or None.
 
-
-def service_account_refusal(user: str, allowed: tuple[str, ...] | list[str]) -> str | None:
-    """Why an approval by ``user`` is refused under separation of duties, or None.
-
-    A ServiceAccount approves only when the agent's ``spec.approval.allowedServiceAccounts``
-    names it: a workload must not approve on a person's behalf.
+    A ServiceAccount approves, rejects or promotes only when the agent's
+    ``spec.approval.allowedServiceAccounts`` names it: a workload must not decide on a person's
+    behalf, and anyone who can create Secrets or pods in its namespace can act as it.
     """
-    if user.startswith(SERVICE_ACCOUNT_PREFIX) and user not in allowed:
-        return (f"{user} is a ServiceAccount; approvals by ServiceAccounts count only when the agent's "
+    if user.startswith(m.SERVICE_ACCOUNT_PREFIX) and user not in allowed:
+        return (f"{user} is a ServiceAccount; {action} by ServiceAccounts count only when the agent's "
                 "spec.approval.allowedServiceAccounts names them")
     return None
 

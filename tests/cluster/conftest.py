@@ -89,7 +89,8 @@ def rlops(real_cluster: Cluster, ray_service: str) -> dict[str, str]:
     # by hand, as docs/install.md says.
     real_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "charts" / "rlops" / "crds"))
     prometheus_port = free_port()  # Prometheus starts later (monitoring), on the node's address
-    values = ["--set", f"ray.dashboardUrl=http://{ray_service}:8265",
+    # the dashboard by address: the chart needs the Ray cluster's namespace for its NetworkPolicy
+    values = ["--set", f"ray.dashboardUrl=http://{ray_service}:8265", "--set", "networkPolicy.ray.namespace=ray-system",
               "--set", f"prometheus.url=http://{NODE_IP}:{prometheus_port}"]
     helm(real_cluster, "upgrade", "--install", "rlops", str(REPO / "charts" / "rlops"), "-n", "rlops-system",
          *values, "--wait", "--timeout", "5m")

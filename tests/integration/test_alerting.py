@@ -32,7 +32,7 @@ import pytest
 import support
 import yaml
 from aiohttp import web
-from rl_operator import alerts
+from rl_operator import alerts, analysis
 from rl_operator.alerts import AlertTarget
 
 wait_for = functools.partial(support.wait_for, interval=0.2)  # this file polls faster than the default
@@ -278,6 +278,8 @@ def test_error_burst_rolls_back_through_prometheus_and_alertmanager(harness: Har
 
     assert (target.namespace, target.agent, target.version) == ("ns-a", "cartpole", "v2")
     assert target.alertname == ALERT and target.fingerprint
+    # the operator acts only on what Prometheus confirms: this one fires there
+    assert analysis.alert_firing(f"http://127.0.0.1:{h.prom_port}", target.labels)
     assert target.summary.startswith("RLAgent ns-a/cartpole: version v2 fails")
     assert h.stats.unauthorized == 0 and h.stats.notifications >= 1 and h.stats.callbacks_ok >= 1
     assert latency < 30
@@ -312,6 +314,39 @@ def test_wrong_token_is_refused_with_401_then_a_fixed_token_goes_through(harness
           f"({h.stats.unauthorized - unauthorized_before} notifications refused with 401 before)")
     assert (target.namespace, target.agent, target.version) == ("ns-b", "pong", "v2")
     h.traffic.set(key, rps=10, error_fraction=0.0)
+
+
+@needs_services
+def test_an_alert_posted_to_alertmanager_by_hand_is_not_confirmed_by_prometheus(harness: Harness):
+    """Anyone who reaches Alertmanager's API can post an alert, and Alertmanager delivers it like
+    any other. Prometheus' own ALERTS series tells a rule's alert from a forged one: a forged
+    alert, even one that copies a real rule's name and labels, has none (the operator then
+    changes nothing); the rule's alert has one."""
+    h = harness
+    prometheus = f"http://127.0.0.1:{h.prom_port}"
+    h.traffic.set(("ns-c", "real", "v2"), rps=10, error_fraction=0.5)
+    forged = [{"labels": {"alertname": "Forged", "rlops_action": "rollback", "namespace": "ns-c", "rlagent": "victim"},
+               "annotations": {"summary": "forged"}},
+              {"labels": {"alertname": ALERT, "rlops_action": "rollback", "severity": "critical", "namespace": "ns-c",
+                          "rlagent": "victim", "agent": "victim", "version": "v2"}}]
+    req = urllib.request.Request(f"http://127.0.0.1:{h.am_port}/api/v2/alerts", data=json.dumps(forged).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200
+    calls = wait_for(lambda: len(h.calls_for("ns-c", "victim")) >= 2 and h.calls_for("ns-c", "victim"), 30,
+                     "Alertmanager to deliver both forged alerts")
+    assert {c.alertname for _, c in calls} == {"Forged", ALERT}
+    for _, target in calls:
+        assert not analysis.alert_firing(prometheus, target.labels), target.labels
+    # the rule's own alert for another agent of that namespace fires, and is confirmed; the same
+    # labels with another version are not
+    _, real = wait_for(lambda: h.calls_for("ns-c", "real") and h.calls_for("ns-c", "real")[0], 60,
+                       "the rule's alert for ns-c/real")
+    assert analysis.alert_firing(prometheus, real.labels)
+    assert not analysis.alert_firing(prometheus, {**real.labels, "version": "v3"})
+    # extra labels on the alert (Prometheus' external labels) do not matter
+    assert analysis.alert_firing(prometheus, {**real.labels, "cluster": "eu-1"})
+    h.traffic.set(("ns-c", "real", "v2"), rps=10, error_fraction=0.0)
 
 
 def test_token_from_a_real_secret(cluster, namespace):

@@ -190,6 +190,7 @@ def test_operator_made_rollout_is_trusted(cluster, tenant, staged):
 @pytest.mark.parametrize(("pairs", "words"), [
     ((f"rlops.dev/approve={FP}",), "may not approve rollouts.rlops.dev"),
     (("rlops.dev/reject=nope",), "may not approve rollouts.rlops.dev"),
+    # the webhook refuses first (it is called before the policies); either names the annotation
     (("rlops.dev/promote=full",), "setting rlops.dev/promote"),
     (("rlops.dev/promote=yes",), "setting rlops.dev/promote"),
     (("rlops.dev/approved-by=bob",), "recorded by the rlops admission webhook"),
@@ -256,6 +257,93 @@ def test_service_account_approval_needs_the_policy(cluster, tenant, staged):
     status = wait_for(lambda: rollout_status(cluster, tenant, "gate-7").get("approval")
                       and rollout_status(cluster, tenant, "gate-7"), 60, "status.approval")
     assert status["approval"]["approvedBy"] == ci
+
+
+# ----------------------------------------------------------------------------- 3. approver ServiceAccounts
+
+
+def minted_token(cluster, namespace, sa):
+    """What any `edit` user can do with a ServiceAccount of their namespace: mallory creates a
+    token Secret for it, and reads the token back. Returns a kubeconfig file that uses it."""
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
+              "metadata": {"name": f"{sa}-minted", "annotations": {"kubernetes.io/service-account.name": sa}}}
+    proc = as_user(cluster, MALLORY, "create", "-n", namespace, "-f", "-", input=json.dumps(secret))
+    assert proc.returncode == 0, proc.stderr
+    token = wait_for(lambda: ((cluster.get("secret", f"{sa}-minted", "-n", namespace) or {}).get("data") or {})
+                     .get("token"), 60, "the token controller to fill the Secret")
+    import base64
+    import yaml
+    config = yaml.safe_load(cluster.kubeconfig.read_text())
+    config["users"] = [{"name": sa, "user": {"token": base64.b64decode(token).decode()}}]
+    for context in config["contexts"]:
+        context["context"]["user"] = sa
+    path = cluster.dir / f"kubeconfig-{namespace}-{sa}"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def with_token(cluster, kubeconfig, *args, input=None):
+    """kubectl authenticated by the token alone (no impersonation: a token leaves no record of who used it)."""
+    import subprocess
+    from support import CACHE
+    return subprocess.run([str(CACHE / "bin" / "current" / "kubectl"), "--kubeconfig", str(kubeconfig), *args],
+                          input=input, capture_output=True, text=True, timeout=120)
+
+
+def test_a_minted_approver_token_changes_no_promotion_policy(cluster, tenant):
+    """The approver ServiceAccount `ci` lives in the tenant's namespace, so mallory (edit) can
+    mint its token. As `ci` she holds the verb, but a ServiceAccount changes the approval policy
+    or the canary plan only when a person listed it on the agent, and never changes that list."""
+    ci = f"system:serviceaccount:{tenant}:ci"
+    kubeconfig = minted_token(cluster, tenant, "ci")
+    assert with_token(cluster, kubeconfig, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"
+                      ).stdout == ci
+    for patch, field in (({"approval": {"mode": "auto"}}, "spec.approval"),
+                         ({"canary": {"steps": [{"setWeight": 100}]}}, "spec.canary"),
+                         ({"approval": {"allowedServiceAccounts": [ci]}}, "spec.approval")):
+        refused(with_token(cluster, kubeconfig, "patch", "rlagent", "gate", "-n", tenant, "--type=merge",
+                           "-p", json.dumps({"spec": patch})), f"changing {field}", "by a ServiceAccount", ci)
+    # a CI bot often also holds edit (it applies the agents it approves): it still can't create a
+    # self-approving agent
+    cluster.kubectl("create", "rolebinding", "ci-edit", "-n", tenant, "--clusterrole=edit",
+                    f"--serviceaccount={tenant}:ci")
+    wait_for(lambda: with_token(cluster, kubeconfig, "auth", "can-i", "create", "rlagents.rlops.dev", "-n", tenant)
+             .stdout.strip() == "yes", 30, "ci may create agents")
+    refused(with_token(cluster, kubeconfig, "apply", "-n", tenant, "-f", "-",
+                       input=AGENT.format(name="self-approving", extra="  approval: {mode: auto}\n")),
+            "a spec.approval other than the default", "by a ServiceAccount")
+    assert (cluster.get("rlagent", "gate", "-n", tenant)["spec"].get("approval") or {}).get("mode", "manual") == "manual"
+    # a person lists it: it may now change the canary plan, never the list itself
+    proc = as_user(cluster, BOB, "patch", "rlagent", "gate", "-n", tenant, "--type=merge",
+                   "-p", json.dumps({"spec": {"approval": {"allowedServiceAccounts": [ci]}}}))
+    assert proc.returncode == 0, proc.stderr
+    ok = with_token(cluster, kubeconfig, "patch", "rlagent", "gate", "-n", tenant, "--type=merge",
+                    "-p", json.dumps({"spec": {"canary": {"analysis": {"maxErrorRate": 0.01}}}}))
+    assert ok.returncode == 0, ok.stderr
+    refused(with_token(cluster, kubeconfig, "patch", "rlagent", "gate", "-n", tenant, "--type=merge",
+                       "-p", json.dumps({"spec": {"approval": {"allowedServiceAccounts": [
+                           ci, f"system:serviceaccount:{tenant}:other"]}}})),
+            "set by a person, never by a ServiceAccount")
+    # the operator warns: this ServiceAccount shares the agent's namespace
+    cond = wait_for(lambda: next((c for c in (cluster.get("rlagent", "gate", "-n", tenant).get("status") or {})
+                                  .get("conditions", []) if c["type"] == "ApproversIsolated"), None),
+                    60, "ApproversIsolated condition")
+    assert cond["status"] == "False" and cond["reason"] == "ServiceAccountInAgentNamespace" and ci in cond["message"]
+    events = cluster.get("events", "-n", tenant, "--field-selector", "involvedObject.name=gate")["items"]
+    assert any(e["reason"] == "ApproverInAgentNamespace" and e["type"] == "Warning" for e in events)
+
+
+def test_a_minted_approver_token_decides_no_rollout(cluster, tenant, staged):
+    """As the unlisted `ci`, with its verb: approve, reject and promote are all refused."""
+    ci = f"system:serviceaccount:{tenant}:ci"
+    kubeconfig = minted_token(cluster, tenant, "ci")
+    for pair in (f"rlops.dev/approve={FP}", "rlops.dev/reject=no", "rlops.dev/promote=full"):
+        refused(with_token(cluster, kubeconfig, "annotate", "rollout", "gate-7", "-n", tenant, "--overwrite", pair),
+                "is a ServiceAccount", "allowedServiceAccounts")
+    status = rollout_status(cluster, tenant, "gate-7")
+    assert status["phase"] == "AwaitingApproval" and status.get("approval") is None
+    ann = cluster.get("rollout", "gate-7", "-n", tenant)["metadata"].get("annotations") or {}
+    assert not {"rlops.dev/approve", "rlops.dev/reject", "rlops.dev/promote"} & set(ann)
 
 
 def test_the_api_server_calls_the_webhook_only_when_an_approval_annotation_changes(cluster, operator, tenant,
@@ -327,13 +415,15 @@ def test_job_name_squatting_fails_the_run_with_a_reason(cluster, tenant):
     assert status["failureReason"] == "JobNotOwned" and "not controlled by this TrainingRun" in status["failureMessage"]
 
 
-def test_a_pod_that_claims_the_runs_label_is_ignored(cluster, tenant):
-    """Mallory's pod carries the Job's selector labels and a controller reference to the Job, so
-    the Job controller adopts it. It is bound to a node (``nodeName``) while the real trainer pod
-    is still unscheduled, so the Job controller, which deletes unassigned pods first when it has
-    one pod too many, keeps mallory's pod and deletes its own: the forged pod stands in for the
-    trainer. (Unbound, it would be the newer of two pending pods and be deleted within
-    milliseconds, before the operator could look at it.) The operator still does not count it."""
+def test_a_pod_cannot_claim_the_runs_label(cluster, tenant):
+    """Mallory's pod with the run's label and a controller reference to its Job, which the Job
+    controller would adopt, is refused at admission: only the Job controller puts that label on
+    a pod, for a Job of the operator's (the ValidatingAdmissionPolicy
+    ``rlops.dev-reserved-pod-labels``). Without the label, the operator never sees a pod (it
+    watches only pods with the label, filtered by the API server); should the Job complete
+    through such a pod, the run fails ``TrainerPodMissing`` (unit: ``test_training_decisions.py``).
+    A pod that a cluster-admin makes with the label is still compared with the Job's template
+    (``PodsIgnored``, unit: ``test_trust.py``)."""
     job = wait_for(lambda: cluster.get("job", "gate-1", "-n", tenant), 60, "Job gate-1")
     labels = {**job["spec"]["template"]["metadata"]["labels"], "rlops.dev/training-run": "gate-1"}
     forged = {"apiVersion": "v1", "kind": "Pod",
@@ -342,15 +432,14 @@ def test_a_pod_that_claims_the_runs_label_is_ignored(cluster, tenant):
                                                 "uid": job["metadata"]["uid"], "controller": True}]},
               "spec": {"restartPolicy": "Never", "nodeName": "kwok-gpu-0",
                        "containers": [{"name": "trainer", "image": "mallory/forger"}]}}
-    proc = as_user(cluster, MALLORY, "create", "-n", tenant, "-f", "-", input=json.dumps(forged))
-    assert proc.returncode == 0, proc.stderr
-    cond = wait_for(lambda: next((c for c in (cluster.get("trainingrun", "gate-1", "-n", tenant).get("status") or {})
-                                  .get("conditions", []) if c["type"] == "PodsIgnored" and c["status"] == "True"), None),
-                    60, "PodsIgnored condition")
-    assert "gate-1-forged" in cond["message"] and "image" in cond["message"]
-    assert cluster.get("pod", "gate-1-forged", "-n", tenant) is not None, "the Job controller kept the forged pod"
-    run = cluster.get("trainingrun", "gate-1", "-n", tenant)
-    assert run["status"]["phase"] in ("Pending", "Running") and not run["status"].get("fingerprint")
+    refused(as_user(cluster, MALLORY, "create", "-n", tenant, "-f", "-", input=json.dumps(forged)),
+            "rlops.dev-reserved-pod-labels", "set by the Job controller", MALLORY)
+    # nor can she put the label on the Job's own pod, or take it off
+    pod = wait_for(lambda: next((p for p in cluster.get("pods", "-n", tenant, "-l", "rlops.dev/training-run=gate-1")
+                                 ["items"]), None), 60, "the Job's own pod")
+    for change in ("rlops.dev/training-run=gate-2", "rlops.dev/training-run-"):
+        refused(as_user(cluster, MALLORY, "label", "pod", pod["metadata"]["name"], "-n", tenant, "--overwrite",
+                        change), "rlops.dev-reserved-pod-labels")
 
 
 # ----------------------------------------------------------------------------- 7. admission catches what the Job would refuse

@@ -42,6 +42,8 @@ def test_helm_lint(cluster):
 @pytest.mark.parametrize("values", [[], ["--set", "auditReceiver.enabled=true", "--set",
                                          "networkPolicy.ray.namespace=default", "--set", "image.tag=dev"]])
 def test_server_side_dry_run_accepts_everything_the_chart_renders(cluster, values):
+    # by default the Ray dashboard's NetworkPolicy goes where ray.dashboardUrl says Ray runs
+    cluster.kubectl("create", "namespace", "ray-system", check=False)
     proc = template("--include-crds", *values)
     assert proc.returncode == 0, proc.stderr
     kinds = {d["kind"] for d in docs(proc.stdout)}
@@ -149,6 +151,27 @@ def kuberay_module() -> tuple[str, str]:
         if line.split()[:2] in (["require", mod], [mod]) or line.strip().startswith(mod + " "):
             return mod, line.split()[-1]
     raise AssertionError("hack/tools/kuberay/go.mod does not require " + mod)
+
+
+def test_the_ray_dashboard_is_guarded_by_default_or_the_install_refuses(cluster):
+    """Whoever reaches the Ray dashboard can change what Serve runs: by default only the
+    operator's pods reach it (a NetworkPolicy in the namespace that ray.dashboardUrl names); a
+    URL that names no namespace is refused unless the policy's namespace is given or the
+    dashboard is declared guarded some other way."""
+    (policy,) = [d for d in docs(template().stdout) if d["kind"] == "NetworkPolicy"
+                 and d["metadata"]["name"] == "rlops-ray-dashboard"]
+    assert policy["metadata"]["namespace"] == "ray-system"
+    (dashboard,) = [rule for rule in policy["spec"]["ingress"] if {"port": 8265} in (rule.get("ports") or [])]
+    assert dashboard["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "rlops-system"}},
+                                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "rlops-operator"}}}]
+    by_address = ("--set", "ray.dashboardUrl=http://10.0.0.7:8265")
+    refused = template(*by_address)
+    assert refused.returncode != 0 and "networkPolicy.ray.namespace" in refused.stderr, refused.stderr
+    named = template(*by_address, "--set", "networkPolicy.ray.namespace=serving")
+    assert [d["metadata"]["namespace"] for d in docs(named.stdout) if d["kind"] == "NetworkPolicy"
+            and d["metadata"]["name"] == "rlops-ray-dashboard"] == ["serving"]
+    elsewhere = template(*by_address, "--set", "networkPolicy.ray.unprotected=true")
+    assert elsewhere.returncode == 0 and "rlops-ray-dashboard" not in elsewhere.stdout
 
 
 def test_the_kuberay_option_renders_a_raycluster_that_kuberay_accepts(cluster, tmp_path):

@@ -63,6 +63,7 @@ def test_firing_alert_with_agent_labels_is_a_target():
         namespace="ml", agent="cartpole", alertname="RLOpsCanaryErrorRateHigh",
         summary="cartpole fails", fingerprint="fp-cartpole-v2", version="v2",
         starts_at=datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=UTC),
+        labels=body["alerts"][0]["labels"],
     )]
 
 

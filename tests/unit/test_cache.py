@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 
 from rl_operator import cache
@@ -103,6 +104,25 @@ def test_cached_copies_leave_out_what_is_never_read():
     slim = cache._slim(body)
     assert slim["metadata"] == {"name": "a", "annotations": {"rlops.dev/approve": "x"}} and slim["spec"] == {"k": 1}
     assert "managedFields" in body["metadata"]  # the watch's own object is left as it is
+
+
+def test_a_cached_job_and_pod_keep_their_environment_as_a_digest():
+    """The trainer's environment holds the run config (a tenant's kwargs: up to megabytes): the
+    cache keeps its digest, and the pod-versus-Job comparison still sees any difference."""
+    from rl_operator import trust
+
+    env = [{"name": "RLOPS_RUN_CONFIG", "value": "x" * 100_000}]
+    container = {"name": "trainer", "image": "engine", "env": env}
+    job = {"metadata": {"name": "a-1", "uid": "job-uid"}, "spec": {"template": {"spec": {"containers": [container]}}}}
+    pod = {"metadata": {"name": "a-1-x", "ownerReferences": [{"kind": "Job", "name": "a-1", "uid": "job-uid",
+                                                               "controller": True}]},
+           "spec": {"containers": [dict(container)]}}
+    slim_job, slim_pod = cache._slim(job, "Job"), cache._slim(pod, "Pod")
+    assert slim_job["spec"]["template"]["spec"]["containers"][0]["env"] == m.digest(env)
+    assert len(json.dumps(slim_pod)) < 1000 and job["spec"]["template"]["spec"]["containers"][0]["env"] == env
+    assert trust.pod_untrusted(slim_pod, slim_job, "trainer") is None
+    changed = {**pod, "spec": {"containers": [{**container, "env": [{"name": "RLOPS_RUN_CONFIG", "value": "y"}]}]}}
+    assert "env differs" in trust.pod_untrusted(cache._slim(changed, "Pod"), slim_job, "trainer")
 
 
 def test_unfinished_runs_are_the_resyncs_work():

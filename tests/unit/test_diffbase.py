@@ -43,3 +43,15 @@ def test_a_deleted_object_is_forgotten():
     storage.forget("u1")
     storage.forget("never-stored")
     assert storage.fetch(body=body) is None and len(storage) == 0
+
+
+def test_a_tenants_large_arguments_are_kept_as_a_digest_and_their_change_still_shows():
+    storage = diffbase.MemoryDiffBaseStorage()
+    kwargs = {f"k{i}": ["x" * 256] * 100 for i in range(32)}
+    spec = {"environment": {"id": "CartPole-v1", "kwargs": kwargs}, "algorithm": {"name": "PPO"}}
+    essence = storage.build(body=_body("u1", spec))
+    assert essence["spec"]["environment"]["kwargs"].startswith("sha256:") and len(str(essence)) < 500
+    assert essence["spec"]["algorithm"] == {"name": "PPO"}  # nothing to shrink: as it is
+    changed = {**spec, "environment": {"id": "CartPole-v1", "kwargs": {**kwargs, "k0": ["y"]}}}
+    assert storage.build(body=_body("u1", changed)) != essence
+    assert spec["environment"]["kwargs"] is kwargs  # the object itself is left as it is

@@ -511,6 +511,41 @@ def test_service_account_approvals_need_the_policy_to_name_them():
     assert st.approval is not None and st.approval.approved_by == robot
 
 
+@pytest.mark.parametrize("decision", [{r.REJECT: "no"}, {r.PROMOTE: "true"}, {r.PROMOTE: "full"},
+                                      {r.APPROVE: FP, r.PROMOTE: "full"}],
+                         ids=["reject", "promote", "promote-full", "approve-and-promote"])
+def test_a_service_account_rejects_or_promotes_only_when_the_policy_names_it(decision):
+    """Anyone who may create Secrets or pods in a ServiceAccount's namespace can mint its token:
+    every decision that needs the approve verb also needs the agent to list the account."""
+    robot = "system:serviceaccount:ml:ci"
+    refused = review({}, decision, robot)
+    assert "is a ServiceAccount" in refused.error and "allowedServiceAccounts" in refused.error
+    listed = approvals.Target("ml", "cp-2", UID, FP, allowed_service_accounts=(robot,))
+    ok = review({}, decision, robot, target=listed)
+    assert ok.error is None and ok.permission == "approve"
+    assert review({}, decision, "bob").permission == "approve"  # a person: the verb alone (RBAC)
+    # the operator removing a consumed promote decides nothing
+    assert review({r.PROMOTE: "true"}, {}, m.OPERATOR_USER).permission is None
+
+
+def test_an_approver_service_account_in_the_agents_namespace_is_a_warning():
+    spec = agent_spec(approval={"allowedServiceAccounts": ["system:serviceaccount:ml:ci",
+                                                           "system:serviceaccount:approvers:ci"]})
+    status = m.RLAgentStatus()
+    events = approvals.note_approvers(status, spec, "ml", T0)
+    cond = next(c for c in status.conditions if c.type == "ApproversIsolated")
+    assert cond.status == "False" and cond.reason == "ServiceAccountInAgentNamespace"
+    assert "system:serviceaccount:ml:ci" in cond.message and "approvers:ci" not in cond.message
+    assert [e.reason for e in events] == ["ApproverInAgentNamespace"]
+    assert approvals.note_approvers(status, spec, "ml", T0) == []  # once, not on every sync
+    moved = agent_spec(approval={"allowedServiceAccounts": ["system:serviceaccount:approvers:ci"]})
+    assert approvals.note_approvers(status, moved, "ml", T0) == []
+    assert next(c for c in status.conditions if c.type == "ApproversIsolated").status == "True"
+    untouched = m.RLAgentStatus()
+    approvals.note_approvers(untouched, agent_spec(), "ml", T0)
+    assert untouched.conditions == []  # an agent that lists no ServiceAccount gets no condition
+
+
 @pytest.mark.parametrize(("annotations", "words"), [
     ({r.APPROVE: FP, r.APPROVED_BY: "alice", r.APPROVED_AT: "2026-11-22T12:00:00Z"}, "no valid"),
     ({**signed(), r.APPROVED_BY: "bob"}, "no valid"),                        # approver swapped after signing

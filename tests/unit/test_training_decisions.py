@@ -278,7 +278,7 @@ def test_the_reclaim_job_deletes_exactly_the_runs_artifact_and_belongs_to_no_run
     job = training.reclaim_job(run, owner, settings)
     meta, pod = job["metadata"], job["spec"]["template"]["spec"]
     assert meta["name"] == "rlops-reclaim-0f6c1c52-0000-4000-8000-00000000abcd" and len(meta["name"]) <= 63
-    assert m.RUN_LABEL not in meta["labels"] and meta["labels"][training.RECLAIM_LABEL] == "cartpole-1"
+    assert m.RUN_LABEL not in meta["labels"] and meta["labels"][m.RECLAIM_LABEL] == "cartpole-1"
     assert [o["uid"] for o in meta["ownerReferences"]] == ["agent-uid"]
     (c,) = pod["containers"]
     assert c["command"] == ["python", "-m", "rl_engine.artifacts", "delete",

@@ -18,6 +18,22 @@ ray.dashboardUrl. */}}
 {{ .Values.ray.kuberay.namespace | default .Release.Namespace }}
 {{- end -}}
 
+{{/* The Ray cluster's namespace, for the NetworkPolicy that guards its dashboard: the value
+networkPolicy.ray.namespace, else KubeRay's namespace, else the namespace in the dashboard URL
+(http://<service>.<namespace>.svc...); empty when none of these names one. */}}
+{{- define "rlops.rayPolicyNamespace" -}}
+{{- if .Values.networkPolicy.ray.namespace -}}
+{{ .Values.networkPolicy.ray.namespace }}
+{{- else if .Values.ray.kuberay.enabled -}}
+{{ include "rlops.rayNamespace" . }}
+{{- else -}}
+{{- $host := (urlParse .Values.ray.dashboardUrl).host | splitList ":" | first -}}
+{{- if regexMatch "^[a-z0-9-]+\\.[a-z0-9-]+\\.svc(\\..*)?$" $host -}}
+{{ index (splitList "." $host) 1 }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "rlops.rayDashboardUrl" -}}
 {{- if .Values.ray.kuberay.enabled -}}
 http://{{ .Values.ray.kuberay.name }}-head-svc.{{ include "rlops.rayNamespace" . }}.svc:8265
