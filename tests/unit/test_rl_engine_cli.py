@@ -257,3 +257,55 @@ def test_unexpected_error_exits_1_naming_the_step(monkeypatch, tmp_path):
     code, msg = _main_with_env(monkeypatch, tmp_path, config)
     assert code == 1 and msg["reason"] == "TrainerError"
     assert msg["message"].startswith("training (iteration 1/4): RuntimeError: simulator crashed")
+
+
+# ----------------------------------------------------------------------------- the operator's evaluator
+
+
+def _evaluate(config: dict, term: Path):
+    env = {**os.environ, "RLOPS_EVALUATION": json.dumps(config), "RLOPS_TERMINATION_MESSAGE_PATH": str(term)}
+    return subprocess.run([sys.executable, "-m", "rl_engine.evaluate"], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_evaluator_measures_the_artifact_itself_on_seeds_of_its_own(short_run, tmp_path):
+    """``python -m rl_engine.evaluate`` reads the artifact, checks the trainer's fingerprint from
+    the bytes it read, and measures the policy on the run's environment from its own seed: the
+    same seed gives the same figures, another seed other episodes; the random policy is
+    measured beside it."""
+    reported = json.loads(short_run["term"].read_text())
+    config = {"artifactURI": short_run["uri"], "fingerprint": reported["fingerprint"],
+              "environment": {"id": "CartPole-v1"}, "episodes": 8, "seed": 1234}
+    before = {p: p.read_bytes() for p in short_run["dir"].iterdir()}
+    proc = _evaluate(config, tmp_path / "term")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "term").read_text())
+    assert out["phase"] == "Succeeded" and out["fingerprint"] == reported["fingerprint"] and out["seed"] == 1234
+    figures = out["evaluation"]
+    assert figures["episodes"] == 8 and figures["meanReturn"] > 3 * figures["randomMeanReturn"]
+    assert {p: p.read_bytes() for p in short_run["dir"].iterdir()} == before  # it wrote nothing there
+    from rl_engine.evaluate import evaluate, evaluation_seeds
+    again = evaluate(config)["evaluation"]
+    assert {k: again[k] for k in ("meanReturn", "stdReturn")} == {k: figures[k] for k in ("meanReturn", "stdReturn")}
+    assert set(evaluation_seeds(1234, 8)).isdisjoint(evaluation_seeds(1235, 8))
+    assert set(evaluation_seeds(1, 8)).isdisjoint(json.loads((short_run["dir"] / "evaluation.json").read_text())
+                                                 ["deterministic"]["seeds"])  # never the trainer's own episodes
+
+
+def test_the_evaluator_refuses_bytes_other_than_the_trainer_reported(short_run, tmp_path):
+    copy = tmp_path / "run-1"
+    shutil.copytree(short_run["dir"], copy)
+    reported = json.loads(short_run["term"].read_text())["fingerprint"]
+    (copy / "training_history.json").write_text("{}")  # changed after the trainer hashed it
+    proc = _evaluate({"artifactURI": copy.as_uri(), "fingerprint": reported, "environment": {"id": "CartPole-v1"},
+                      "episodes": 2, "seed": 1}, tmp_path / "term")
+    out = json.loads((tmp_path / "term").read_text())
+    assert proc.returncode == 1 and out["reason"] == "FingerprintMismatch", out
+    assert "training_history.json" in out["message"]
+    proc = _evaluate({"artifactURI": copy.as_uri(), "fingerprint": reported, "environment": {"id": "NoSuchEnv-v0"},
+                      "episodes": 2, "seed": 1}, tmp_path / "term2")
+    out = json.loads((tmp_path / "term2").read_text())
+    assert proc.returncode == 1 and out["reason"] == "FingerprintMismatch"  # the bytes are checked first
+    proc = _evaluate({"artifactURI": short_run["uri"], "fingerprint": reported}, tmp_path / "term3")
+    out = json.loads((tmp_path / "term3").read_text())
+    assert proc.returncode == 2 and out["reason"] == "InvalidConfig" and "environment: missing" in out["message"]
