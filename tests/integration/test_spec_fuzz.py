@@ -50,7 +50,7 @@ BASE: dict[str, Any] = {
     "environment": {"id": "CartPole-v1", "numEnvs": 4, "backend": "gymnasium", "kwargs": {}},
     "algorithm": {"name": "PPO", "hyperparameters": {"learningRate": 0.0003, "gaeLambda": 0.95}},
     "training": {
-        "totalTimesteps": 20480, "seed": 1, "evalInterval": 10240, "image": "rlops/trainer:dev",
+        "totalTimesteps": 20480, "seed": 1, "evalInterval": 10240, "image": "ghcr.io/rlops/engine:dev",
         "resources": {"gpu": 1, "cpu": "500m", "memory": "1Gi"}, "backoffLimit": 0,
         "activeDeadlineSeconds": DEADLINE, "nodeSelector": {POOL[0]: POOL[1]},
         "tolerations": [{"key": "example.com/spot", "operator": "Exists", "effect": "NoSchedule"}],
