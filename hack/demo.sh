@@ -49,10 +49,24 @@ if [ "$phase" != Succeeded ]; then
   say "TrainingRun $run did not succeed (phase: ${phase:-none}); operator log: $clusterdir/logs/operator.log"
   exit 1
 fi
-mean=$(kubectl get trainingrun "$run" -o jsonpath='{.status.metrics.meanReturn}')
 fp=$(kubectl get trainingrun "$run" -o jsonpath='{.status.fingerprint}')
 uri=$(kubectl get trainingrun "$run" -o jsonpath='{.status.artifactURI}')
-say "TrainingRun $run Succeeded in $((SECONDS - t0))s: mean evaluation return $mean"
+say "TrainingRun $run Succeeded in $((SECONDS - t0))s; the operator now measures its artifact itself (an evaluation Job)"
+deadline=$((SECONDS + 600)) ephase=""
+while [ $SECONDS -lt $deadline ]; do
+  ephase=$(kubectl get trainingrun "$run" -o jsonpath='{.status.evaluation.phase}' 2>/dev/null || true)
+  case "$ephase" in Succeeded|Failed) break ;; esac
+  sleep 2
+done
+if [ "$ephase" != Succeeded ]; then
+  kubectl get trainingrun "$run" -o jsonpath='{.status.evaluation}'; echo
+  say "the operator's evaluation of $run did not succeed (phase: ${ephase:-none}); operator log: $clusterdir/logs/operator.log"
+  exit 1
+fi
+mean=$(kubectl get trainingrun "$run" -o jsonpath='{.status.evaluation.meanReturn}')
+reported=$(kubectl get trainingrun "$run" -o jsonpath='{.status.metrics.meanReturn}')
+seed=$(kubectl get trainingrun "$run" -o jsonpath='{.status.evaluation.seed}')
+say "measured in $((SECONDS - t0))s: mean evaluation return $mean (the trainer reported $reported; seed $seed)"
 echo "    fingerprint: $fp"
 echo "    artifact:    $uri"
 

@@ -293,13 +293,14 @@ spec:
 def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact_root: str,
                 fingerprint: str | Callable[[str], str], mean_return: float = 500.0,
                 generation: int = 99, rollout: bool = True) -> dict[str, Any]:
-    """A Succeeded TrainingRun without training, and the Rollout that the operator makes from it.
+    """A Succeeded TrainingRun without training or evaluation, and the Rollout that the operator makes from it.
 
     For admission and approval tests that need a Rollout in the operator's owner chain but not a
     real artifact. The run is created *as the operator's ServiceAccount* (impersonated by the
     test's admin) with the operator's controller ownerReference; once the operator has seen it
     (Pending: the agent's pods must be unschedulable), its status is set to Succeeded with the
-    artifact URI the operator assigns (``<root>/<namespace>/<agent>/<run>-<uid8>``). The operator
+    artifact URI the operator assigns (``<root>/<namespace>/<agent>/<run>-<uid8>``) and a measured
+    evaluation signed with the operator's key (:func:`staged_evaluation`). The operator
     then creates the Rollout itself (on the next event of the run's Job). Returns that Rollout.
     ``fingerprint`` may be a function that writes the artifact at the assigned URI and returns its
     fingerprint (e.g. a deliberately faulty policy for a rollback test). The run's own Job is
@@ -322,7 +323,9 @@ def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact
     if callable(fingerprint):
         fingerprint = fingerprint(uri)
     status = {"status": {"phase": "Succeeded", "artifactURI": uri, "fingerprint": fingerprint,
-                         "metrics": {"meanReturn": mean_return}}}
+                         "metrics": {"meanReturn": mean_return},
+                         "evaluation": staged_evaluation(cluster, namespace, run, tr["metadata"]["uid"], fingerprint,
+                                                         mean_return)}}
 
     def patch() -> None:
         cluster.kubectl("patch", "trainingrun", run, "-n", namespace, "--subresource=status", "--type=merge",
@@ -337,12 +340,33 @@ def stage_chain(cluster: Cluster, namespace: str, agent: str, run: str, artifact
     def succeeded() -> dict[str, Any] | None:
         # The test plays the trainer here, racing the operator: a sync that read the run before
         # the patch writes Pending back over it. Patch again until Succeeded holds.
-        if ((cluster.get("trainingrun", run, "-n", namespace) or {}).get("status") or {}).get("phase") != "Succeeded":
+        now = (cluster.get("trainingrun", run, "-n", namespace) or {}).get("status") or {}
+        if now.get("phase") != "Succeeded" or (now.get("evaluation") or {}).get("phase") != "Succeeded":
             patch()
             return None
         return cluster.get("rollout", run, "-n", namespace) if rollout else cluster.get("trainingrun", run, "-n", namespace)
 
     return wait_for(succeeded, 60, f"Rollout {run} from the operator" if rollout else f"TrainingRun {run} Succeeded")
+
+
+def staged_evaluation(cluster: Cluster, namespace: str, run: str, uid: str, fingerprint: str,
+                      mean_return: float) -> dict[str, Any]:
+    """A run's measured evaluation as the operator's evaluation Job leaves it, signed with the
+    operator's key (read from its Secret as the test's admin): for tests that need a Rollout but
+    not its measurement (:func:`stage_chain`). The e2e tier measures trained runs for real."""
+    import base64
+
+    from rl_operator import models as m
+    from rl_operator import trust
+
+    secret = wait_for(lambda: cluster.get("secret", "rlops-approval-key", "-n", "rlops-system"), 60,
+                      "the operator's signing key")
+    record = m.MeasuredEvaluation(phase="Succeeded", job_name=f"rlops-eval-{uid}", image="ghcr.io/rlops/engine:0.1.0",
+                                  image_id="", trusted=True, seed=1, episodes=20, fingerprint=fingerprint,
+                                  mean_return=mean_return, std_return=0.0, random_mean_return=20.0)
+    record.signature = trust.evaluation_signature(base64.b64decode(secret["data"]["key"]), namespace, run, uid,
+                                                  trust.evidence(record))
+    return record.wire()
 
 
 def count_opens(monkeypatch, swap: dict[str, bytes] | None = None) -> "collections.Counter[str]":

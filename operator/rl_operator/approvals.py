@@ -72,6 +72,9 @@ class Target:
     uid: str
     fingerprint: str
     allowed_service_accounts: tuple[str, ...] = ()
+    #: The signature of the evaluation the approver is shown (``spec.evaluation.signature``): the
+    #: approval's signature covers it.
+    evidence: str = ""
 
 
 def review(old: dict[str, str] | None, new: dict[str, str], target: Target, who: Requester, at: datetime,
@@ -109,7 +112,7 @@ def review(old: dict[str, str] | None, new: dict[str, str], target: Target, who:
         # a new approval replaces the record of an earlier one, impersonator included
         recorded[APPROVED_VIA] = f"impersonated by {who.impersonator}" if who.impersonator else None
         recorded[APPROVAL_SIGNATURE] = signature(key, target.namespace, target.name, target.uid, target.fingerprint,
-                                                 who.user, stamp)
+                                                 who.user, stamp, target.evidence)
         return Review(permission=APPROVE_VERB, annotations=recorded)
     return Review(permission=APPROVE_VERB) if decided else Review()  # reject, promote: the verb
 

@@ -164,15 +164,17 @@ def get_custom_confirmed(namespace: str, plural: str, name: str) -> dict[str, An
 
 def unfinished_runs() -> list[tuple[str, str]]:
     """(namespace, name) of every TrainingRun in the watch cache that has not finished
-    (``models.RUN_TERMINAL``; none before :func:`bind`). Call it on kopf's event loop, where the indexes change."""
+    (``models.RUN_TERMINAL``), or whose evaluation is in progress (none before :func:`bind`). Call it on kopf's event loop, where the indexes change."""
     idx = _INDEXES.get(_PLURAL_INDEX[m.TrainingRun.PLURAL])
     if idx is None:
         return []
-    out = []
-    for key, store in idx.items():
-        if len(key) == 2 and any((run.get("status") or {}).get("phase") not in m.RUN_TERMINAL for run in store):
-            out.append(key)
-    return sorted(out)
+    def unfinished(run: dict[str, Any]) -> bool:
+        status = run.get("status") or {}
+        measuring = status.get("phase") == "Succeeded" and (status.get("evaluation") or {}).get("phase") in (
+            "Pending", "Running")
+        return status.get("phase") not in m.RUN_TERMINAL or measuring
+
+    return sorted(key for key, store in idx.items() if len(key) == 2 and any(unfinished(run) for run in store))
 
 
 def agents_with_triggers() -> list[tuple[str, str]]:

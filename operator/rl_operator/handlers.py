@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 from datetime import datetime, timezone
@@ -39,7 +40,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from rl_engine.serving.contract import BREAKER_KEY, SHADOW_KEY
 
-from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, diffbase, jetstream, kube, metrics, nats_events, peering, rayserve, rollout, shards, training, triggers, trust
+from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, diffbase, evaluation, jetstream, kube, metrics, nats_events, peering, rayserve, rollout, shards, training, triggers, trust
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
@@ -461,7 +462,7 @@ def resync_run(namespace: str, name: str) -> None:
     """One unfinished TrainingRun reconciled again (the resync); an error is logged, and the next
     round tries again."""
     run = cache.get_custom(namespace, m.TrainingRun.PLURAL, name)
-    if run is None or (run.get("status") or {}).get("phase") in m.RUN_TERMINAL:
+    if run is None:
         return
     try:
         reconcile_run(run, namespace, name)
@@ -800,12 +801,23 @@ def sync_run(namespace: str, name: str) -> None:
             at = training.now()
             if job is not None and not trust.controlled_by(job, run, m.TrainingRun.KIND):
                 return training.failed_status(run, "JobNotOwned", _job_not_owned(namespace, name), at)
-            pods = cache.list_pods(namespace, name) if job is not None else []
-            verdicts = [(pod, trust.pod_untrusted(pod, job, training.TRAINER_CONTAINER)) for pod in pods]
+            pods = cache.list_pods(namespace, name)  # the trainer's and the evaluator's
+            trainer_pods = [p for p in pods if not evaluation.is_evaluation(p)] if job is not None else []
+            verdicts = [(pod, trust.pod_untrusted(pod, job, training.TRAINER_CONTAINER)) for pod in trainer_pods]
             status, events = training.observe_run(run, job, [p for p, why in verdicts if why is None], at,
                                                   training.artifact_uri(SETTINGS, run))
             ignored = "; ".join(why for _, why in verdicts if why)
-            return status, events + training.note_ignored_pods(status, ignored, at)
+            events += training.note_ignored_pods(status, ignored, at)
+            if status.phase == "Succeeded":  # the operator's own measurement of the artifact
+                eval_job = cache.get_job(namespace, evaluation.job_name(run))
+                if eval_job is not None and not trust.controlled_by(eval_job, run, m.TrainingRun.KIND):
+                    eval_job = None
+                eval_pods = [p for p in pods if evaluation.is_evaluation(p) and eval_job is not None and
+                             trust.pod_untrusted(p, eval_job, evaluation.EVALUATOR_CONTAINER) is None]
+                status, measured = evaluation.observe_evaluation({**run, "status": status.wire()}, eval_job,
+                                                                 eval_pods, at, _KEY["value"])
+                events += measured
+            return status, events
 
         synced = _sync_status(namespace, m.TrainingRun.PLURAL, name, m.TrainingRunStatus, observe)
         if synced is None:
@@ -817,15 +829,56 @@ def sync_run(namespace: str, name: str) -> None:
     agent_name = run["spec"]["agentRef"]["name"]
     if synced.changed:
         sync_agent(namespace, agent_name)
-    if synced.status.phase == "Succeeded":
+    if synced.status.phase == "Succeeded" and synced.status.evaluation is None and _ensure_evaluation_job(run):
+        sync_run(namespace, name)  # its status says Pending at once; the Job's events do the rest
+    elif synced.status.phase == "Succeeded":
         ensure_rollout(run)
     if synced.changed and synced.status.phase in m.RUN_TERMINAL:
         reconcile_triggers(namespace, agent_name)  # a trigger that waited for it (Forbid); the history
 
 
+def _ensure_evaluation_job(run: dict[str, Any]) -> bool:
+    """The operator's evaluation Job for a run whose trainer succeeded (``rl_operator.evaluation``),
+    made with a seed drawn now (create-or-get: a Job made before a restart keeps its seed). False
+    when it was not made: the agent is gone, or the API server refused the Job (a quota), or a Job
+    of its name that the run does not control (the run's evaluation then fails, with the reason).
+
+    Raises:
+        ApiException: a transient error (409, 429, 5xx, no answer): kopf or the resync retries.
+    """
+    namespace = run["metadata"]["namespace"]
+    if cache.get_custom(namespace, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"]) is None:
+        return False
+    name = evaluation.job_name(run)
+    try:
+        with cache.locked("jobs", namespace, name):
+            job = cache.get_job(namespace, name)
+            if job is None:
+                job, _ = cache.create_job_or_get(
+                    evaluation.evaluation_job(run, SETTINGS, secrets.randbelow(evaluation.SEED_BOUND)))
+    except ApiException as exc:
+        if exc.status is None or not 400 <= exc.status < 500 or exc.status in (409, 429):
+            raise  # transient: kopf, or the next event or resync, tries again
+        reason, message = "JobRejected", f"the API server refused the evaluation Job ({exc.status}): {_api_message(exc)}"
+    else:
+        if trust.controlled_by(job, run, m.TrainingRun.KIND):
+            return True
+        reason, message = "JobNotOwned", f"Job {namespace}/{name} exists but is not controlled by this TrainingRun (uid)"
+    with cache.locked("trainingruns", namespace, run["metadata"]["name"]):
+        cache.patch_status(namespace, m.TrainingRun.PLURAL, run["metadata"]["name"], {"evaluation": {
+            "phase": "Failed", "jobName": name, "reason": reason, "message": message[:1024]}})
+    _post(run, [training.Event("Warning", "EvaluationFailed", f"{reason}: {message}"[:1024])])
+    sync_agent(namespace, run["spec"]["agentRef"]["name"])
+    return False
+
+
 def ensure_rollout(run: dict[str, Any]) -> None:
-    """A Succeeded run whose evaluation passes the agent's bar gets its Rollout (create-or-get)."""
+    """A Succeeded run whose measured evaluation passes the agent's bar gets its Rollout
+    (create-or-get). Until the operator has measured it, nothing happens (no Event)."""
     ns = run["metadata"]["namespace"]
+    measured = ((run.get("status") or {}).get("evaluation") or {}).get("phase")
+    if measured != "Succeeded":
+        return
     agent = cache.get_custom(ns, m.RLAgent.PLURAL, run["spec"]["agentRef"]["name"])
     if agent is None or cache.get_custom(ns, m.Rollout.PLURAL, run["metadata"]["name"]) is not None:
         return
@@ -939,7 +992,8 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         agent_name = ro["spec"]["agentRef"]["name"]
         agent = cache.get_custom_confirmed(namespace, m.RLAgent.PLURAL, agent_name)
         run = cache.get_custom_confirmed(namespace, m.TrainingRun.PLURAL, ro["spec"]["trainingRunRef"]["name"])
-        untrusted = trust.rollout_untrusted(ro, run, agent, training.artifact_uri(SETTINGS, run) if run else None)
+        untrusted = trust.rollout_untrusted(ro, run, agent, training.artifact_uri(SETTINGS, run) if run else None,
+                                            _KEY["value"])
         if agent is None:
             if untrusted:
                 _write_rollout(ro, *_ignored(ro, untrusted))
@@ -1246,7 +1300,8 @@ def decide_approval(request: dict[str, Any]) -> dict[str, str | None]:
         if agent is not None:
             allowed_sas = tuple(m.RLAgentSpec.model_validate(agent["spec"]).approval.allowed_service_accounts)
     target = approvals.Target(namespace=namespace, name=name, uid=body.get("metadata", {}).get("uid", ""),
-                              fingerprint=body.get("spec", {}).get("fingerprint", ""), allowed_service_accounts=allowed_sas)
+                              fingerprint=body.get("spec", {}).get("fingerprint", ""), allowed_service_accounts=allowed_sas,
+                              evidence=(body.get("spec", {}).get("evaluation") or {}).get("signature") or "")
     who = approvals.Requester(user=userinfo.get("username", ""), impersonator=approvals.impersonator(userinfo))
     verdict = approvals.review(old_ann, new_ann, target, who, training.now(), _KEY["value"])
     if verdict.error:

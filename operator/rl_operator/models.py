@@ -29,11 +29,13 @@ AGENT_LABEL = f"{GROUP}/agent"
 RUN_LABEL = f"{GROUP}/training-run"
 #: Label on a reclaim Job: the run whose artifact it deletes (it has no RUN_LABEL: no run owns it).
 RECLAIM_LABEL = f"{GROUP}/reclaim-of"
+#: Label (``"true"``) on a run's evaluation Job and its pod, beside the run's RUN_LABEL.
+EVALUATION_LABEL = f"{GROUP}/evaluation"
 #: The labels the operator acts on, reserved on Jobs and pods: only the operator sets them on a
 #: Job (or its pod template), and a pod carries them only when the Job controller made it for a
 #: Job (a ValidatingAdmissionPolicy, ``rl_operator.policygen``). So a tenant can neither make the
 #: operator watch and cache objects of its choosing, nor pass a pod off as a trainer.
-RESERVED_LABELS = (RUN_LABEL, AGENT_LABEL, RECLAIM_LABEL)
+RESERVED_LABELS = (RUN_LABEL, AGENT_LABEL, RECLAIM_LABEL, EVALUATION_LABEL)
 #: The operator's finalizer (kopf's, renamed): a Rollout is born with it; an agent gets it while
 #: it serves or may serve. A ValidatingAdmissionPolicy lets only the operator remove it.
 FINALIZER = f"{GROUP}/finalizer"
@@ -295,6 +297,10 @@ class AutoApproval(_Model):
     min_relative_improvement_over_stable: float | None = Field(
         None, description="Minimum (canary - stable) / |stable| mean evaluation return, as a fraction (0.05 = 5%)."
     )
+    allow_untrusted_evaluation: bool | None = Field(None, description=(
+        "true: also approve a policy whose evaluation ran in the tenant's own trainer image (its environment "
+        "needs the tenant's code: an entry point outside rl_engine), so that the figures come from code the "
+        "tenant controls. Unset or false: such a policy waits for a person."))
 
 
 #: The user name prefix of every ServiceAccount in Kubernetes authentication.
@@ -728,6 +734,41 @@ class TrajectoriesUsed(_Status):
     last_sequence: int | None = Field(None, description="Stream sequence number of the last message read.")
 
 
+class MeasuredEvaluation(_Status):
+    """The operator's own evaluation of a run's artifact: figures measured by an evaluation Job
+    (``python -m rl_engine.evaluate``) from the platform's engine image, with the artifact mounted
+    read only and a seed drawn by the operator after training ended. Returns are undiscounted
+    episode returns in the environment's reward units."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] = Field(description=(
+        "Pending (its Job made), Running, Succeeded (the figures below are measured), Failed (reason and "
+        "message say why; no Rollout is made)."))
+    job_name: str | None = None
+    image: str | None = Field(None, description="The evaluator's image reference.")
+    image_id: str | None = Field(None, alias="imageID", description=(
+        "The image the node ran, as its runtime reports it (a digest); empty where no image runs (the dev "
+        "node agent runs pods as local processes)."))
+    trusted: bool | None = Field(None, description=(
+        "false: the environment needs the tenant's code (an entry point outside rl_engine), so it was "
+        "evaluated in the tenant's own trainer image, and the figures come from code the tenant controls."))
+    seed: int | None = Field(None, description="The seed of the evaluation episodes, drawn by the operator.")
+    episodes: int | None = None
+    fingerprint: str | None = Field(None, description="The fingerprint the evaluator computed from the bytes it read.")
+    mean_return: float | None = None
+    std_return: float | None = None
+    min_return: float | None = None
+    max_return: float | None = None
+    random_mean_return: float | None = Field(None, description="The random policy's mean return on the same seeds.")
+    baseline_mean_return: float | None = Field(None, description=(
+        "The environment's own baseline policy's mean return on the same seeds, where it has one."))
+    measured_at: datetime | None = None
+    signature: str | None = Field(None, description=(
+        "The operator's signature (HMAC-SHA256, its approval key) over the run and these figures: "
+        "the Rollout carries it, and an approval's signature covers it."))
+    reason: str | None = Field(None, description="Why the evaluation failed (FingerprintMismatch, ...).")
+    message: str | None = None
+
+
 class TrainingRunStatus(_Status):
     phase: Literal["Pending", "Running", "Succeeded", "Failed", "Superseded"] | None = None
     observed_generation: int | None = None
@@ -736,7 +777,8 @@ class TrainingRunStatus(_Status):
     completion_time: datetime | None = None
     metrics: dict[str, Any] = Field(
         default_factory=dict,
-        description="Final metrics from the trainer's termination message (meanReturn, ...).",
+        description=("Final metrics as the trainer reported them in its termination message (meanReturn, ...): the "
+                     "trainer runs the tenant's code, so rollouts and approvals use status.evaluation instead."),
         json_schema_extra=FREE_FORM,
     )
     artifact_uri: str | None = Field(None, alias="artifactURI")
@@ -745,6 +787,9 @@ class TrainingRunStatus(_Status):
     failure_message: str | None = None
     trajectories: TrajectoriesUsed | None = Field(None, description=(
         "The trajectories the trainer read and trained on (runs of the trajectory trigger)."))
+    evaluation: MeasuredEvaluation | None = Field(None, description=(
+        "The operator's own evaluation of the artifact, once the trainer succeeded: what the Rollout, the "
+        "approver and auto-approval use."))
     conditions: list[Condition] = Field(default_factory=list)
 
 
@@ -759,11 +804,23 @@ class TrainingRun(_Status):
 
 
 class EvaluationSummary(_Model):
-    """The trained policy's evaluation, as the trainer reported it."""
+    """The trained policy's evaluation, measured by the operator's evaluation Job (its run's
+    ``status.evaluation``), signed by the operator. A Rollout made before measured evaluations
+    carries only the trainer's reported ``meanReturn``, ``stdReturn`` and ``episodes``."""
 
     mean_return: float | None = None
     std_return: float | None = None
     episodes: int | None = None
+    random_mean_return: float | None = None
+    baseline_mean_return: float | None = None
+    seed: int | None = Field(None, description="The seed of the evaluation episodes, drawn by the operator.")
+    trusted: bool | None = Field(None, description=(
+        "false: evaluated in the tenant's own image (its environment needs the tenant's code)."))
+    evaluator_image: str | None = None
+    evaluator_image_id: str | None = Field(None, alias="evaluatorImageID", description=(
+        "The evaluator image as the node ran it (a digest)."))
+    reported_mean_return: float | None = Field(None, description="The mean return the trainer itself reported.")
+    signature: str | None = Field(None, description="The operator's signature over the run and these figures.")
 
 
 class RolloutSpec(_Model):

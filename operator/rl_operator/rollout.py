@@ -27,6 +27,7 @@ from rl_engine.serving.contract import BASELINE_KEY, BREAKER_KEY, SHADOW_KEY
 
 from rl_operator import models as m
 from rl_operator.conditions import set_condition
+from rl_operator.evaluation import rollout_evaluation
 from rl_operator.training import Event, owner_reference
 from rl_operator.trust import service_account_refusal, signature_valid
 
@@ -49,20 +50,24 @@ ACTIVE = m.ROLLOUT_ACTIVE
 
 
 def eligible(run: dict[str, Any], agent_spec: m.RLAgentSpec) -> tuple[bool, str]:
-    """Whether a TrainingRun's policy may be rolled out: Succeeded, and its evaluation meets
+    """Whether a TrainingRun's policy may be rolled out: Succeeded, measured by the operator's
+    evaluation (``status.evaluation``), and that measured mean return meets
     ``spec.evaluation.minMeanReturn`` (when set). Returns ``(eligible, reason message)``."""
     status = m.TrainingRunStatus.model_validate(run.get("status") or {})
     if status.phase != "Succeeded" or not status.fingerprint or not status.artifact_uri:
         return False, f"TrainingRun {run['metadata']['name']} has not succeeded"
+    if status.evaluation is None or status.evaluation.phase != "Succeeded":
+        return False, f"TrainingRun {run['metadata']['name']} has not been evaluated by the operator"
     bar = agent_spec.evaluation.min_mean_return
-    mean = status.metrics.get("meanReturn")
+    mean = status.evaluation.mean_return
     if bar is not None and (mean is None or mean < bar):
         return False, f"mean evaluation return {mean} is below the minimum {bar}"
     return True, f"mean evaluation return {mean}" + (f" >= minimum {bar}" if bar is not None else "")
 
 
 def desired_rollout(run: dict[str, Any]) -> dict[str, Any]:
-    """The Rollout for a Succeeded TrainingRun: same name, its artifact, fingerprint and evaluation."""
+    """The Rollout for a Succeeded TrainingRun: same name, its artifact, fingerprint and the
+    operator's measured evaluation (signed), with the trainer's reported mean return beside it."""
     status = m.TrainingRunStatus.model_validate(run["status"])
     meta = run["metadata"]
     agent = run["spec"]["agentRef"]["name"]
@@ -72,11 +77,7 @@ def desired_rollout(run: dict[str, Any]) -> dict[str, Any]:
         version=meta["name"],
         artifact_uri=status.artifact_uri,
         fingerprint=status.fingerprint,
-        evaluation=m.EvaluationSummary(
-            mean_return=status.metrics.get("meanReturn"),
-            std_return=status.metrics.get("stdReturn"),
-            episodes=status.metrics.get("episodes"),
-        ),
+        evaluation=rollout_evaluation(status),
     )
     return {
         "apiVersion": m.API_VERSION,
@@ -131,8 +132,9 @@ def manual_approval(rollout: dict[str, Any], key: bytes | None,
     if not by or not at:
         return None, (f"{APPROVE} is set but not recorded by the rlops admission webhook (no {APPROVED_BY}): "
                       "is the webhook registered? Annotation approvals count only through it")
+    evidence = (rollout["spec"].get("evaluation") or {}).get("signature") or ""
     if not signature_valid(key, ann.get(APPROVAL_SIGNATURE), meta["namespace"], meta["name"], meta["uid"],
-                           fingerprint, by, at):
+                           fingerprint, by, at, evidence):
         return None, (f"the approval by {by!r} has no valid {APPROVAL_SIGNATURE}: it was not recorded by the "
                       "rlops admission webhook for this Rollout, so it does not count")
     refused = service_account_refusal(by, allowed_service_accounts)
@@ -151,12 +153,19 @@ def manual_approval(rollout: dict[str, Any], key: bytes | None,
 def auto_approval(
     spec: m.RolloutSpec, policy: m.ApprovalPolicy, stable: m.ActiveModel | None, at: datetime
 ) -> tuple[m.Approval | None, str]:
-    """Apply the agent's auto-approval thresholds (seed 000). Returns ``(approval or None, why)``."""
+    """Apply the agent's auto-approval thresholds (seed 000) to the operator's measured evaluation:
+    a Rollout without one, or with one that ran the tenant's code (``trusted: false``, unless the
+    policy allows it), waits for a person. Returns ``(approval or None, why)``."""
     if policy.mode != "auto":
         return None, "approval policy is manual"
     mean = spec.evaluation.mean_return
     auto = policy.auto
     failures: list[str] = []
+    if spec.evaluation.signature is None:
+        failures.append("no evaluation measured by the operator (the trainer's own figures do not count)")
+    elif spec.evaluation.trusted is not True and not auto.allow_untrusted_evaluation:
+        failures.append("the evaluation ran in the tenant's own image (trusted: false) and "
+                        "spec.approval.auto.allowUntrustedEvaluation is not set")
     if mean is None:
         failures.append("no mean evaluation return")
     else:

@@ -20,6 +20,11 @@ class OperatorSettings:
     trainer_command: tuple[str, ...] = ("python", "-m", "rl_engine.train")
     """The training container's command. Env: ``RLOPS_TRAINER_COMMAND`` (space separated)."""
 
+    evaluator_image: str = "ghcr.io/rlops/engine:0.1.0"
+    """The image of the operator's evaluation Jobs (``python -m rl_engine.evaluate``), which
+    measure every trained artifact before it may be rolled out: the platform's engine image,
+    never a tenant's (the chart pins it). Env: ``RLOPS_EVALUATOR_IMAGE``."""
+
     trainer_uid: int = 1000
     """Non-root user id the training container runs as (``securityContext.runAsUser``)."""
 
@@ -158,6 +163,7 @@ class OperatorSettings:
             artifact_root=env.get("RLOPS_ARTIFACT_ROOT", cls.artifact_root),
             artifact_pvc=env.get("RLOPS_ARTIFACT_PVC") or None,
             trainer_command=tuple(command.split()) if command else cls.trainer_command,
+            evaluator_image=env.get("RLOPS_EVALUATOR_IMAGE") or cls.evaluator_image,
             resync_seconds=float(env.get("RLOPS_RESYNC_SECONDS", cls.resync_seconds)),
             ray_dashboard_url=env.get("RLOPS_RAY_DASHBOARD_URL", cls.ray_dashboard_url),
             prometheus_url=env.get("RLOPS_PROMETHEUS_URL", cls.prometheus_url),

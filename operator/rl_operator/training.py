@@ -213,13 +213,7 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
         "command": list(settings.trainer_command),
         "env": env,
         "resources": {"requests": {"cpu": training.resources.cpu, "memory": training.resources.memory}, "limits": limits},
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": settings.trainer_uid,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": container_security(settings),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -230,7 +224,7 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
         "tolerations": tolerations,
         "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "fsGroup": settings.trainer_uid},
     }
-    _mount_artifacts(settings, uri, pod_spec, container)
+    mount_artifacts(settings, uri, pod_spec, container)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -248,12 +242,43 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
     }
 
 
-def _mount_artifacts(settings: OperatorSettings, uri: str, pod_spec: dict[str, Any], container: dict[str, Any]) -> None:
-    """The artifact store's volume (``settings.artifact_pvc``, a ``file://`` root), mounted at the root's path."""
+def mount_artifacts(settings: OperatorSettings, uri: str, pod_spec: dict[str, Any], container: dict[str, Any],
+                    read_only: bool = False) -> None:
+    """The artifact store's volume (``settings.artifact_pvc``, a ``file://`` root), mounted at the
+    root's path (``read_only``: the claim and the mount read only)."""
     if settings.artifact_pvc and uri.startswith("file://"):
         mount = urlparse(settings.artifact_root).path
-        pod_spec["volumes"] = [{"name": "artifacts", "persistentVolumeClaim": {"claimName": settings.artifact_pvc}}]
-        container["volumeMounts"] = [{"name": "artifacts", "mountPath": mount}]
+        claim: dict[str, Any] = {"claimName": settings.artifact_pvc}
+        mounted: dict[str, Any] = {"name": "artifacts", "mountPath": mount}
+        if read_only:
+            claim["readOnly"] = mounted["readOnly"] = True
+        pod_spec["volumes"] = [{"name": "artifacts", "persistentVolumeClaim": claim}]
+        container["volumeMounts"] = [mounted]
+
+
+def container_security(settings: OperatorSettings) -> dict[str, Any]:
+    """The securityContext of every container the operator runs: non-root (``trainer_uid``), no
+    privilege escalation, no capabilities, the runtime's default seccomp profile."""
+    return {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def helper_pod_spec(settings: OperatorSettings, container: dict[str, Any], template: m.TrainingTemplate,
+                    uri: str, read_only: bool = False) -> dict[str, Any]:
+    """The pod of a short Job beside training (the artifact reclaim, the evaluation): ``container``
+    without a GPU, as the trainer's non-root user, with the training template's tolerations (and
+    the GPU taint's) but not its node selector, and the artifact store mounted as training mounts
+    it (``read_only``: read only)."""
+    container["securityContext"] = container_security(settings)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+                        *(t.wire() for t in template.tolerations)],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "fsGroup": settings.trainer_uid},
+    }
+    mount_artifacts(settings, uri, pod_spec, container, read_only=read_only)
+    return pod_spec
 
 
 #: The artifact-reclaim Job's name prefix: ``rlops-reclaim-<run uid>`` (50 characters).
@@ -280,17 +305,8 @@ def reclaim_job(run: dict[str, Any], agent: dict[str, Any], settings: OperatorSe
         "command": [settings.trainer_command[0], "-m", "rl_engine.artifacts", "delete", uri, "--under", under],
         "env": [{"name": k, "value": v} for k, v in sorted(settings.extra_env.items())],
         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
-        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
     }
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "containers": [container],
-        "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
-                        *(t.wire() for t in training.tolerations)],
-        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "fsGroup": settings.trainer_uid},
-    }
-    _mount_artifacts(settings, uri, pod_spec, container)
+    pod_spec = helper_pod_spec(settings, container, training, uri)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -358,18 +374,21 @@ def parse_termination_message(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
     for cond in (job.get("status") or {}).get("conditions") or []:
         if cond.get("type") == type_ and cond.get("status") == "True":
             return cond
     return None
 
 
-def _trainer_state(pod: dict[str, Any]) -> dict[str, Any]:
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if cs.get("name") == TRAINER_CONTAINER:
-            return cs.get("state") or {}
-    return {}
+def container_status(pod: dict[str, Any], name: str = TRAINER_CONTAINER) -> dict[str, Any]:
+    """The status of the pod's container ``name`` (``containerStatuses``), or ``{}``."""
+    return next((cs for cs in (pod.get("status") or {}).get("containerStatuses") or [] if cs.get("name") == name), {})
+
+
+def container_state(pod: dict[str, Any], name: str = TRAINER_CONTAINER) -> dict[str, Any]:
+    """The state (``waiting``, ``running`` or ``terminated``) of the pod's container ``name``."""
+    return container_status(pod, name).get("state") or {}
 
 
 # Why a trainer pod cannot start: the kubelet's waiting reasons that need a human (a wrong image,
@@ -385,17 +404,18 @@ def pending_cause(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     condition (``Unschedulable``: no node fits, e.g. no node without a GPU taint for a CPU
     run) or its trainer container's waiting state (``ImagePullBackOff`` and the like); None
     when it is just starting."""
-    for pod in _newest(pods)[:1]:
+    for pod in newest_first(pods)[:1]:
         for cond in (pod.get("status") or {}).get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
                 return cond.get("reason") or "Unschedulable", cond.get("message") or ""
-        waiting = _trainer_state(pod).get("waiting") or {}
+        waiting = container_state(pod).get("waiting") or {}
         if waiting.get("reason") in STUCK_WAITING_REASONS:
             return waiting["reason"], waiting.get("message") or ""
     return None
 
 
-def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def newest_first(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods, the newest (``creationTimestamp``) first."""
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
 
 
@@ -430,12 +450,12 @@ def observe_run(
     job_status = job.get("status") or {}
     if job_status.get("startTime"):
         status.start_time = job_status["startTime"]
-    newest = _newest(pods)
-    complete = _job_condition(job, "Complete")
-    failed = _job_condition(job, "Failed")
+    newest = newest_first(pods)
+    complete = job_condition(job, "Complete")
+    failed = job_condition(job, "Failed")
     if complete:
         summary = next(
-            (s for p in newest if (s := parse_termination_message(_trainer_state(p).get("terminated", {}).get("message")))),
+            (s for p in newest if (s := parse_termination_message(container_state(p).get("terminated", {}).get("message")))),
             None,
         )
         status.completion_time = job_status.get("completionTime") or complete.get("lastTransitionTime")
@@ -467,7 +487,7 @@ def observe_run(
     elif failed:
         status.phase = "Failed"
         status.completion_time = failed.get("lastTransitionTime")
-        terminated = next((t for p in newest if (t := _trainer_state(p).get("terminated"))), {})
+        terminated = next((t for p in newest if (t := container_state(p).get("terminated"))), {})
         summary = parse_termination_message(terminated.get("message"))
         if summary and summary.get("reason"):
             status.failure_reason = summary["reason"]
@@ -519,7 +539,9 @@ def observe_agent(
     """Derive an RLAgent's status from its TrainingRuns.
 
     The latest run is the one made for the highest agent generation. Phases: ``Pending`` (no run
-    yet), ``Training``, ``Trained`` (latest run Succeeded), ``Failed`` (latest run Failed).
+    yet), ``Training``, ``Evaluating`` (latest run Succeeded, the operator measuring its artifact),
+    ``Trained`` (measured: ``latestMeanReturn`` is the measured mean return), ``Failed`` (latest
+    run Failed, or its evaluation did).
     ``observedGeneration`` is the agent generation that the latest run snapshots.
     """
     prev = m.RLAgentStatus.model_validate(agent.get("status") or {})
@@ -540,20 +562,32 @@ def observe_agent(
         set_condition(status.conditions, "Training", "True", "RunInProgress", f"TrainingRun {status.latest_run} is {phase}", at, gen)
     else:
         set_condition(status.conditions, "Training", "False", "RunFinished", f"TrainingRun {status.latest_run} {phase}", at, gen)
-    if phase == "Succeeded":
+    evaluated = run_status.evaluation
+    if phase == "Succeeded" and evaluated is not None and evaluated.phase == "Failed":
+        phase = "Failed"  # trained, but its artifact could not be measured: nothing of it rolls out
+        run_status.failure_reason = f"Evaluation{evaluated.reason or 'Failed'}"
+        run_status.failure_message = f"the operator's evaluation failed: {evaluated.message or ''}"
+    if phase == "Succeeded" and (evaluated is None or evaluated.phase != "Succeeded"):
+        status.phase = "Evaluating"
+        status.latest_fingerprint = run_status.fingerprint
+        set_condition(status.conditions, "Trained", "False", "Evaluating",
+                      f"TrainingRun {status.latest_run} trained; the operator is measuring its artifact", at, gen)
+    elif phase == "Succeeded":
+        assert evaluated is not None
         status.phase = "Trained"
-        status.latest_mean_return = run_status.metrics.get("meanReturn")
+        status.latest_mean_return = evaluated.mean_return
         status.latest_fingerprint = run_status.fingerprint
         set_condition(status.conditions, "Trained", "True", "TrainingSucceeded",
-                      f"TrainingRun {status.latest_run}: mean return {status.latest_mean_return}", at, gen)
+                      f"TrainingRun {status.latest_run}: mean return {status.latest_mean_return} (measured)", at, gen)
     elif phase == "Failed":
         status.phase = "Failed"
         set_condition(status.conditions, "Trained", "False", run_status.failure_reason or "TrainingFailed",
                       f"TrainingRun {status.latest_run} failed: {run_status.failure_message or ''}"[:1024], at, gen)
     if status.phase != prev.phase and status.phase in ("Trained", "Failed"):
         kind = "Normal" if status.phase == "Trained" else "Warning"
-        detail = (f": mean evaluation return {status.latest_mean_return}, artifact {run_status.artifact_uri}, "
-                  f"fingerprint {status.latest_fingerprint}") if phase == "Succeeded" else \
-            f": {run_status.failure_reason}: {run_status.failure_message or ''}"
+        reported = run_status.metrics.get("meanReturn")
+        detail = (f": mean evaluation return {status.latest_mean_return} measured by the operator (the trainer "
+                  f"reported {reported}), artifact {run_status.artifact_uri}, fingerprint {status.latest_fingerprint}"
+                  if status.phase == "Trained" else f": {run_status.failure_reason}: {run_status.failure_message or ''}")
         events.append(Event(kind, f"Agent{status.phase}", f"latest TrainingRun {status.latest_run} {phase}{detail}"[:1024]))
     return status, events

@@ -8,7 +8,8 @@ label or name alone:
 - Rollout --controller--> TrainingRun (``spec.trainingRunRef``) --controller--> RLAgent
   (``spec.agentRef``);
 - the Rollout's spec (version, artifact URI, fingerprint, evaluation) equals what the run's
-  status says, and the run Succeeded;
+  status says, and the run Succeeded; its evaluation is the operator's own measurement
+  (``status.evaluation``), with the operator's signature of it;
 - the run's artifact URI is the one the operator assigned to that namespace, agent and run;
 - the run's status came from the run's own Job and that Job's own pods: controller
   ownerReferences by uid, and a pod whose trainer container is the Job's template (image,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from typing import Any
 
 from rl_operator import models as m
@@ -51,7 +53,7 @@ def run_untrusted(run: dict[str, Any], agent: dict[str, Any] | None) -> str | No
 
 
 def rollout_untrusted(rollout: dict[str, Any], run: dict[str, Any] | None, agent: dict[str, Any] | None,
-                      assigned_artifact_uri: str | None) -> str | None:
+                      assigned_artifact_uri: str | None, key: bytes | None = None) -> str | None:
     """Why the operator must not act on this Rollout, or None when it sits in its owner chain.
 
     Args:
@@ -59,6 +61,8 @@ def rollout_untrusted(rollout: dict[str, Any], run: dict[str, Any] | None, agent
             (None when absent).
         assigned_artifact_uri: the artifact URI the operator assigned to the run
             (``training.artifact_uri``), or None to skip that check.
+        key: the operator's signing key: ``spec.evaluation`` must carry its signature of the
+            run's measured evaluation (None: that check is skipped).
     """
     spec = rollout["spec"]
     if run is None:
@@ -79,12 +83,24 @@ def rollout_untrusted(rollout: dict[str, Any], run: dict[str, Any] | None, agent
         "artifactURI": status.artifact_uri,
         "fingerprint": status.fingerprint,
     }
-    for key, want in expected.items():
-        if spec.get(key) != want:
-            return f"spec.{key} {spec.get(key)!r} is not its TrainingRun's {want!r}"
-    mean = status.metrics.get("meanReturn")
-    if (spec.get("evaluation") or {}).get("meanReturn") != mean:
-        return f"spec.evaluation.meanReturn is not its TrainingRun's {mean!r}"
+    for field_name, want in expected.items():
+        if spec.get(field_name) != want:
+            return f"spec.{field_name} {spec.get(field_name)!r} is not its TrainingRun's {want!r}"
+    summary = m.EvaluationSummary.model_validate(spec.get("evaluation") or {})
+    if summary.signature is None:  # made before the operator measured evaluations: the trainer's figure
+        mean = status.metrics.get("meanReturn")
+        if summary.mean_return != mean:
+            return f"spec.evaluation.meanReturn is not its TrainingRun's {mean!r}"
+    else:
+        record = status.evaluation
+        if record is None or record.phase != "Succeeded":
+            return f"its TrainingRun {run['metadata']['name']!r} has no measured evaluation"
+        measured = evidence(record)
+        if summary_evidence(summary, spec["fingerprint"]) != measured or summary.signature != record.signature:
+            return f"spec.evaluation is not its TrainingRun's measured evaluation ({measured})"
+        if key is not None and not evaluation_signature_valid(key, record.signature, run["metadata"]["namespace"],
+                                                              run["metadata"]["name"], run["metadata"]["uid"], measured):
+            return "spec.evaluation does not carry the operator's signature of its TrainingRun's evaluation"
     if assigned_artifact_uri is not None and status.artifact_uri != assigned_artifact_uri:
         return f"its artifact {status.artifact_uri!r} is not where the operator assigned ({assigned_artifact_uri!r})"
     return None
@@ -152,23 +168,67 @@ def service_account_refusal(user: str, allowed: tuple[str, ...] | list[str], act
 
 
 def signature(key: bytes, namespace: str, name: str, uid: str, fingerprint: str, approved_by: str,
-              approved_at: str) -> str:
-    """The approval signature the admission webhook records: ``v1:`` + hex HMAC-SHA256.
+              approved_at: str, evidence: str = "") -> str:
+    """The approval signature the admission webhook records: ``v2:`` + hex HMAC-SHA256.
 
     Covers the Rollout's namespace, name and uid (so it can't be copied to another Rollout or to a
-    re-created one of the same name), the approved fingerprint, the approver and the time.
+    re-created one of the same name), the approved fingerprint, the approver and the time, and
+    ``evidence``: the signature of the evaluation the approver was shown (the Rollout's
+    ``spec.evaluation.signature``, :func:`evaluation_signature`), so that an approval names the
+    figures it was given.
     """
-    payload = "\n".join(("rlops-approval-v1", namespace, name, uid, fingerprint, approved_by, approved_at))
-    return "v1:" + hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()
+    payload = "\n".join(("rlops-approval-v2", namespace, name, uid, fingerprint, approved_by, approved_at, evidence))
+    return "v2:" + hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()
 
 
 def signature_valid(key: bytes | None, value: str | None, namespace: str, name: str, uid: str, fingerprint: str,
-                    approved_by: str, approved_at: str) -> bool:
+                    approved_by: str, approved_at: str, evidence: str = "") -> bool:
     """Whether ``value`` is the webhook's signature for exactly this approval (constant-time)."""
     if not key or not value:
         return False
-    want = signature(key, namespace, name, uid, fingerprint, approved_by, approved_at)
+    want = signature(key, namespace, name, uid, fingerprint, approved_by, approved_at, evidence)
     return hmac.compare_digest(value.encode(), want.encode())
+
+
+def evidence(record: m.MeasuredEvaluation) -> dict[str, Any]:
+    """What the operator's signature of an evaluation covers (:func:`evaluation_signature`),
+    numbers normalised so that a JSON round trip through the API server (``500.0`` → ``500``)
+    leaves it as it was."""
+    def number(x: Any) -> float | None:
+        return None if x is None else float(x)
+
+    return {"fingerprint": record.fingerprint, "meanReturn": number(record.mean_return),
+            "stdReturn": number(record.std_return), "episodes": record.episodes,
+            "randomMeanReturn": number(record.random_mean_return),
+            "baselineMeanReturn": number(record.baseline_mean_return), "seed": record.seed,
+            "trusted": record.trusted, "image": record.image, "imageID": record.image_id}
+
+
+def summary_evidence(summary: m.EvaluationSummary, fingerprint: str) -> dict[str, Any]:
+    """:func:`evidence` of the measured evaluation a Rollout's ``spec.evaluation`` was made from."""
+    return evidence(m.MeasuredEvaluation(
+        phase="Succeeded", fingerprint=fingerprint, mean_return=summary.mean_return, std_return=summary.std_return,
+        episodes=summary.episodes, random_mean_return=summary.random_mean_return,
+        baseline_mean_return=summary.baseline_mean_return, seed=summary.seed, trusted=summary.trusted,
+        image=summary.evaluator_image, image_id=summary.evaluator_image_id))
+
+
+def evaluation_signature(key: bytes, namespace: str, run: str, uid: str, evidence: dict[str, Any]) -> str:
+    """The operator's signature of its evaluation of a run's artifact: ``v1:`` + hex HMAC-SHA256
+    over the run (namespace, name, uid) and ``evidence`` (``evaluation.evidence``: the fingerprint,
+    the figures, the seed, the evaluator's image and digest, whether it was trusted), as
+    canonical JSON (sorted keys, no spaces)."""
+    body = json.dumps(evidence, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    payload = "\n".join(("rlops-evaluation-v1", namespace, run, uid, body))
+    return "v1:" + hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()
+
+
+def evaluation_signature_valid(key: bytes | None, value: str | None, namespace: str, run: str, uid: str,
+                               evidence: dict[str, Any]) -> bool:
+    """Whether ``value`` is the operator's signature of exactly this evaluation (constant-time)."""
+    if not key or not value:
+        return False
+    return hmac.compare_digest(value.encode(), evaluation_signature(key, namespace, run, uid, evidence).encode())
 
 
 def derive_key(key: bytes, purpose: str) -> bytes:

@@ -41,8 +41,10 @@ def wait_phase(c: Cluster, kind: str, name: str, ns: str, phases: tuple[str, ...
     return st
 
 
-def trainer_pod(c: Cluster, ns: str, run: str) -> dict[str, Any]:
-    pods = c.get("pods", "-n", ns, "-l", f"{m.RUN_LABEL}={run}")["items"]
+def trainer_pod(c: Cluster, ns: str, run: str, evaluation: bool = False) -> dict[str, Any]:
+    """The run's trainer pod (``evaluation``: the pod of the operator's evaluation Job)."""
+    selector = f"{m.RUN_LABEL}={run},{m.EVALUATION_LABEL}" + ("=true" if evaluation else "!=true")
+    pods = c.get("pods", "-n", ns, "-l", selector)["items"]
     assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
     return pods[0]
 
@@ -119,10 +121,29 @@ def test_train_in_the_engine_image_approve_through_the_service_serve_and_canary(
     logs = c.kubectl("logs", "-n", ns, pod["metadata"]["name"]).stdout
     assert "fingerprint" in logs or "return" in logs, logs[-2000:]
 
+    # the operator measures the artifact itself, in a container of the engine image the chart
+    # pins, on the artifact mounted read only; the Rollout shows those figures and that image's digest
+    run = wait_for(lambda: (s := status(c, "trainingrun", "cartpole-1", ns)).get("evaluation", {}).get("phase")
+                   in ("Succeeded", "Failed") and s, 600, "the operator's evaluation")
+    measured = run["evaluation"]
+    assert measured["phase"] == "Succeeded", measured
+    evaluator = trainer_pod(c, ns, "cartpole-1", evaluation=True)
+    ecs = evaluator["status"]["containerStatuses"][0]
+    assert ecs["imageID"] and "sha256:" in ecs["imageID"] and ecs["containerID"].startswith("containerd://")
+    assert {"name": "artifacts", "mountPath": "/var/lib/rlops/artifacts", "readOnly": True} in \
+        evaluator["spec"]["containers"][0]["volumeMounts"]
+    assert measured["imageID"] == ecs["imageID"] and measured["fingerprint"] == run["fingerprint"]
+    evaluated = wait_for(lambda: (c.get("rollout", "cartpole-1", "-n", ns) or {}).get("spec", {}).get("evaluation"),
+                         120, "the Rollout")
+    assert evaluated["evaluatorImageID"] == ecs["imageID"] and evaluated["meanReturn"] == measured["meanReturn"]
+    assert evaluated["trusted"] is True and evaluated["reportedMeanReturn"] == run["metrics"]["meanReturn"]
+    print(f"cartpole-1 measured by the operator in {ecs['imageID']}: mean return {measured['meanReturn']} "
+          f"(the trainer reported {run['metrics']['meanReturn']})")
+
     # approval: the API server calls the webhook through the Service; it records who approved
     STATE["approve"] = approve(c, ns, "cartpole-1")
     ro = c.get("rollout", "cartpole-1", "-n", ns)["metadata"]["annotations"]
-    assert ro["rlops.dev/approved-by"] == "kwok-admin" and ro["rlops.dev/approval-signature"].startswith("v1:")
+    assert ro["rlops.dev/approved-by"] == "kwok-admin" and ro["rlops.dev/approval-signature"].startswith("v2:")
     wait_phase(c, "rollout", "cartpole-1", ns, ("Promoted",), 300)
     serve = f"http://{rlops['ray']}:8000/{ns}/cartpole"
     answer = wait_for(lambda: answered(serve), 120, "the policy answering on Ray Serve in the cluster")
@@ -256,7 +277,9 @@ def test_two_replicas_one_works_and_the_standby_takes_over_from_a_sigkill(real_c
     takeover = time.monotonic() - t_kill
     st = wait_phase(c, "trainingrun", "failover-1", ns, ("Succeeded",), 600)
     jobs = c.get("jobs", "-n", ns, "-l", f"{m.RUN_LABEL}=failover-1")["items"]
-    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
+    # one trainer Job, and the operator's one evaluation Job
+    assert sorted(j["metadata"]["labels"].get(m.EVALUATION_LABEL, "trainer") for j in jobs) == ["trainer", "true"], \
+        [j["metadata"]["name"] for j in jobs]
     wait_phase(c, "rollout", "failover-1", ns, ("AwaitingApproval",), 120)
     rollouts = [r for r in c.get("rollouts", "-n", ns)["items"] if r["spec"]["agentRef"]["name"] == "failover"]
     assert len(rollouts) == 1

@@ -36,9 +36,24 @@ def test_cartpole_trains_to_475_and_survives_an_operator_sigkill(cluster, operat
     run = cluster.get("trainingrun", "cartpole-1", "-n", namespace)
     status = run["status"]
     assert status["phase"] == "Succeeded", f"{status}\n--- operator log ---\n{operator.log()[-3000:]}"
-    assert len(cluster.get("jobs", "-n", namespace)["items"]) == 1
+    # then the operator measures the artifact itself, in an evaluation Job of its own
+    run = wait_for(lambda: (r := cluster.get("trainingrun", "cartpole-1", "-n", namespace))["status"]
+                   .get("evaluation", {}).get("phase") in ("Succeeded", "Failed") and r, 300, "the operator's evaluation")
+    status = run["status"]
+    measured = status["evaluation"]
+    assert measured["phase"] == "Succeeded", f"{measured}\n--- operator log ---\n{operator.log()[-3000:]}"
+    jobs = {j["metadata"]["name"]: j for j in cluster.get("jobs", "-n", namespace)["items"]}
+    assert set(jobs) == {"cartpole-1", measured["jobName"]} and measured["jobName"] == f"rlops-eval-{run['metadata']['uid']}"
     assert len(cluster.get("trainingruns", "-n", namespace)["items"]) == 1
-    assert len(cluster.get("pods", "-n", namespace, "-l", "rlops.dev/training-run=cartpole-1")["items"]) == 1
+    pods = cluster.get("pods", "-n", namespace, "-l", "rlops.dev/training-run=cartpole-1")["items"]
+    assert sorted(p["metadata"]["labels"].get("rlops.dev/evaluation", "trainer") for p in pods) == ["trainer", "true"]
+    # measured on the run's environment, from a seed the operator drew, on the bytes the trainer wrote
+    assert measured["fingerprint"] == status["fingerprint"] and measured["episodes"] == 20 and measured["trusted"]
+    # other episodes than the trainer's own: a policy that reached 475 there scores near it here
+    assert measured["meanReturn"] >= 400 and measured["randomMeanReturn"] < 50 and measured["signature"].startswith("v1:")
+    assert measured["seed"] not in (None, 1)  # not the trainer's seed (spec.training.seed: 1)
+    evaluator = jobs[measured["jobName"]]["spec"]["template"]["spec"]["containers"][0]
+    assert evaluator["command"][-1] == "rl_engine.evaluate" and measured["image"] == evaluator["image"]
 
     # CartPole-v1 is solved at a mean return of 475 (its spec's reward_threshold).
     assert status["metrics"]["meanReturn"] >= 475
@@ -57,7 +72,7 @@ def test_cartpole_trains_to_475_and_survives_an_operator_sigkill(cluster, operat
                      and cluster.get("rlagent", "cartpole", "-n", namespace), 60, "agent Trained")
     st = agent["status"]
     assert st["latestRun"] == "cartpole-1" and st["observedGeneration"] == 1
-    assert st["latestMeanReturn"] == status["metrics"]["meanReturn"]
+    assert st["latestMeanReturn"] == measured["meanReturn"]  # the operator's figure, not the trainer's
     assert st["latestFingerprint"] == status["fingerprint"]
 
     reasons = {(e["involvedObject"]["kind"], e["reason"]) for e in cluster.get("events", "-n", namespace)["items"]}
@@ -66,6 +81,7 @@ def test_cartpole_trains_to_475_and_survives_an_operator_sigkill(cluster, operat
     conditions = {c["type"]: c for c in run["status"]["conditions"]}
     assert conditions["Complete"]["status"] == "True" and conditions["Complete"]["reason"] == "TrainingSucceeded"
     assert conditions["Running"]["status"] == "False" and conditions["Running"]["reason"] == "Completed"
+    assert conditions["Evaluated"]["status"] == "True" and conditions["ReportedMatchesMeasured"]["status"] == "True"
 
     table = cluster.kubectl("get", "rla,trun", "-n", namespace).stdout
     for header in ("PHASE", "LATEST RUN", "MEAN RETURN", "AGENT", "AGE"):

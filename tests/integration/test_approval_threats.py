@@ -211,7 +211,7 @@ def test_approver_succeeds_with_identity_recorded_and_signed(cluster, tenant, st
     proc = annotate(cluster, tenant, BOB, f"rlops.dev/approve={FP}", "rlops.dev/approve-notes=reviewed")
     assert proc.returncode == 0, proc.stderr
     ann = cluster.get("rollout", "gate-7", "-n", tenant)["metadata"]["annotations"]
-    assert ann["rlops.dev/approved-by"] == BOB and ann["rlops.dev/approval-signature"].startswith("v1:")
+    assert ann["rlops.dev/approved-by"] == BOB and ann["rlops.dev/approval-signature"].startswith("v2:")
     status = wait_for(lambda: rollout_status(cluster, tenant, "gate-7").get("approval")
                       and rollout_status(cluster, tenant, "gate-7"), 60, "status.approval")
     assert status["approval"]["approvedBy"] == BOB and status["approval"]["fingerprint"] == FP

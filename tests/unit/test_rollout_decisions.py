@@ -20,13 +20,20 @@ OLD_FP = "sha256:" + "a" * 64
 STABLE = m.ActiveModel(version="cp-1", fingerprint=OLD_FP, artifact_uri="file:///a/cp-1", mean_return=480.0)
 
 
-def make_rollout(annotations=None, status=None, mean=500.0):
+#: The operator's signature of the Rollout's measured evaluation (checked by ``trust.rollout_untrusted``,
+#: not by these decisions; an approval's signature covers it).
+EVAL_SIG = "v1:" + "e" * 64
+
+
+def make_rollout(annotations=None, status=None, mean=500.0, trusted=True, measured=True):
+    evaluation = m.EvaluationSummary(mean_return=mean, trusted=trusted, signature=EVAL_SIG) if measured else \
+        m.EvaluationSummary(mean_return=mean)  # a Rollout made from the trainer's figures (before measuring)
     return {
         "metadata": {"name": "cp-2", "namespace": "ml", "uid": UID, "generation": 1,
                      "annotations": annotations or {}},
         "spec": m.RolloutSpec(agent_ref=m.ObjectRef(name="cp"), training_run_ref=m.ObjectRef(name="cp-2"),
                               version="cp-2", artifact_uri="file:///a/cp-2", fingerprint=FP,
-                              evaluation=m.EvaluationSummary(mean_return=mean)).wire(),
+                              evaluation=evaluation).wire(),
         "status": status or {},
     }
 
@@ -42,7 +49,7 @@ KEY = b"k" * 32
 def signed(by="alice", at="2026-11-22T12:00:00Z", fp=FP, uid=UID, key=KEY):
     """Annotations as the admission webhook records an approval by ``by``."""
     return {r.APPROVE: fp, r.APPROVED_BY: by, r.APPROVED_AT: at,
-            r.APPROVAL_SIGNATURE: trust.signature(key, "ml", "cp-2", uid, fp, by, at)}
+            r.APPROVAL_SIGNATURE: trust.signature(key, "ml", "cp-2", uid, fp, by, at, EVAL_SIG)}
 
 
 APPROVED = signed()
@@ -305,6 +312,31 @@ def test_auto_approval_policy(auto, mean, approved):
         assert st.phase == "AwaitingApproval" and "auto-approval refused" in st.message
 
 
+def test_auto_approval_trusts_only_the_operators_own_measurement():
+    """Auto-approval compares the operator's measured figures with its thresholds: a Rollout with
+    the trainer's figures only waits for a person, and so does one whose evaluation ran the
+    tenant's code, unless the policy (written with the approve verb) allows that."""
+    policy = {"mode": "auto", "auto": {"minMeanReturn": 100}}
+    st, _ = World(spec=agent_spec(approval=policy)).step(make_rollout(measured=False))
+    assert st.approval is None and "no evaluation measured by the operator" in st.message
+    st, _ = World(spec=agent_spec(approval=policy)).step(make_rollout(trusted=False))
+    assert st.approval is None and "trusted: false" in st.message and "allowUntrustedEvaluation" in st.message
+    allowing = {"mode": "auto", "auto": {"minMeanReturn": 100, "allowUntrustedEvaluation": True}}
+    st, _ = World(spec=agent_spec(approval=allowing)).step(make_rollout(trusted=False))
+    assert st.approval is not None and st.approval.policy == "auto"
+
+
+def test_an_approval_signature_covers_the_evaluation_it_was_given():
+    """The webhook signs the approval together with the signature of the evaluation the
+    approver saw: the same approval over another evaluation does not hold."""
+    assert review({}, {r.APPROVE: FP}, "alice", target=approvals.Target("ml", "cp-2", UID, FP, evidence=EVAL_SIG)
+                  ).annotations[r.APPROVAL_SIGNATURE] == signed()[r.APPROVAL_SIGNATURE]
+    other = make_rollout(signed())
+    other["spec"]["evaluation"]["signature"] = "v1:" + "f" * 64
+    st, _ = World().step(other)
+    assert st.approval is None and "no valid" in st.message
+
+
 SPEC = m.AnalysisSpec()
 
 
@@ -454,7 +486,7 @@ def test_reward_range_default_and_rule():
         m.RewardRange.model_validate({"min": float("-inf")})
 
 
-TARGET = approvals.Target(namespace="ml", name="cp-2", uid=UID, fingerprint=FP)
+TARGET = approvals.Target(namespace="ml", name="cp-2", uid=UID, fingerprint=FP, evidence=EVAL_SIG)
 
 
 def review(old, new, user, target=TARGET, key=KEY, impersonator=None):
@@ -501,7 +533,7 @@ def test_service_account_approvals_need_the_policy_to_name_them():
     refused = review({}, {r.APPROVE: FP}, robot)
     assert "is a ServiceAccount" in refused.error and "allowedServiceAccounts" in refused.error
     allowed = review({}, {r.APPROVE: FP}, robot,
-                     target=approvals.Target("ml", "cp-2", UID, FP, allowed_service_accounts=(robot,)))
+                     target=approvals.Target("ml", "cp-2", UID, FP, allowed_service_accounts=(robot,), evidence=EVAL_SIG))
     assert allowed.error is None and allowed.annotations[r.APPROVED_BY] == robot
     # the operator re-checks on reconcile: a signed approval by an unlisted ServiceAccount does not count
     st, acts = World().step(make_rollout(signed(by=robot)))

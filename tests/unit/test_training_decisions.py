@@ -183,10 +183,19 @@ def test_observe_agent_tracks_latest_generation():
     new["status"] = {"phase": "Succeeded", "metrics": {"meanReturn": 480.0}, "fingerprint": FP,
                      "artifactURI": "file:///a/cartpole-2"}
     status, events = training.observe_agent(a, [old, new], AT)
-    assert status.phase == "Trained"
+    # the trainer's own figure is not the agent's: the operator measures the artifact first
+    assert status.phase == "Evaluating" and status.latest_mean_return is None and events == []
+    new["status"]["evaluation"] = {"phase": "Succeeded", "meanReturn": 471.5, "episodes": 20}
+    status, events = training.observe_agent(a, [old, new], AT)
+    assert status.phase == "Trained" and status.latest_mean_return == 471.5
     assert [(e.type, e.reason, e.message) for e in events] == [
-        ("Normal", "AgentTrained", f"latest TrainingRun cartpole-2 Succeeded: mean evaluation return 480.0, "
-                                   f"artifact file:///a/cartpole-2, fingerprint {FP}")]
+        ("Normal", "AgentTrained", f"latest TrainingRun cartpole-2 Succeeded: mean evaluation return 471.5 measured "
+                                   f"by the operator (the trainer reported 480.0), artifact file:///a/cartpole-2, "
+                                   f"fingerprint {FP}")]
+    new["status"]["evaluation"] = {"phase": "Failed", "reason": "FingerprintMismatch", "message": "other bytes"}
+    status, events = training.observe_agent({**a, "status": {}}, [old, new], AT)
+    assert status.phase == "Failed" and [e.reason for e in events] == ["AgentFailed"]
+    assert "EvaluationFingerprintMismatch" in events[0].message
 
 
 @pytest.mark.parametrize("bad", [{"environment": {}}, {"environment": {"id": "X"}, "algorithm": {"name": "A2C"}},

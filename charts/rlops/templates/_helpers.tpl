@@ -42,6 +42,16 @@ http://{{ .Values.ray.kuberay.name }}-head-svc.{{ include "rlops.rayNamespace" .
 {{- end -}}
 {{- end -}}
 
+{{/* The image of the operator's evaluation Jobs: by digest when evaluation.image.digest is set. */}}
+{{- define "rlops.evaluatorImage" -}}
+{{- $image := .Values.evaluation.image -}}
+{{- if $image.digest -}}
+{{ $image.repository }}@{{ $image.digest }}
+{{- else -}}
+{{ $image.repository }}:{{ $image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
+
 {{- define "rlops.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
