@@ -12,8 +12,9 @@ annotations (:data:`REVIEWED`) is added, changed or removed. Status writes, spec
 other annotations never reach the webhook; the ``rollouts/status`` subresource is not in its
 rules at all.
 
-The review itself is :func:`rl_operator.approvals.review` (plus a SubjectAccessReview), called
-through the ``review`` callable given to :class:`AdmissionServer`.
+The review itself is :func:`decide`: the pure rule :func:`rl_operator.approvals.review`, plus a
+SubjectAccessReview and, for a ServiceAccount's decision, the agent's allowed ServiceAccounts,
+through the Kubernetes adapter; the operator hands it to :class:`AdmissionServer`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
+from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 
-from rl_operator import approvals, metrics, rollout
+from rl_operator import approvals, kube, metrics
 from rl_operator import models as m
 
 log = logging.getLogger(__name__)
@@ -221,3 +223,49 @@ class AdmissionServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- the review
+
+
+def decide(request: dict[str, Any], key: bytes | None) -> dict[str, str | None]:
+    """The approval webhook's review of one Rollout CREATE or UPDATE (an AdmissionReview's
+    ``request``): approvals name the artifact's fingerprint and come from users with the
+    ``approve`` verb. Returns the annotations to record (None removes one); raises
+    :class:`Denied` (400 malformed or mismatched, 403 no RBAC verb). ``key``: the operator's
+    signing key (None: not loaded yet; every approval is refused).
+
+    Failing closed, and registered while the operator is down (the configuration stays): no
+    approval can bypass this check. It records (and signs) the approver; the
+    ValidatingAdmissionPolicies in ``manifests/base/admission-policies.yaml`` hold the verbs even
+    without it.
+    """
+    body = request.get("object") or {}
+    old = request.get("oldObject")
+    userinfo = request.get("userInfo") or {}
+    namespace = request.get("namespace") or body.get("metadata", {}).get("namespace", "")
+    name = request.get("name") or body.get("metadata", {}).get("name", "")
+    old_ann = dict(old.get("metadata", {}).get("annotations") or {}) if old else None
+    new_ann = dict(body.get("metadata", {}).get("annotations") or {})
+    allowed_sas: tuple[str, ...] = ()
+    # the agent's allowedServiceAccounts matter for a ServiceAccount's decision only: read fresh
+    # from the API server (never the cache), and only then
+    if approvals.decisions(old_ann, new_ann) and str(userinfo.get("username", "")).startswith(m.SERVICE_ACCOUNT_PREFIX):
+        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, body["spec"]["agentRef"]["name"])
+        if agent is not None:
+            allowed_sas = tuple(m.RLAgentSpec.model_validate(agent["spec"]).approval.allowed_service_accounts)
+    target = approvals.Target(namespace=namespace, name=name, uid=body.get("metadata", {}).get("uid", ""),
+                              fingerprint=body.get("spec", {}).get("fingerprint", ""), allowed_service_accounts=allowed_sas,
+                              evidence=(body.get("spec", {}).get("evaluation") or {}).get("signature") or "")
+    who = approvals.Requester(user=userinfo.get("username", ""), impersonator=approvals.impersonator(userinfo))
+    verdict = approvals.review(old_ann, new_ann, target, who, datetime.now(timezone.utc), key)
+    if verdict.error:
+        raise Denied(verdict.error, code=400)
+    if verdict.permission:
+        allowed, why = kube.subject_access_review(approvals.sar_body(userinfo, namespace, name, verdict.permission))
+        if not allowed:
+            raise Denied(
+                f"user {userinfo.get('username')!r} may not {verdict.permission} rollouts.rlops.dev in namespace "
+                f"{namespace!r}: setting {', '.join(approvals.decisions(old_ann, new_ann))} needs the RBAC verb "
+                f"'{verdict.permission}' (e.g. ClusterRole rlops-approver){': ' + why if why else ''}", code=403)
+    return dict(verdict.annotations)

@@ -14,7 +14,7 @@ Order of operations for training (one place):
    agent's ``activeModel``, the Rollout's status and Events.
 6. Alertmanager -> the receiver -> ``on_alert`` -> ``abort_agent_rollout`` (weight 0 at once).
 
-Admission: ``decide_approval`` reviews approval annotations on Rollouts (``approvals.review``
+Admission: ``admission.decide`` reviews approval annotations on Rollouts (``approvals.review``
 plus a SubjectAccessReview), served over HTTPS by ``rl_operator.admission`` in a thread of its
 own (reconcile load cannot starve it), failing closed, and called by the API server only when
 an approval annotation changes (a CEL matchCondition).
@@ -169,7 +169,7 @@ def _start_admission() -> None:
         names = [f"{service[1]}.{service[0]}.svc", f"{service[1]}.{service[0]}.svc.cluster.local"]
     files = _webhook_certs(names)
     server = admission.AdmissionServer(SETTINGS.webhook_addr or "", SETTINGS.webhook_port, str(files.cert),
-                                       str(files.key), decide_approval)
+                                       str(files.key), lambda request: admission.decide(request, _KEY["value"]))
     server.start()
     _ADMISSION["server"] = server
     if SETTINGS.shard and kube.delete_webhook_configuration(admission.CONFIGURATION):
@@ -914,7 +914,7 @@ def rollout_ticks(status: dict[str, Any] | None, annotations: dict[str, str] | N
     phase = (status or {}).get("phase")
     if phase in rollout.TERMINAL:
         return False
-    return phase not in WAITING or (phase == "AwaitingApproval" and rollout.APPROVED_BY in (annotations or {}))
+    return phase not in WAITING or (phase == "AwaitingApproval" and approvals.APPROVED_BY in (annotations or {}))
 
 
 @kopf.on.resume(m.GROUP, m.VERSION, m.Rollout.PLURAL)
@@ -1011,7 +1011,7 @@ def reconcile_rollout(namespace: str, name: str) -> None:
                                blocking_rollout=blocking, newer_rollout=newer, approval_key=_KEY["value"],
                                untrusted=untrusted, frozen=KILL_SWITCH["reason"])
         entries: dict[str, Any] = {}
-        if rollout.approval_given(status, obs.annotations, agent_spec) and agent_spec.serving.enabled and not blocking and (not untrusted or status.phase in rollout.ACTIVE):
+        if approvals.approval_given(status, obs.annotations, agent_spec) and agent_spec.serving.enabled and not blocking and (not untrusted or status.phase in rollout.ACTIVE):
             try:
                 serving = _serving(namespace, agent_name)
                 obs.serving_versions, obs.serving_weights, obs.app_status = serving.versions, serving.weights, serving.status
@@ -1197,14 +1197,14 @@ def record_impersonation(record: audit.ImpersonatedApproval) -> bool:
         if ro is None:
             return False
         ann = ro["metadata"].get("annotations") or {}
-        if not audit.matches(record, ann, rollout.APPROVED_BY, rollout.APPROVED_AT):
+        if not audit.matches(record, ann, approvals.APPROVED_BY, approvals.APPROVED_AT):
             log.info("audit %s: %s/%s approval by %s (as %s) is no longer the recorded one", record.audit_id,
                      record.namespace, record.name, record.user, record.impersonated)
             return False
         via = f"impersonated by {record.user}"
-        if ann.get(rollout.APPROVED_VIA) == via:
+        if ann.get(approvals.APPROVED_VIA) == via:
             return False
-        cache.patch_custom(record.namespace, m.Rollout.PLURAL, record.name, {"metadata": {"annotations": {rollout.APPROVED_VIA: via}}})
+        cache.patch_custom(record.namespace, m.Rollout.PLURAL, record.name, {"metadata": {"annotations": {approvals.APPROVED_VIA: via}}})
         _post(ro, [training.Event("Warning", "ApprovedWithImpersonation",
                                   f"{record.user} approved as {record.impersonated} (impersonation, audit ID "
                                   f"{record.audit_id})")])
@@ -1269,48 +1269,3 @@ def on_rollout_deleted(namespace: str, name: str, **_: Any) -> None:
             raise kopf.TemporaryError(f"cannot take the canary of {namespace}/{name} off traffic: {exc}", delay=5)
         _post(ro, acts.events)
         log.warning("Rollout %s/%s deleted mid-canary: canary weight 0", namespace, name)
-
-
-# ----------------------------------------------------------------------------- admission
-
-
-def decide_approval(request: dict[str, Any]) -> dict[str, str | None]:
-    """The approval webhook's review of one Rollout CREATE or UPDATE (an AdmissionReview's
-    ``request``): approvals name the artifact's fingerprint and come from users with the
-    ``approve`` verb. Returns the annotations to record (None removes one); raises
-    ``admission.Denied`` (400 malformed or mismatched, 403 no RBAC verb).
-
-    Failing closed, and registered while the operator is down (the configuration stays): no
-    approval can bypass this check. It records (and signs) the approver; the
-    ValidatingAdmissionPolicies in ``manifests/base/admission-policies.yaml`` hold the verbs even
-    without it.
-    """
-    body = request.get("object") or {}
-    old = request.get("oldObject")
-    userinfo = request.get("userInfo") or {}
-    namespace = request.get("namespace") or body.get("metadata", {}).get("namespace", "")
-    name = request.get("name") or body.get("metadata", {}).get("name", "")
-    old_ann = dict(old.get("metadata", {}).get("annotations") or {}) if old else None
-    new_ann = dict(body.get("metadata", {}).get("annotations") or {})
-    allowed_sas: tuple[str, ...] = ()
-    # the agent's allowedServiceAccounts matter for a ServiceAccount's decision only: read fresh
-    # from the API server (never the cache), and only then
-    if approvals.decisions(old_ann, new_ann) and str(userinfo.get("username", "")).startswith(m.SERVICE_ACCOUNT_PREFIX):
-        agent = kube.get_custom(namespace, m.RLAgent.PLURAL, body["spec"]["agentRef"]["name"])
-        if agent is not None:
-            allowed_sas = tuple(m.RLAgentSpec.model_validate(agent["spec"]).approval.allowed_service_accounts)
-    target = approvals.Target(namespace=namespace, name=name, uid=body.get("metadata", {}).get("uid", ""),
-                              fingerprint=body.get("spec", {}).get("fingerprint", ""), allowed_service_accounts=allowed_sas,
-                              evidence=(body.get("spec", {}).get("evaluation") or {}).get("signature") or "")
-    who = approvals.Requester(user=userinfo.get("username", ""), impersonator=approvals.impersonator(userinfo))
-    verdict = approvals.review(old_ann, new_ann, target, who, training.now(), _KEY["value"])
-    if verdict.error:
-        raise admission.Denied(verdict.error, code=400)
-    if verdict.permission:
-        allowed, why = kube.subject_access_review(approvals.sar_body(userinfo, namespace, name, verdict.permission))
-        if not allowed:
-            raise admission.Denied(
-                f"user {userinfo.get('username')!r} may not {verdict.permission} rollouts.rlops.dev in namespace "
-                f"{namespace!r}: setting {', '.join(approvals.decisions(old_ann, new_ann))} needs the RBAC verb "
-                f"'{verdict.permission}' (e.g. ClusterRole rlops-approver){': ' + why if why else ''}", code=403)
-    return dict(verdict.annotations)

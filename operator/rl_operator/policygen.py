@@ -46,13 +46,13 @@ import yaml
 from pydantic import BaseModel
 
 from rl_operator import models as m
+from rl_operator.approvals import APPROVAL_SIGNATURE, APPROVE, APPROVE_VERB, APPROVED_AT, APPROVED_BY, APPROVED_VIA, \
+    PROMOTE, REJECT
 
-APPROVE_VERB = "approve"
 APPROVER_ROLE = "rlops-approver"
-ANN = f"{m.GROUP}/"
-APPROVE, REJECT, PROMOTE = ANN + "approve", ANN + "reject", ANN + "promote"
-RECORDED = (ANN + "approved-by", ANN + "approved-at", ANN + "approval-signature")
-VIA = ANN + "approved-via"
+#: What the webhook records, less ``approved-via`` (which the operator also writes, from the audit log).
+RECORDED = (APPROVED_BY, APPROVED_AT, APPROVAL_SIGNATURE)
+VIA = APPROVED_VIA
 
 
 def _lit(value: Any) -> str:

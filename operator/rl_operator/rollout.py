@@ -26,19 +26,11 @@ from typing import Any
 from rl_engine.serving.contract import BASELINE_KEY, BREAKER_KEY, SHADOW_KEY
 
 from rl_operator import models as m
+from rl_operator.approvals import APPROVE, APPROVED_BY, APPROVED_VIA, PROMOTE, REJECT, auto_approval, manual_approval
 from rl_operator.conditions import set_condition
 from rl_operator.evaluation import rollout_evaluation
 from rl_operator.training import Event, owner_reference
-from rl_operator.trust import service_account_refusal, signature_valid
 
-APPROVE = f"{m.GROUP}/approve"
-APPROVED_BY = f"{m.GROUP}/approved-by"
-APPROVED_AT = f"{m.GROUP}/approved-at"
-APPROVE_NOTES = f"{m.GROUP}/approve-notes"
-APPROVED_VIA = f"{m.GROUP}/approved-via"
-APPROVAL_SIGNATURE = f"{m.GROUP}/approval-signature"
-REJECT = f"{m.GROUP}/reject"
-PROMOTE = f"{m.GROUP}/promote"
 ABORT = f"{m.GROUP}/abort"
 
 #: ``Ignored``: the Rollout is not in the operator's owner chain (``trust.rollout_untrusted``).
@@ -93,97 +85,6 @@ def desired_rollout(run: dict[str, Any]) -> dict[str, Any]:
         },
         "spec": spec.wire(),
     }
-
-
-# ----------------------------------------------------------------------------- approval
-
-
-def check_manual_approval(annotations: dict[str, str], fingerprint: str) -> str | None:
-    """Why a manual approval annotation is not acceptable for this artifact, or None if it is."""
-    value = annotations.get(APPROVE)
-    if value is None:
-        return None
-    if value != fingerprint:
-        return (f"{APPROVE}={value!r} does not name this rollout's artifact: its fingerprint is {fingerprint} "
-                "(a stale or wrong fingerprint: the artifact you reviewed is not the one that would ship)")
-    return None
-
-
-def manual_approval(rollout: dict[str, Any], key: bytes | None,
-                    allowed_service_accounts: list[str]) -> tuple[m.Approval | None, str | None]:
-    """The approval the admission webhook recorded on this Rollout, if it still holds.
-
-    It holds when ``approve`` names the Rollout's fingerprint, and ``approved-by``/``approved-at``
-    carry the webhook's signature for exactly this Rollout (namespace, name, uid), fingerprint,
-    approver and time, and the approver is not a ServiceAccount that the agent's policy leaves out.
-
-    Returns:
-        ``(approval, None)``; or ``(None, why)`` when annotations claim an approval that does not
-        hold; or ``(None, None)`` when there is no approval.
-    """
-    ann = rollout["metadata"].get("annotations") or {}
-    meta = rollout["metadata"]
-    fingerprint = rollout["spec"]["fingerprint"]
-    if APPROVE not in ann and APPROVED_BY not in ann:
-        return None, None
-    if ann.get(APPROVE) != fingerprint:
-        return None, check_manual_approval(ann, fingerprint) or f"{APPROVED_BY} without {APPROVE}"
-    by, at = ann.get(APPROVED_BY), ann.get(APPROVED_AT)
-    if not by or not at:
-        return None, (f"{APPROVE} is set but not recorded by the rlops admission webhook (no {APPROVED_BY}): "
-                      "is the webhook registered? Annotation approvals count only through it")
-    evidence = (rollout["spec"].get("evaluation") or {}).get("signature") or ""
-    if not signature_valid(key, ann.get(APPROVAL_SIGNATURE), meta["namespace"], meta["name"], meta["uid"],
-                           fingerprint, by, at, evidence):
-        return None, (f"the approval by {by!r} has no valid {APPROVAL_SIGNATURE}: it was not recorded by the "
-                      "rlops admission webhook for this Rollout, so it does not count")
-    refused = service_account_refusal(by, allowed_service_accounts)
-    if refused:
-        return None, refused
-    return m.Approval(
-        approved_by=by,
-        approved_at=at,
-        fingerprint=fingerprint,
-        policy="manual",
-        notes=ann.get(APPROVE_NOTES),
-        via=ann.get(APPROVED_VIA),
-    ), None
-
-
-def auto_approval(
-    spec: m.RolloutSpec, policy: m.ApprovalPolicy, stable: m.ActiveModel | None, at: datetime
-) -> tuple[m.Approval | None, str]:
-    """Apply the agent's auto-approval thresholds (seed 000) to the operator's measured evaluation:
-    a Rollout without one, or with one that ran the tenant's code (``trusted: false``, unless the
-    policy allows it), waits for a person. Returns ``(approval or None, why)``."""
-    if policy.mode != "auto":
-        return None, "approval policy is manual"
-    mean = spec.evaluation.mean_return
-    auto = policy.auto
-    failures: list[str] = []
-    if spec.evaluation.signature is None:
-        failures.append("no evaluation measured by the operator (the trainer's own figures do not count)")
-    elif spec.evaluation.trusted is not True and not auto.allow_untrusted_evaluation:
-        failures.append("the evaluation ran in the tenant's own image (trusted: false) and "
-                        "spec.approval.auto.allowUntrustedEvaluation is not set")
-    if mean is None:
-        failures.append("no mean evaluation return")
-    else:
-        if auto.min_mean_return is not None and mean < auto.min_mean_return:
-            failures.append(f"mean return {mean} < minMeanReturn {auto.min_mean_return}")
-        base = stable.mean_return if stable else None
-        if base is not None:
-            if auto.min_improvement_over_stable is not None and mean - base < auto.min_improvement_over_stable:
-                failures.append(f"improvement over stable {mean - base:+g} < {auto.min_improvement_over_stable}")
-            if auto.min_relative_improvement_over_stable is not None:
-                rel = (mean - base) / abs(base) if base else float("inf") if mean > base else 0.0
-                if rel < auto.min_relative_improvement_over_stable:
-                    failures.append(f"relative improvement {rel:+.3f} < {auto.min_relative_improvement_over_stable}")
-    if failures:
-        return None, "auto-approval refused: " + "; ".join(failures)
-    notes = f"mean return {mean}" + (f", stable {stable.mean_return}" if stable else ", no stable version")
-    return m.Approval(approved_by="rlops:auto-approval", approved_at=at, fingerprint=spec.fingerprint,
-                      policy="auto", notes=notes), notes
 
 
 # ----------------------------------------------------------------------------- analysis verdict
@@ -506,16 +407,6 @@ class Actions:
     events: list[Event] = field(default_factory=list)
     #: The router's ``user_config`` besides the weights, for ``set_weights`` and ``deploy``.
     router_extras: dict[str, Any] = field(default_factory=dict)
-
-
-def approval_given(status: m.RolloutStatus, annotations: dict[str, str], agent_spec: m.RLAgentSpec) -> bool:
-    """Whether the Rollout may move traffic, as far as its approval goes: an approval already
-    recorded in its status, one the webhook recorded on it (:func:`reconcile` still checks its
-    signature and fingerprint), or an agent whose policy approves automatically; or a shadow
-    (observe mode), which uses Serve before approval. The handler reads Serve only then: a
-    Rollout that waits for approval needs nothing from Ray."""
-    return (status.approval is not None or bool(annotations.get(APPROVED_BY)) or agent_spec.approval.mode == "auto"
-            or agent_spec.mode == "observe" or status.shadow is not None)
 
 
 def analysis_window(status: m.RolloutStatus, agent_spec: m.RLAgentSpec, now: datetime) -> int | None:

@@ -1,4 +1,4 @@
-"""What the operator trusts: its own owner chain, its own pods, and approvals it recorded. Pure.
+"""What the operator trusts: its own owner chain, its own pods, and its own evaluations. Pure.
 
 A tenant with ``edit`` can create pods and Jobs, label anything, and patch the metadata of
 Rollouts and TrainingRuns (their specs are immutable, and only the operator creates them). So
@@ -16,8 +16,9 @@ label or name alone:
   command, arguments, environment, mounts), so that a hand-made pod adopted by the Job can't
   speak for the trainer.
 
-Approvals by annotation count only with the signature that the admission webhook wrote
-(``approvals.sign``), so a hand-written ``approved-by`` is never honoured.
+The evaluation a Rollout carries counts only with the operator's signature of its run's measured
+evaluation (:func:`evaluation_signature`). The approval rule itself, with its signature, lives in
+``rl_operator.approvals``.
 """
 
 from __future__ import annotations
@@ -149,45 +150,6 @@ def pod_untrusted(pod: dict[str, Any], job: dict[str, Any], container_name: str)
     if _volumes(have) != _volumes(want):
         return f"pod {pod['metadata']['name']}: volumes differ from the Job's"
     return None
-
-
-# ----------------------------------------------------------------------------- approvals
-
-def service_account_refusal(user: str, allowed: tuple[str, ...] | list[str], action: str = "approvals") -> str | None:
-    """Why ``action`` (approvals, rejections, promotions) by ``user`` is refused under
-    separation of duties, or None.
-
-    A ServiceAccount approves, rejects or promotes only when the agent's
-    ``spec.approval.allowedServiceAccounts`` names it: a workload must not decide on a person's
-    behalf, and anyone who can create Secrets or pods in its namespace can act as it.
-    """
-    if user.startswith(m.SERVICE_ACCOUNT_PREFIX) and user not in allowed:
-        return (f"{user} is a ServiceAccount; {action} by ServiceAccounts count only when the agent's "
-                "spec.approval.allowedServiceAccounts names them")
-    return None
-
-
-def signature(key: bytes, namespace: str, name: str, uid: str, fingerprint: str, approved_by: str,
-              approved_at: str, evidence: str = "") -> str:
-    """The approval signature the admission webhook records: ``v2:`` + hex HMAC-SHA256.
-
-    Covers the Rollout's namespace, name and uid (so it can't be copied to another Rollout or to a
-    re-created one of the same name), the approved fingerprint, the approver and the time, and
-    ``evidence``: the signature of the evaluation the approver was shown (the Rollout's
-    ``spec.evaluation.signature``, :func:`evaluation_signature`), so that an approval names the
-    figures it was given.
-    """
-    payload = "\n".join(("rlops-approval-v2", namespace, name, uid, fingerprint, approved_by, approved_at, evidence))
-    return "v2:" + hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()
-
-
-def signature_valid(key: bytes | None, value: str | None, namespace: str, name: str, uid: str, fingerprint: str,
-                    approved_by: str, approved_at: str, evidence: str = "") -> bool:
-    """Whether ``value`` is the webhook's signature for exactly this approval (constant-time)."""
-    if not key or not value:
-        return False
-    want = signature(key, namespace, name, uid, fingerprint, approved_by, approved_at, evidence)
-    return hmac.compare_digest(value.encode(), want.encode())
 
 
 def evidence(record: m.MeasuredEvaluation) -> dict[str, Any]:

@@ -335,7 +335,6 @@ def test_a_minted_approver_token_changes_no_promotion_policy(cluster, tenant):
 
 def test_a_minted_approver_token_decides_no_rollout(cluster, tenant, staged):
     """As the unlisted `ci`, with its verb: approve, reject and promote are all refused."""
-    ci = f"system:serviceaccount:{tenant}:ci"
     kubeconfig = minted_token(cluster, tenant, "ci")
     for pair in (f"rlops.dev/approve={FP}", "rlops.dev/reject=no", "rlops.dev/promote=full"):
         refused(with_token(cluster, kubeconfig, "annotate", "rollout", "gate-7", "-n", tenant, "--overwrite", pair),

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from rl_operator import alerts, audit, certs
-from rl_operator import rollout as r
+from rl_operator import approvals
 
 FP = "sha256:" + "a" * 64
 TOKEN = "audit-token"
@@ -25,7 +25,7 @@ def event(verb="patch", body=None, impersonated="bob", code=200, stage="Response
           "objectRef": {"apiGroup": group, "apiVersion": "v1alpha1", "resource": resource, "namespace": "ml",
                         "name": "cp-2"},
           "responseStatus": {"code": code}, "requestReceivedTimestamp": at,
-          "requestObject": {"metadata": {"annotations": {r.APPROVE: FP}}} if body is None else body}
+          "requestObject": {"metadata": {"annotations": {approvals.APPROVE: FP}}} if body is None else body}
     if subresource:
         ev["objectRef"]["subresource"] = subresource
     if impersonated:
@@ -40,8 +40,8 @@ def found(*events):
 def test_an_impersonated_approval_is_found_in_each_request_form():
     merge = event()
     json_patch = event(body=[{"op": "add", "path": "/metadata/annotations/rlops.dev~1approve", "value": FP}])
-    whole = event(verb="update", body={"metadata": {"name": "cp-2", "annotations": {r.APPROVE: FP, "x": "y"}}})
-    via_parent = event(body=[{"op": "replace", "path": "/metadata/annotations", "value": {r.APPROVE: FP}}])
+    whole = event(verb="update", body={"metadata": {"name": "cp-2", "annotations": {approvals.APPROVE: FP, "x": "y"}}})
+    via_parent = event(body=[{"op": "replace", "path": "/metadata/annotations", "value": {approvals.APPROVE: FP}}])
     (rec,) = found(merge)
     assert (rec.namespace, rec.name, rec.user, rec.impersonated) == ("ml", "cp-2", "alice", "bob")
     assert rec.at == datetime(2026, 12, 2, 12, 0, 0, 123456, tzinfo=timezone.utc) and rec.audit_id == "a-1"
@@ -56,8 +56,8 @@ def test_an_impersonated_approval_is_found_in_each_request_form():
     event(resource="rlagents"),
     event(group="argoproj.io"),
     event(subresource="status"),
-    event(body={"metadata": {"annotations": {r.REJECT: "no"}}}),  # not an approval
-    event(body={"metadata": {"annotations": {r.APPROVE: None}}}),  # removing one
+    event(body={"metadata": {"annotations": {approvals.REJECT: "no"}}}),  # not an approval
+    event(body={"metadata": {"annotations": {approvals.APPROVE: None}}}),  # removing one
     event(body=[{"op": "remove", "path": "/metadata/annotations/rlops.dev~1approve"}]),
     event(body=None) | {"requestObject": None},  # logged at level Metadata: no body to read
 ])
@@ -78,11 +78,11 @@ def test_a_body_that_is_not_an_event_list_is_described(raw, fragment):
 
 def test_the_record_must_be_the_rollouts_recorded_approval():
     (rec,) = found(event(at="2026-12-02T12:00:00Z"))
-    ann = {r.APPROVED_BY: "bob", r.APPROVED_AT: "2026-12-02T12:00:01Z"}
-    assert audit.matches(rec, ann, r.APPROVED_BY, r.APPROVED_AT)
-    assert not audit.matches(rec, {**ann, r.APPROVED_BY: "carol"}, r.APPROVED_BY, r.APPROVED_AT)
-    assert not audit.matches(rec, {**ann, r.APPROVED_AT: "2026-12-02T12:05:00Z"}, r.APPROVED_BY, r.APPROVED_AT)
-    assert not audit.matches(rec, {**ann, r.APPROVED_AT: "yesterday"}, r.APPROVED_BY, r.APPROVED_AT)
+    ann = {approvals.APPROVED_BY: "bob", approvals.APPROVED_AT: "2026-12-02T12:00:01Z"}
+    assert audit.matches(rec, ann, approvals.APPROVED_BY, approvals.APPROVED_AT)
+    assert not audit.matches(rec, {**ann, approvals.APPROVED_BY: "carol"}, approvals.APPROVED_BY, approvals.APPROVED_AT)
+    assert not audit.matches(rec, {**ann, approvals.APPROVED_AT: "2026-12-02T12:05:00Z"}, approvals.APPROVED_BY, approvals.APPROVED_AT)
+    assert not audit.matches(rec, {**ann, approvals.APPROVED_AT: "yesterday"}, approvals.APPROVED_BY, approvals.APPROVED_AT)
 
 
 async def _post_audit(body: bytes, token: str | None, configured: str | None = TOKEN, certs=None):

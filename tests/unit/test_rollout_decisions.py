@@ -12,7 +12,6 @@ import pytest
 from rl_operator import approvals
 from rl_operator import models as m
 from rl_operator import rollout as r
-from rl_operator import trust
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 FP = "sha256:" + "c" * 64
@@ -48,8 +47,8 @@ KEY = b"k" * 32
 
 def signed(by="alice", at="2026-11-22T12:00:00Z", fp=FP, uid=UID, key=KEY):
     """Annotations as the admission webhook records an approval by ``by``."""
-    return {r.APPROVE: fp, r.APPROVED_BY: by, r.APPROVED_AT: at,
-            r.APPROVAL_SIGNATURE: trust.signature(key, "ml", "cp-2", uid, fp, by, at, EVAL_SIG)}
+    return {approvals.APPROVE: fp, approvals.APPROVED_BY: by, approvals.APPROVED_AT: at,
+            approvals.APPROVAL_SIGNATURE: approvals.signature(key, "ml", "cp-2", uid, fp, by, at, EVAL_SIG)}
 
 
 APPROVED = signed()
@@ -102,12 +101,12 @@ def test_waits_for_approval_and_says_how():
     world = World()
     st, acts = world.step(make_rollout())
     assert st.phase == "AwaitingApproval"
-    assert f"{r.APPROVE}={FP}" in st.message
+    assert f"{approvals.APPROVE}={FP}" in st.message
     assert acts.deploy is None and acts.set_weights is None
 
 
 def test_stale_fingerprint_is_not_an_approval():
-    st, _ = World().step(make_rollout({r.APPROVE: OLD_FP, r.APPROVED_BY: "alice"}))
+    st, _ = World().step(make_rollout({approvals.APPROVE: OLD_FP, approvals.APPROVED_BY: "alice"}))
     assert st.phase == "AwaitingApproval" and "stale or wrong fingerprint" in st.message
 
 
@@ -140,8 +139,8 @@ def test_full_canary_to_promotion():
     st, _ = world.step(ro, analysis=OK)
     assert st.phase == "Paused" and "rlops.dev/promote" in st.message
 
-    st, acts = world.step(ro, annotations={**APPROVED, r.PROMOTE: "true"})
-    assert r.PROMOTE in acts.remove_annotations and r.PROMOTE not in ro["metadata"]["annotations"]
+    st, acts = world.step(ro, annotations={**APPROVED, approvals.PROMOTE: "true"})
+    assert approvals.PROMOTE in acts.remove_annotations and approvals.PROMOTE not in ro["metadata"]["annotations"]
     assert st.phase == "Promoting" and world.weights == {"cp-1": 0, "cp-2": 100}
     st, acts = world.step(ro)
     assert world.versions == {"cp-2": FP}  # the old version's deployment leaves after the traffic did
@@ -227,12 +226,12 @@ def test_restart_mid_step_changes_no_traffic():
 
 def test_serve_is_read_only_once_approval_is_given():
     spec, status = agent_spec(), m.RolloutStatus(phase="AwaitingApproval")
-    assert not r.approval_given(status, {}, spec)
-    assert r.approval_given(status, APPROVED, spec)  # reconcile still checks the signature
-    assert r.approval_given(status, {}, agent_spec(approval={"mode": "auto"}))
+    assert not approvals.approval_given(status, {}, spec)
+    assert approvals.approval_given(status, APPROVED, spec)  # reconcile still checks the signature
+    assert approvals.approval_given(status, {}, agent_spec(approval={"mode": "auto"}))
     approved = m.RolloutStatus(phase="Approved", approval=m.Approval(approved_by="alice", fingerprint=FP, policy="manual",
                                                                      approved_at=T0))
-    assert r.approval_given(approved, {}, spec)
+    assert approvals.approval_given(approved, {}, spec)
 
 
 @pytest.mark.parametrize(("status", "seconds_later", "window"), [
@@ -284,12 +283,12 @@ def test_promote_full_skips_to_100():
     ro = make_rollout(APPROVED)
     world.step(ro)
     world.step(ro)
-    st, _ = world.step(ro, annotations={**APPROVED, r.PROMOTE: "full"})
+    st, _ = world.step(ro, annotations={**APPROVED, approvals.PROMOTE: "full"})
     assert world.weights == {"cp-1": 0, "cp-2": 100} and st.phase == "Promoting"
 
 
 def test_reject_and_queue():
-    st, _ = World().step(make_rollout({r.REJECT: "reward hacking in eval"}))
+    st, _ = World().step(make_rollout({approvals.REJECT: "reward hacking in eval"}))
     assert st.phase == "Rejected" and "reward hacking" in st.message
     st, acts = World().step(make_rollout(APPROVED), blocking="cp-1")
     assert st.phase == "Queued" and acts.deploy is None
@@ -329,8 +328,8 @@ def test_auto_approval_trusts_only_the_operators_own_measurement():
 def test_an_approval_signature_covers_the_evaluation_it_was_given():
     """The webhook signs the approval together with the signature of the evaluation the
     approver saw: the same approval over another evaluation does not hold."""
-    assert review({}, {r.APPROVE: FP}, "alice", target=approvals.Target("ml", "cp-2", UID, FP, evidence=EVAL_SIG)
-                  ).annotations[r.APPROVAL_SIGNATURE] == signed()[r.APPROVAL_SIGNATURE]
+    assert review({}, {approvals.APPROVE: FP}, "alice", target=approvals.Target("ml", "cp-2", UID, FP, evidence=EVAL_SIG)
+                  ).annotations[approvals.APPROVAL_SIGNATURE] == signed()[approvals.APPROVAL_SIGNATURE]
     other = make_rollout(signed())
     other["spec"]["evaluation"]["signature"] = "v1:" + "f" * 64
     st, _ = World().step(other)
@@ -494,31 +493,31 @@ def review(old, new, user, target=TARGET, key=KEY, impersonator=None):
 
 
 def test_review_of_approval_annotations():
-    ok = review({}, {r.APPROVE: FP}, "alice")
+    ok = review({}, {approvals.APPROVE: FP}, "alice")
     assert ok.error is None and ok.permission == "approve"
-    assert ok.annotations.pop(r.APPROVED_VIA, "absent") is None  # clears an earlier approval's record
-    assert {r.APPROVE: FP, **ok.annotations} == signed()
-    stale = review({}, {r.APPROVE: OLD_FP}, "alice")
+    assert ok.annotations.pop(approvals.APPROVED_VIA, "absent") is None  # clears an earlier approval's record
+    assert {approvals.APPROVE: FP, **ok.annotations} == signed()
+    stale = review({}, {approvals.APPROVE: OLD_FP}, "alice")
     assert "stale or wrong fingerprint" in stale.error
-    forged = review({}, {r.APPROVED_BY: "root"}, "mallory")
+    forged = review({}, {approvals.APPROVED_BY: "root"}, "mallory")
     assert "recorded by the rlops admission webhook" in forged.error
-    forged_sig = review({}, {r.APPROVAL_SIGNATURE: "v1:00"}, "mallory")
+    forged_sig = review({}, {approvals.APPROVAL_SIGNATURE: "v1:00"}, "mallory")
     assert "recorded by the rlops admission webhook" in forged_sig.error
-    reject = review({}, {r.REJECT: "no"}, "bob")
+    reject = review({}, {approvals.REJECT: "no"}, "bob")
     assert reject.error is None and reject.permission == "approve"
     unrelated = review(APPROVED, {**APPROVED, "kopf.zalando.org/last": "{}"}, "operator")
     assert unrelated.error is None and unrelated.permission is None
-    assert "signing key" in review({}, {r.APPROVE: FP}, "alice", key=None).error
-    via = review({}, {r.APPROVE: FP}, "alice", impersonator="admin")
-    assert via.annotations[r.APPROVED_VIA] == "impersonated by admin"
+    assert "signing key" in review({}, {approvals.APPROVE: FP}, "alice", key=None).error
+    via = review({}, {approvals.APPROVE: FP}, "alice", impersonator="admin")
+    assert via.annotations[approvals.APPROVED_VIA] == "impersonated by admin"
 
 
 def test_only_the_operator_records_an_impersonator_after_the_fact():
-    later = {**APPROVED, r.APPROVED_VIA: "impersonated by root"}
+    later = {**APPROVED, approvals.APPROVED_VIA: "impersonated by root"}
     assert review(APPROVED, later, m.OPERATOR_USER).error is None  # from the API server's audit log
     assert "recorded by the rlops admission webhook" in review(APPROVED, later, "mallory").error
     assert "recorded by the rlops admission webhook" in review(later, APPROVED, "mallory").error  # nor remove it
-    rewritten = {**later, r.APPROVED_BY: "root"}
+    rewritten = {**later, approvals.APPROVED_BY: "root"}
     assert "recorded by the rlops admission webhook" in review(APPROVED, rewritten, m.OPERATOR_USER).error
     # the status shows it, on the approval it belongs to, even when it arrives after the approval
     st, _ = World().step(make_rollout(APPROVED))
@@ -530,11 +529,11 @@ def test_only_the_operator_records_an_impersonator_after_the_fact():
 
 def test_service_account_approvals_need_the_policy_to_name_them():
     robot = "system:serviceaccount:ml:ci"
-    refused = review({}, {r.APPROVE: FP}, robot)
+    refused = review({}, {approvals.APPROVE: FP}, robot)
     assert "is a ServiceAccount" in refused.error and "allowedServiceAccounts" in refused.error
-    allowed = review({}, {r.APPROVE: FP}, robot,
+    allowed = review({}, {approvals.APPROVE: FP}, robot,
                      target=approvals.Target("ml", "cp-2", UID, FP, allowed_service_accounts=(robot,), evidence=EVAL_SIG))
-    assert allowed.error is None and allowed.annotations[r.APPROVED_BY] == robot
+    assert allowed.error is None and allowed.annotations[approvals.APPROVED_BY] == robot
     # the operator re-checks on reconcile: a signed approval by an unlisted ServiceAccount does not count
     st, acts = World().step(make_rollout(signed(by=robot)))
     assert st.phase == "AwaitingApproval" and "is a ServiceAccount" in st.message
@@ -543,8 +542,8 @@ def test_service_account_approvals_need_the_policy_to_name_them():
     assert st.approval is not None and st.approval.approved_by == robot
 
 
-@pytest.mark.parametrize("decision", [{r.REJECT: "no"}, {r.PROMOTE: "true"}, {r.PROMOTE: "full"},
-                                      {r.APPROVE: FP, r.PROMOTE: "full"}],
+@pytest.mark.parametrize("decision", [{approvals.REJECT: "no"}, {approvals.PROMOTE: "true"}, {approvals.PROMOTE: "full"},
+                                      {approvals.APPROVE: FP, approvals.PROMOTE: "full"}],
                          ids=["reject", "promote", "promote-full", "approve-and-promote"])
 def test_a_service_account_rejects_or_promotes_only_when_the_policy_names_it(decision):
     """Anyone who may create Secrets or pods in a ServiceAccount's namespace can mint its token:
@@ -557,7 +556,7 @@ def test_a_service_account_rejects_or_promotes_only_when_the_policy_names_it(dec
     assert ok.error is None and ok.permission == "approve"
     assert review({}, decision, "bob").permission == "approve"  # a person: the verb alone (RBAC)
     # the operator removing a consumed promote decides nothing
-    assert review({r.PROMOTE: "true"}, {}, m.OPERATOR_USER).permission is None
+    assert review({approvals.PROMOTE: "true"}, {}, m.OPERATOR_USER).permission is None
 
 
 def test_an_approver_service_account_in_the_agents_namespace_is_a_warning():
@@ -579,13 +578,13 @@ def test_an_approver_service_account_in_the_agents_namespace_is_a_warning():
 
 
 @pytest.mark.parametrize(("annotations", "words"), [
-    ({r.APPROVE: FP, r.APPROVED_BY: "alice", r.APPROVED_AT: "2026-11-22T12:00:00Z"}, "no valid"),
-    ({**signed(), r.APPROVED_BY: "bob"}, "no valid"),                        # approver swapped after signing
-    ({**signed(), r.APPROVED_AT: "2027-01-01T00:00:00Z"}, "no valid"),       # time swapped
+    ({approvals.APPROVE: FP, approvals.APPROVED_BY: "alice", approvals.APPROVED_AT: "2026-11-22T12:00:00Z"}, "no valid"),
+    ({**signed(), approvals.APPROVED_BY: "bob"}, "no valid"),                        # approver swapped after signing
+    ({**signed(), approvals.APPROVED_AT: "2027-01-01T00:00:00Z"}, "no valid"),       # time swapped
     (signed(uid="another-uid"), "no valid"),                                # copied from another Rollout
     (signed(key=b"x" * 32), "no valid"),                                    # signed with another key
-    ({r.APPROVE: FP}, "not recorded by the rlops admission webhook"),        # webhook disabled or unregistered
-    ({r.APPROVED_BY: "alice"}, "without"),
+    ({approvals.APPROVE: FP}, "not recorded by the rlops admission webhook"),        # webhook disabled or unregistered
+    ({approvals.APPROVED_BY: "alice"}, "without"),
 ])
 def test_unsigned_or_altered_approvals_never_count(annotations, words):
     st, _ = World().step(make_rollout(annotations))
@@ -647,9 +646,9 @@ def test_the_kill_switch_pins_traffic_to_stable_and_holds_the_step():
     assert (frozen.status, frozen.reason) == ("True", "KillSwitch") and "incident 42" in frozen.message
     # time passes, analysis passes, promote is asked: nothing moves while frozen
     world.now += timedelta(minutes=10)
-    st, acts = world.step(ro, analysis=OK, annotations={**APPROVED, r.PROMOTE: "true"}, frozen="incident 42")
+    st, acts = world.step(ro, analysis=OK, annotations={**APPROVED, approvals.PROMOTE: "true"}, frozen="incident 42")
     assert world.weights == {"cp-1": 100, "cp-2": 0} and st.current_step_index == 1 and acts.events == []
-    ro["metadata"]["annotations"].pop(r.PROMOTE)
+    ro["metadata"]["annotations"].pop(approvals.PROMOTE)
     # lifted: back to 10%, the pause starts over
     st, acts = world.step(ro, analysis=OK)
     assert world.weights == {"cp-1": 90, "cp-2": 10} and st.canary_weight == 10 and st.weight_before_freeze is None
@@ -695,7 +694,7 @@ def test_the_canary_carries_the_breaker_and_the_override_baseline_only_while_it_
     world.extras = {}  # a router that lost them (redeployed by hand): the next reconcile restores them
     _, acts = world.step(ro, analysis=OK)
     assert acts.set_weights == {"cp-1": 90, "cp-2": 10} and "circuitBreaker" in world.extras
-    st, _ = world.step(ro, annotations={**APPROVED, r.PROMOTE: "true"})
+    st, _ = world.step(ro, annotations={**APPROVED, approvals.PROMOTE: "true"})
     assert st.canary_weight == 100 and world.extras == {}
 
 
@@ -787,7 +786,7 @@ def test_shadow_without_approval_waits_for_it_after_graduation_and_a_reject_remo
     st, _ = world.step(ro, shadow=counts(100, 90, 5, 5))
     assert st.phase == "AwaitingApproval" and st.message.startswith("waiting for kubectl annotate")
     assert set(world.versions) == {"cp-1", "cp-2"} and world.extras == {}
-    st, acts = world.step(ro, annotations={r.REJECT: "not now"})
+    st, acts = world.step(ro, annotations={approvals.REJECT: "not now"})
     assert st.phase == "Rejected" and set(world.versions) == {"cp-1"} and world.weights == {"cp-1": 100}
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from rl_operator import models as m
-from rl_operator import policygen, training, trust
+from rl_operator import approvals, policygen, training, trust
 from rl_operator.settings import OperatorSettings
 from support import REPO
 
@@ -122,13 +122,13 @@ def test_trainer_summary_outside_the_assigned_root_fails_the_run():
 
 def test_signatures_bind_every_field():
     base = ("ml", "cp-2", "uid", FP, "bob", "2026-12-02T00:00:00Z")
-    sig = trust.signature(b"k" * 32, *base)
-    assert trust.signature_valid(b"k" * 32, sig, *base)
+    sig = approvals.signature(b"k" * 32, *base)
+    assert approvals.signature_valid(b"k" * 32, sig, *base)
     for i in range(len(base)):
         changed = list(base)
         changed[i] = changed[i] + "x"
-        assert not trust.signature_valid(b"k" * 32, sig, *changed)
-    assert not trust.signature_valid(None, sig, *base)
+        assert not approvals.signature_valid(b"k" * 32, sig, *changed)
+    assert not approvals.signature_valid(None, sig, *base)
     assert trust.derive_key(b"k", "feedback:a") != trust.derive_key(b"k", "feedback:b")
 
 
