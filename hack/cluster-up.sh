@@ -55,6 +55,35 @@ current-context: default
 EOF
 }
 
+# The API server's client certificate for admission webhooks (its AdmissionConfiguration): the
+# approval webhook accepts only callers with a certificate of this CA ($clusterdir/webhook-client:
+# ca.crt, the operator's RLOPS_WEBHOOK_CLIENT_CA), so no pod can ask it for a review.
+write_admission_config() {
+  "$venv/bin/python" -m rl_operator.certs client "$clusterdir/webhook-client" kube-apiserver-webhook-client >/dev/null
+  cat >"$clusterdir/webhook-client.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+users:
+- name: "*"
+  user: {client-certificate: "$clusterdir/webhook-client/tls.crt", client-key: "$clusterdir/webhook-client/tls.key"}
+EOF
+  cat >"$clusterdir/admission-config.yaml" <<EOF
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: MutatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: "$clusterdir/webhook-client.kubeconfig"
+- name: ValidatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: "$clusterdir/webhook-client.kubeconfig"
+EOF
+}
+
 if kubectl get --raw /readyz >/dev/null 2>&1; then
   say "cluster '$cluster_name' already running (KUBECONFIG=$KUBECONFIG)"
 else
@@ -65,6 +94,7 @@ else
     say "creating cluster '$cluster_name' (kwokctl --runtime binary; RBAC on; audit webhook -> operator)"
     mkdir -p "$(dirname "$KUBECONFIG")" "$clusterdir"
     write_audit_config
+    write_admission_config
     # The API server's certificate also names the kubernetes Service's ClusterIP and the real
     # node's bridge address (pods reach the API at either), and it reaches kubelets
     # (hack/node-up.sh: logs, exec) by InternalIP with a client certificate from the cluster's CA.
@@ -106,6 +136,7 @@ EOF
       --extra-args kwok-controller=manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
       --extra-args "kube-apiserver=audit-webhook-config-file=$clusterdir/audit-webhook.kubeconfig" \
       --extra-args kube-apiserver=audit-webhook-batch-max-wait=1s \
+      --extra-args "kube-apiserver=admission-control-config-file=$clusterdir/admission-config.yaml" \
       --extra-args "kube-apiserver=kubelet-client-certificate=$pki/admin.crt" \
       --extra-args "kube-apiserver=kubelet-client-key=$pki/admin.key" \
       --extra-args kube-apiserver=kubelet-preferred-address-types=InternalIP \

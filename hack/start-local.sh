@@ -27,8 +27,10 @@ if [ -z "${RLOPS_NO_OPERATOR:-}" ]; then
   opcfg=$(bash "$root/hack/operator-kubeconfig.sh")
   audit=""  # the API server's audit webhook points at this receiver (hack/cluster-up.sh)
   [ -s "$clusterdir/audit-port" ] && audit="127.0.0.1:$(cat "$clusterdir/audit-port")"
+  client_ca=""  # the API server presents a client certificate of this CA to the webhook (hack/cluster-up.sh)
+  [ -s "$clusterdir/webhook-client/ca.crt" ] && client_ca="$clusterdir/webhook-client/ca.crt"
   start_bg operator "$clusterdir/logs/operator.log" env KUBECONFIG="$opcfg" RLOPS_AUDIT_RECEIVER="$audit" \
-    RLOPS_AUDIT_CERT_DIR="$clusterdir/audit-certs" \
+    RLOPS_AUDIT_CERT_DIR="$clusterdir/audit-certs" RLOPS_WEBHOOK_CLIENT_CA="$client_ca" \
     RLOPS_ARTIFACT_ROOT="file://$clusterdir/artifacts" "$venv/bin/python" -m rl_operator --liveness http://127.0.0.1:8089/healthz
   for _ in $(seq 60); do curl -sf http://127.0.0.1:8089/healthz >/dev/null && break; sleep 1; done
   curl -sf http://127.0.0.1:8089/healthz >/dev/null || { tail -30 "$clusterdir/logs/operator.log"; exit 1; }

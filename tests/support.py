@@ -106,6 +106,9 @@ class OperatorProcess:
         if self.audit_port:
             env.update(RLOPS_AUDIT_RECEIVER=f"127.0.0.1:{self.audit_port}",
                        RLOPS_AUDIT_CERT_DIR=str(self.cluster.dir / "audit-certs"))
+        client_ca = self.cluster.dir / "webhook-client" / "ca.crt"
+        if client_ca.exists():  # the API server presents its client certificate (hack/cluster-up.sh)
+            env["RLOPS_WEBHOOK_CLIENT_CA"] = str(client_ca)
         if self.nats_url:
             env.update(RLOPS_NATS_URL=self.nats_url, RLOPS_NATS_EVENTS="1")
         env.update(self.extra_env)

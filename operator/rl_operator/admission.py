@@ -168,16 +168,23 @@ def answer(review: dict[str, Any], decide: Review) -> dict[str, Any]:
 
 class AdmissionServer:
     """The webhook's HTTPS server in a thread of its own, with its own event loop and a pool of
-    ``workers`` threads for the reviews (a review makes a SubjectAccessReview call).
+    ``workers`` threads for the reviews (a review makes a SubjectAccessReview call). With
+    ``client_ca`` (a PEM file), a caller must present a client certificate signed by that CA (the
+    API server's, configured in its AdmissionConfiguration): the TLS handshake fails for anyone
+    else, so nobody but the API server gets a review (and its signature) or spends its
+    SubjectAccessReviews.
 
     ``POST /approval``: an AdmissionReview; answered by :func:`answer`. ``GET /healthz``: 200.
     """
 
     def __init__(self, host: str, port: int, certfile: str, keyfile: str, decide: Review, *, workers: int = 4,
-                 client_max_size: int = 4 * 1024 * 1024):
+                 client_max_size: int = 4 * 1024 * 1024, client_ca: str | None = None):
         self.host, self.port = host, port
         self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._ssl.load_cert_chain(certfile, keyfile)
+        if client_ca:  # only the API server (its client certificate, signed by this CA) may call
+            self._ssl.verify_mode = ssl.CERT_REQUIRED
+            self._ssl.load_verify_locations(client_ca)
         self._decide = decide
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlops-admission")
         self._client_max_size = client_max_size

@@ -49,10 +49,12 @@ def service_ref(service: str) -> tuple[str, str, int]:
     return namespace, name, int(port)
 
 
-def make_webhook_certs(names: list[str], days: int = 365) -> dict[str, bytes]:
+def make_webhook_certs(names: list[str], days: int = 365, client: bool = False) -> dict[str, bytes]:
     """A new private CA and a serving certificate for these DNS names / IPs (the first is the
-    subject), valid for ``days``. Returns PEM bytes under the keys of a ``kubernetes.io/tls``
-    Secret as cert-manager writes it: ``ca.crt``, ``tls.crt``, ``tls.key``."""
+    subject), valid for ``days``; with ``client``, a client certificate instead (extended key
+    usage clientAuth: what the API server presents to the webhook). Returns PEM bytes under the
+    keys of a ``kubernetes.io/tls`` Secret as cert-manager writes it: ``ca.crt``, ``tls.crt``,
+    ``tls.key``."""
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rlops webhook CA")])
@@ -74,7 +76,8 @@ def make_webhook_certs(names: list[str], days: int = 365) -> dict[str, bytes]:
         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(_san(names)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client else
+                                              ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return {
@@ -117,8 +120,9 @@ def write_webhook_certs(directory: str | Path, data: dict[str, bytes]) -> Webhoo
     return files
 
 
-def ensure_webhook_certs(directory: str | Path, names: list[str], days: int = 365) -> WebhookCerts:
-    """Create (or reuse) ``ca.crt``, ``tls.crt``, ``tls.key`` in ``directory`` for these DNS names / IPs.
+def ensure_webhook_certs(directory: str | Path, names: list[str], days: int = 365, client: bool = False) -> WebhookCerts:
+    """Create (or reuse) ``ca.crt``, ``tls.crt``, ``tls.key`` in ``directory`` for these DNS names / IPs
+    (``client``: a client certificate, :func:`make_webhook_certs`).
 
     Raises:
         OSError: the directory cannot be written.
@@ -131,4 +135,22 @@ def ensure_webhook_certs(directory: str | Path, names: list[str], days: int = 36
         found = {}
     if certs_usable(found, names, min_days=1):
         return files
-    return write_webhook_certs(d, make_webhook_certs(names, days))
+    return write_webhook_certs(d, make_webhook_certs(names, days, client))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rl_operator.certs client DIR NAME``: make (or reuse) a private CA and a client
+    certificate for ``NAME`` in ``DIR`` (``ca.crt``, ``tls.crt``, ``tls.key``): the certificate
+    the local control plane's API server presents to the approval webhook (``hack/cluster-up.sh``)."""
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3 or args[0] != "client":
+        print("usage: python -m rl_operator.certs client DIR NAME", file=sys.stderr)
+        return 2
+    files = ensure_webhook_certs(args[1], [args[2]], client=True)
+    print(files.cert)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -169,7 +169,8 @@ def _start_admission() -> None:
         names = [f"{service[1]}.{service[0]}.svc", f"{service[1]}.{service[0]}.svc.cluster.local"]
     files = _webhook_certs(names)
     server = admission.AdmissionServer(SETTINGS.webhook_addr or "", SETTINGS.webhook_port, str(files.cert),
-                                       str(files.key), lambda request: admission.decide(request, _KEY["value"]))
+                                       str(files.key), lambda request: admission.decide(request, _KEY["value"]),
+                                       client_ca=SETTINGS.webhook_client_ca)
     server.start()
     _ADMISSION["server"] = server
     if SETTINGS.shard and kube.delete_webhook_configuration(admission.CONFIGURATION):

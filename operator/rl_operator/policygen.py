@@ -28,7 +28,7 @@ hold while the operator is down and need no webhook:
    ``spec.algorithm.hyperparameters`` of an RLAgent hold scalars, short lists and small maps
    only (a CRD's own rules cannot look inside free-form values).
 5. ``rlops.dev-trainer-images``: an RLAgent's ``spec.training.image`` is one the platform allows
-   (ConfigMap ``rlops-trainer-images``, the chart's ``training.allowedImages``).
+   (the chart's ``training.allowedImages``, written into the policy).
 6. ``rlops.dev-reserved-job-labels`` and ``rlops.dev-reserved-pod-labels``: the labels the
    operator acts on (``models.RESERVED_LABELS``) are set on Jobs by the operator only, and on
    pods by the Job controller only, for a Job.
@@ -158,33 +158,32 @@ def _changed(key: str) -> str:
 JOB_CONTROLLER_USERS = ("system:serviceaccount:kube-system:job-controller", "system:kube-controller-manager")
 
 
-#: The ConfigMap (in the operator's namespace) of the trainer images an agent may name: one
-#: entry per data key (the chart's ``training.allowedImages``).
-TRAINER_IMAGES = "rlops-trainer-images"
+#: The trainer images an agent may name by default (the chart's ``training.allowedImages``): the
+#: repository of the engine image.
+DEFAULT_ALLOWED_IMAGES = (m.DEFAULT_TRAINER_IMAGE.rsplit(":", 1)[0],)
+#: The chart's template of that list, as a CEL list literal (JSON is one).
+HELM_ALLOWED_IMAGES = "{{ .Values.training.allowedImages | toJson }}"
 
 
-def _trainer_images() -> list[dict[str, Any]]:
+def _trainer_images(helm: bool) -> list[dict[str, Any]]:
     """``rlops.dev-trainer-images``: an RLAgent's ``spec.training.image`` is one that the
-    platform allows (the ConfigMap :data:`TRAINER_IMAGES`, the policy's parameter): a repository
-    (any tag or digest of it), a whole reference, a prefix ending in ``/``, or ``*``. Without the
-    ConfigMap every agent is refused (the parameter is required)."""
+    platform allows: a repository (any tag or digest of it), a whole reference, a prefix ending
+    in ``/``, or ``*``. The list is written into the policy itself (the chart renders it from
+    ``training.allowedImages``; ``helm``: that template, else :data:`DEFAULT_ALLOWED_IMAGES`).
+    Not a policy parameter: the API server (1.34) kept refusing every agent with "no params
+    found" after the parameter's ConfigMap was deleted and made again (an uninstall and install)."""
     image = "object.spec.training.image"
-    allowed = ("params.data.exists(k, params.data[k] == '*' || {i} == params.data[k] || "
-               "{i}.startsWith(params.data[k] + ':') || {i}.startsWith(params.data[k] + '@') || "
-               "(params.data[k].endsWith('/') && {i}.startsWith(params.data[k])))").format(i=image)
-    docs = _policy(
+    allowed = ("variables.allowed.exists(a, a == '*' || {i} == a || {i}.startsWith(a + ':') || "
+               "{i}.startsWith(a + '@') || (a.endsWith('/') && {i}.startsWith(a)))").format(i=image)
+    return _policy(
         f"{m.GROUP}-trainer-images",
         [_rule(["rlagents"], ["CREATE", "UPDATE"])],
-        [{"expression": f"!has(object.spec.training) || !has({image}) || (has(params.data) && {allowed})",
+        [{"expression": f"!has(object.spec.training) || !has({image}) || {allowed}",
           "messageExpression": (f"'spec.training.image: ' + {image} + ' is not an allowed trainer image (the platform "
-                                "allows: ' + (has(params.data) ? params.data.map(k, params.data[k]).join(', ') : "
-                                f"'none') + '; ConfigMap {m.OPERATOR_NAMESPACE}/{TRAINER_IMAGES})'"),
+                                "allows: ' + variables.allowed.join(', ') + '; the chart value training.allowedImages)'"),
           "reason": "Invalid"}],
+        [{"name": "allowed", "expression": HELM_ALLOWED_IMAGES if helm else json.dumps(list(DEFAULT_ALLOWED_IMAGES))}],
     )
-    docs[0]["spec"]["paramKind"] = {"apiVersion": "v1", "kind": "ConfigMap"}
-    docs[1]["spec"]["paramRef"] = {"name": TRAINER_IMAGES, "namespace": m.OPERATOR_NAMESPACE,
-                                   "parameterNotFoundAction": "Deny"}
-    return docs
 
 
 def _reserved(labels: str) -> str:
@@ -255,7 +254,7 @@ def _reserved_labels(operator_user: str) -> list[dict[str, Any]]:
     return docs
 
 
-def policies(operator_user: str = m.OPERATOR_USER) -> list[dict[str, Any]]:
+def policies(operator_user: str = m.OPERATOR_USER, helm: bool = False) -> list[dict[str, Any]]:
     """Every ValidatingAdmissionPolicy and its binding, in apply order.
 
     Args:
@@ -344,7 +343,7 @@ def policies(operator_user: str = m.OPERATOR_USER) -> list[dict[str, Any]]:
           "message": f"spec.{parent}.{name}: {m.FREE_FORM_BOUND_MESSAGE}", "reason": "Invalid"}
          for parent, name in (("environment", "kwargs"), ("algorithm", "hyperparameters"))],
     )
-    docs += _trainer_images()
+    docs += _trainer_images(helm)
     docs += _reserved_labels(operator_user)
     by, at, sig = RECORDED
     docs += _policy(
@@ -402,10 +401,12 @@ def policies(operator_user: str = m.OPERATOR_USER) -> list[dict[str, Any]]:
     return docs
 
 
-def render() -> str:
+def render(helm: bool = False) -> str:
+    """The policies as YAML (``helm``: the chart's template, whose allowed trainer images come
+    from its values)."""
     header = ("# Generated by `make crds` (python -m rl_operator.policygen) from rl_operator/models.py. Do not edit.\n"
               "# The API server enforces these itself: they hold while the operator is down (docs/security.md).\n")
-    return header + yaml.safe_dump_all(policies(), sort_keys=False, width=120)
+    return header + yaml.safe_dump_all(policies(helm=helm), sort_keys=False, width=120)
 
 
 #: Prepended to the chart's copy (``charts/rlops/templates/admission-policies.yaml``): the
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     helm = "--helm" in args
     args = [a for a in args if a != "--helm"]
     out = Path(args[0] if args else "charts/rlops/templates/admission-policies.yaml")
-    out.write_text((HELM_HEADER if helm else "") + render())
+    out.write_text((HELM_HEADER if helm else "") + render(helm))
     print(f"wrote {out}")
     return 0
 

@@ -74,6 +74,12 @@ class OperatorSettings:
     restarts itself onto a renewed one). Empty: a certificate in ``cert_dir`` only, new at each
     start of a fresh container. Env: ``RLOPS_WEBHOOK_CERT_SECRET``."""
 
+    webhook_client_ca: str | None = None
+    """A PEM file of the CA that signs the API server's client certificate for webhooks (its
+    AdmissionConfiguration's kubeconfig): the approval webhook then accepts only callers with a
+    certificate from it. Empty: any caller that reaches the port (keep it behind the chart's
+    NetworkPolicy). Env: ``RLOPS_WEBHOOK_CLIENT_CA``."""
+
     webhook_cert_managed: bool = False
     """The webhook certificate Secret is issued by cert-manager: the operator only reads it (and
     waits for it), never writes it. Env: ``RLOPS_WEBHOOK_CERT_MANAGED=1``."""
@@ -175,6 +181,7 @@ class OperatorSettings:
             webhook_service=env.get("RLOPS_WEBHOOK_SERVICE") or None,
             webhook_cert_secret=env.get("RLOPS_WEBHOOK_CERT_SECRET") or None,
             webhook_cert_managed=env.get("RLOPS_WEBHOOK_CERT_MANAGED", "") in ("1", "true"),
+            webhook_client_ca=env.get("RLOPS_WEBHOOK_CLIENT_CA") or None,
             peering_lifetime_seconds=int(env.get("RLOPS_PEERING_LIFETIME_SECONDS", cls.peering_lifetime_seconds)),
             cert_dir=env.get("RLOPS_CERT_DIR", cls.cert_dir),
             alert_receiver=env.get("RLOPS_ALERT_RECEIVER", cls.alert_receiver) or None,

@@ -92,6 +92,14 @@ def rlops(real_cluster: Cluster, ray_service: str) -> dict[str, str]:
     # the dashboard by address: the chart needs the Ray cluster's namespace for its NetworkPolicy
     values = ["--set", f"ray.dashboardUrl=http://{ray_service}:8265", "--set", "networkPolicy.ray.namespace=ray-system",
               "--set", f"prometheus.url=http://{NODE_IP}:{prometheus_port}"]
+    # the CA of the client certificate the API server presents to webhooks (hack/cluster-up.sh):
+    # only the API server gets a review
+    client_ca = real_cluster.dir / "webhook-client" / "ca.crt"
+    if client_ca.exists():
+        real_cluster.kubectl("-n", "rlops-system", "apply", "-f", "-", input=real_cluster.kubectl(
+            "-n", "rlops-system", "create", "configmap", "rlops-webhook-client-ca", f"--from-file=ca.crt={client_ca}",
+            "--dry-run=client", "-o", "yaml").stdout)
+        values += ["--set", "webhook.clientCAConfigMap=rlops-webhook-client-ca"]
     helm(real_cluster, "upgrade", "--install", "rlops", str(REPO / "charts" / "rlops"), "-n", "rlops-system",
          *values, "--wait", "--timeout", "5m")
     def one_pod() -> dict:

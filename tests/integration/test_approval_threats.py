@@ -375,6 +375,36 @@ def test_the_api_server_calls_the_webhook_only_when_an_approval_annotation_chang
     assert reviews() == before + 4
 
 
+def test_only_the_api_server_gets_a_review_from_the_webhook(cluster, operator, tenant, staged):
+    """A forged AdmissionReview, posted straight to the webhook's port by anyone who reaches it
+    (as bob, approving the real fingerprint), would come back with a valid approval signature and
+    spend a SubjectAccessReview. The webhook requires the client certificate that the API server
+    presents (its AdmissionConfiguration, hack/cluster-up.sh): without it, or with another CA's,
+    the TLS handshake fails. Approvals through the API server still work (the other tests)."""
+    import ssl
+
+    import httpx
+
+    from rl_operator import certs
+
+    assert (cluster.dir / "webhook-client" / "ca.crt").exists(), "the cluster was made without a webhook client CA"
+    rollout = cluster.get("rollout", "gate-7", "-n", tenant)
+    forged = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "forged-1", "operation": "UPDATE", "namespace": tenant, "name": "gate-7",
+        "userInfo": {"username": BOB, "groups": ["system:authenticated"]},
+        "object": {**rollout, "metadata": {**rollout["metadata"], "annotations": {"rlops.dev/approve": FP}}},
+        "oldObject": rollout}}
+    mallory_ca = certs.ensure_webhook_certs(str(operator.workdir / "mallory-client"), ["mallory"], client=True)
+    for cert in (None, mallory_ca):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # whatever serves there: she wants a signature
+        if cert is not None:
+            ctx.load_cert_chain(str(cert.cert), str(cert.key))
+        with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+            httpx.post(f"https://127.0.0.1:{operator.webhook_port}/approval", json=forged, verify=ctx, timeout=10)
+    assert rollout_status(cluster, tenant, "gate-7").get("approval") is None
+
+
 def test_no_trust_without_the_webhook(cluster, tenant, staged):
     """With the webhook unregistered, an approver's hand-written approval is accepted by the API
     server (the policies still check the verb and the name) but the operator does not honour it."""

@@ -113,3 +113,32 @@ def test_the_server_answers_over_https_on_its_own_thread(tmp_path):
     finally:
         server.stop()
     assert threads and all(t.startswith("rlops-admission") for t in threads), threads
+
+
+def test_with_a_client_ca_only_a_caller_with_its_certificate_gets_a_review(tmp_path):
+    """The API server presents a client certificate (its AdmissionConfiguration); anyone else who
+    reaches the port, without one or with another CA's, fails the TLS handshake: no review, no
+    signature, no SubjectAccessReview spent."""
+    files = certs.ensure_webhook_certs(str(tmp_path / "serving"), ["127.0.0.1"])
+    apiserver = certs.ensure_webhook_certs(str(tmp_path / "client"), ["kube-apiserver-webhook-client"], client=True)
+    stranger = certs.ensure_webhook_certs(str(tmp_path / "stranger"), ["mallory"], client=True)
+    calls: list[dict] = []
+    port = free_port()
+    server = admission.AdmissionServer("127.0.0.1", port, str(files.cert), str(files.key),
+                                       lambda request: calls.append(request) or {}, client_ca=str(apiserver.ca))
+    server.start()
+    try:
+        def post(cert):
+            ctx = ssl.create_default_context(cafile=str(files.ca))
+            if cert is not None:
+                ctx.load_cert_chain(str(cert.cert), str(cert.key))
+            with httpx.Client(verify=ctx, timeout=10) as http:
+                return http.post(f"https://127.0.0.1:{port}/approval", json=review(annotations={}))
+
+        assert post(apiserver).json()["response"]["allowed"] is True and len(calls) == 1
+        for who in (None, stranger):
+            with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+                post(who)
+        assert len(calls) == 1
+    finally:
+        server.stop()

@@ -134,7 +134,10 @@ def test_signatures_bind_every_field():
 
 def test_committed_admission_policies_match_the_models():
     chart = (REPO / "charts" / "rlops" / "templates" / "admission-policies.yaml").read_text()
-    assert chart == policygen.HELM_HEADER + policygen.render(), "run `make crds`"
+    assert chart == policygen.HELM_HEADER + policygen.render(helm=True), "run `make crds`"
+    # the chart's default trainer images are the policies' default (manifests/base is rendered with them)
+    values = yaml.safe_load((REPO / "charts" / "rlops" / "values.yaml").read_text())
+    assert tuple(values["training"]["allowedImages"]) == policygen.DEFAULT_ALLOWED_IMAGES
     # manifests/base is rendered from the chart (tests/integration/test_chart.py checks all of it)
     rendered = (REPO / "manifests" / "base" / "admission-policies.yaml").read_text()
     def objects(text):  # helm orders resources by kind
