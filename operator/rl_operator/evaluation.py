@@ -35,10 +35,10 @@ from rl_operator.training import Event, artifact_uri, container_state, container
 EVALUATOR_CONTAINER = "evaluator"
 #: The evaluation Job's name: ``rlops-eval-<run uid>`` (47 characters).
 JOB_PREFIX = "rlops-eval-"
-#: Annotations of the evaluation Job that the operator reads back (the cache keeps annotations,
-#: not the containers' environment): the seed it drew, and whether the image is the platform's.
+#: The seed the operator drew, on the evaluation Job's pod template: read back from there (the
+#: cache keeps annotations, not the containers' environment), where nobody can change it (a
+#: running Job's template is immutable; the Job's own annotations are open to ``edit``).
 SEED_ANNOTATION = f"{m.GROUP}/evaluation-seed"
-TRUSTED_ANNOTATION = f"{m.GROUP}/evaluation-trusted"
 #: Seeds are drawn below this (numpy's SeedSequence takes any non-negative integer).
 SEED_BOUND = 2**31
 #: Environment entry points whose code the engine image itself carries (``rl_engine...:Class``).
@@ -74,11 +74,11 @@ def evaluation_job(run: dict[str, Any], settings: OperatorSettings, seed: int) -
     """The ``batch/v1`` Job that measures a Succeeded run's artifact.
 
     The platform's evaluator image (``settings.evaluator_image``), or the run's own trainer image
-    when its environment needs the tenant's code (annotation ``rlops.dev/evaluation-trusted:
-    "false"``); the artifact store mounted read only; no GPU; non-root, as training runs; the
-    training template's tolerations (and the GPU taint's), not its node selector; one retry and a
-    30-minute deadline. It carries the run's label (the operator watches it with the run's Job)
-    and ``rlops.dev/evaluation``, and is owned by the run."""
+    when its environment needs the tenant's code (:func:`trusted_environment`); the artifact
+    store mounted read only; no GPU; non-root, as training runs; the training template's
+    tolerations (and the GPU taint's), not its node selector; one retry and a 30-minute deadline;
+    the seed on the pod template (:data:`SEED_ANNOTATION`). It carries the run's label (the
+    operator watches it with the run's Job) and ``rlops.dev/evaluation``, and is owned by the run."""
     spec = m.TrainingRunSpec.model_validate(run["spec"])
     meta = run["metadata"]
     trusted = trusted_environment(spec.environment.id)
@@ -102,10 +102,10 @@ def evaluation_job(run: dict[str, Any], settings: OperatorSettings, seed: int) -
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": job_name(run), "namespace": meta["namespace"], "labels": labels,
-                     "annotations": {SEED_ANNOTATION: str(seed), TRUSTED_ANNOTATION: str(trusted).lower()},
                      "ownerReferences": [owner_reference(run)]},
         "spec": {"backoffLimit": 1, "activeDeadlineSeconds": 1800,
-                 "template": {"metadata": {"labels": labels}, "spec": pod_spec}},
+                 "template": {"metadata": {"labels": labels, "annotations": {SEED_ANNOTATION: str(seed)}},
+                              "spec": pod_spec}},
     }
 
 
@@ -164,14 +164,16 @@ def observe_evaluation(run: dict[str, Any], job: dict[str, Any] | None, pods: li
     if job is None or (before is not None and before.phase in ("Succeeded", "Failed")):
         return status, []
     meta = job["metadata"]
-    annotations = meta.get("annotations") or {}
+    template = (job.get("spec") or {}).get("template") or {}
     record = before.model_copy(deep=True) if before is not None else m.MeasuredEvaluation(phase="Pending")
-    container = next(iter(((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []), {})
-    seed = annotations.get(SEED_ANNOTATION, "")
+    container = next(iter((template.get("spec") or {}).get("containers") or []), {})
+    seed = ((template.get("metadata") or {}).get("annotations") or {}).get(SEED_ANNOTATION, "")
+    spec = m.TrainingRunSpec.model_validate(run["spec"])
     record.job_name, record.image = meta["name"], container.get("image")
     record.seed = int(seed) if seed.isdigit() else None
-    record.trusted = annotations.get(TRUSTED_ANNOTATION) == "true"
-    record.episodes = m.TrainingRunSpec.model_validate(run["spec"]).evaluation.episodes
+    # from the run's immutable spec, as the Job's image was chosen: nothing a tenant can edit
+    record.trusted = trusted_environment(spec.environment.id)
+    record.episodes = spec.evaluation.episodes
     events: list[Event] = []
     pods = newest_first(pods)
     terminated = next((t for p in pods if (t := container_state(p, EVALUATOR_CONTAINER).get("terminated"))), {})

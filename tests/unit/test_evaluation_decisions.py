@@ -67,7 +67,7 @@ def test_the_evaluation_job_runs_the_platforms_image_on_a_read_only_artifact_wit
     assert container["securityContext"]["runAsNonRoot"] and container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     labels = job["metadata"]["labels"]
     assert labels[m.RUN_LABEL] == run["metadata"]["name"] and labels[m.EVALUATION_LABEL] == "true"
-    assert job["metadata"]["annotations"] == {evaluation.SEED_ANNOTATION: "12345", evaluation.TRUSTED_ANNOTATION: "true"}
+    assert job["spec"]["template"]["metadata"]["annotations"] == {evaluation.SEED_ANNOTATION: "12345"}
     assert job["metadata"]["ownerReferences"][0]["uid"] == "run-uid-0001"
 
 
@@ -75,10 +75,14 @@ def test_the_evaluation_job_runs_the_platforms_image_on_a_read_only_artifact_wit
                                                  ("tenant_envs.pricing:PricingEnv", False)])
 def test_an_environment_of_the_tenants_own_code_is_evaluated_in_its_image_and_marked_untrusted(env_id, trusted):
     _, run = trained_run(env_id=env_id, image="ghcr.io/rlops/engine:tenant-build")
-    job = evaluation.evaluation_job(run, SETTINGS, seed=1)
+    job = evaluation.evaluation_job(run, SETTINGS, seed=1234)
     image = job["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == (SETTINGS.evaluator_image if trusted else "ghcr.io/rlops/engine:tenant-build")
-    assert job["metadata"]["annotations"][evaluation.TRUSTED_ANNOTATION] == str(trusted).lower()
+    done = pod_of(job, phase="Succeeded", terminated={"exitCode": 0, "message": measured_message()})
+    # what a tenant with edit can change on the Job (its own annotations) changes nothing recorded
+    job["metadata"]["annotations"] = {"rlops.dev/evaluation-trusted": "true", evaluation.SEED_ANNOTATION: "1"}
+    status, _ = evaluation.observe_evaluation(run, finished(job, "Complete"), [done], AT, KEY)
+    assert status.evaluation.trusted is trusted and status.evaluation.seed == 1234
 
 
 def test_measured_figures_become_the_runs_signed_evaluation():
