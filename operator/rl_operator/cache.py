@@ -170,8 +170,10 @@ def unfinished_runs() -> list[tuple[str, str]]:
         return []
     def unfinished(run: dict[str, Any]) -> bool:
         status = run.get("status") or {}
-        measuring = status.get("phase") == "Succeeded" and (status.get("evaluation") or {}).get("phase") in (
-            "Pending", "Running")
+        # trained, and not yet measured: its evaluation Job may still have to be made (a
+        # transient error when its trainer finished), or its outcome read
+        measuring = status.get("phase") == "Succeeded" and (status.get("evaluation") or {}).get("phase") not in (
+            "Succeeded", "Failed")
         return status.get("phase") not in m.RUN_TERMINAL or measuring
 
     return sorted(key for key, store in idx.items() if len(key) == 2 and any(unfinished(run) for run in store))

@@ -126,22 +126,27 @@ def test_a_cached_job_and_pod_keep_their_environment_as_a_digest():
 
 
 def test_unfinished_runs_are_the_resyncs_work():
-    """The operator-wide resync visits the runs that have not finished (Succeeded, Failed,
-    Superseded), by name (not
-    the per-agent keys of the same index), and nothing before the indexes are bound."""
+    """The operator-wide resync visits the runs that have not finished (Succeeded and measured by
+    the operator, Failed, Superseded), by name (not the per-agent keys of the same index), and
+    nothing before the indexes are bound. A Succeeded run whose evaluation has not ended (or not
+    started: its Job may still have to be made) is not finished."""
     assert cache.unfinished_runs() == []
 
-    def run(name, phase):
-        return {"metadata": {"name": name, "namespace": "t"}, "status": {"phase": phase} if phase else {}}
+    def run(name, phase, evaluation=None):
+        status = {"phase": phase} if phase else {}
+        if evaluation:
+            status["evaluation"] = {"phase": evaluation}
+        return {"metadata": {"name": name, "namespace": "t"}, "status": status}
 
-    runs = {name: run(name, phase) for name, phase in
-            [("a-1", "Succeeded"), ("a-2", "Running"), ("b-1", "Failed"), ("c-1", None), ("d-1", "Pending"),
-             ("e-1", "Superseded")]}
+    runs = {name: run(name, *phase) for name, phase in
+            [("a-1", ("Succeeded", "Succeeded")), ("a-2", ("Running",)), ("b-1", ("Failed",)), ("c-1", (None,)),
+             ("d-1", ("Pending",)), ("e-1", ("Superseded",)), ("f-1", ("Succeeded",)),
+             ("g-1", ("Succeeded", "Failed")), ("h-1", ("Succeeded", "Running"))]}
     index = {("t", n): [r] for n, r in runs.items()}
     index[("agent", "t", "a")] = [runs["a-1"], runs["a-2"]]
     cache.bind(rlagents_idx={}, trainingruns_idx=index, rollouts_idx={}, jobs_idx={}, pods_idx={})
     try:
-        assert cache.unfinished_runs() == [("t", "a-2"), ("t", "c-1"), ("t", "d-1")]
+        assert cache.unfinished_runs() == [("t", "a-2"), ("t", "c-1"), ("t", "d-1"), ("t", "f-1"), ("t", "h-1")]
     finally:
         cache.unbind()
 
