@@ -174,12 +174,17 @@ class AdmissionServer:
     else, so nobody but the API server gets a review (and its signature) or spends its
     SubjectAccessReviews.
 
+    At most ``workers + max_waiting`` reviews are in hand at once (each waiting one holds its
+    body); a review beyond that is refused at once, code 429, without a SubjectAccessReview: a
+    flood delays no approval for longer than the reviews already in hand take, and fails closed.
+
     ``POST /approval``: an AdmissionReview; answered by :func:`answer`. ``GET /healthz``: 200.
     """
 
     def __init__(self, host: str, port: int, certfile: str, keyfile: str, decide: Review, *, workers: int = 4,
-                 client_max_size: int = 4 * 1024 * 1024, client_ca: str | None = None):
+                 client_max_size: int = 4 * 1024 * 1024, client_ca: str | None = None, max_waiting: int = 32):
         self.host, self.port = host, port
+        self._capacity, self._in_hand = workers + max_waiting, 0  # _in_hand: only the loop's thread touches it
         self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._ssl.load_cert_chain(certfile, keyfile)
         if client_ca:  # only the API server (its client certificate, signed by this CA) may call
@@ -198,7 +203,13 @@ class AdmissionServer:
                 body = json.loads(await request.read())
                 if not isinstance(body, dict):
                     raise ValueError("the body is not a JSON object")
-                out = await asyncio.get_running_loop().run_in_executor(self._pool, answer, body, self._decide)
+                if self._in_hand >= self._capacity:
+                    return web.json_response(answer(body, self._busy))
+                self._in_hand += 1
+                try:
+                    out = await asyncio.get_running_loop().run_in_executor(self._pool, answer, body, self._decide)
+                finally:
+                    self._in_hand -= 1
             except web.HTTPRequestEntityTooLarge:
                 return web.json_response({"error": f"body larger than {self._client_max_size} bytes"}, status=413)
             except ValueError as exc:  # json.JSONDecodeError is a ValueError
@@ -212,6 +223,10 @@ class AdmissionServer:
         app.router.add_post(PATH, review)
         app.router.add_get("/healthz", healthz)
         return app
+
+    def _busy(self, _request: dict[str, Any]) -> dict[str, str | None]:
+        raise Denied(f"the rlops approval webhook has {self._capacity} reviews in hand; retry in a few seconds",
+                     code=429)
 
     async def _start(self) -> None:
         self._runner = web.AppRunner(self._app(), access_log=None)

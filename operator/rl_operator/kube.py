@@ -211,8 +211,9 @@ def patch_custom(namespace: str, plural: str, name: str, body: dict[str, Any]) -
 
 
 def subject_access_review(body: dict[str, Any]) -> tuple[bool, str]:
-    """Ask the API server whether a user may do something. Returns ``(allowed, reason)``."""
-    result = client.AuthorizationV1Api(_api()).create_subject_access_review(body)
+    """Ask the API server whether a user may do something. Returns ``(allowed, reason)``; raises
+    ApiException or a timeout after 5 s (the webhook's review then fails closed, freeing its thread)."""
+    result = client.AuthorizationV1Api(_api()).create_subject_access_review(body, _request_timeout=5)
     return bool(result.status.allowed), result.status.reason or ""
 
 

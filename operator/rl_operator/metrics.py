@@ -117,12 +117,13 @@ def run_finished(namespace: str, phase: str, duration_seconds: float | None) -> 
 
 @contextlib.contextmanager
 def admission() -> Iterator[None]:
-    """Time one approval webhook call; an exception (a refusal, or a failed review) counts as denied."""
+    """Time one approval webhook call; an exception (a refusal, or a failed review) counts as denied,
+    one refused with code 429 (the webhook had too many reviews in hand) as busy."""
     start = time.perf_counter()
     try:
         yield
-    except BaseException:
-        ADMISSIONS.labels("denied").inc()
+    except BaseException as exc:
+        ADMISSIONS.labels("busy" if getattr(exc, "code", None) == 429 else "denied").inc()
         raise
     else:
         ADMISSIONS.labels("allowed").inc()

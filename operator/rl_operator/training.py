@@ -225,6 +225,9 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
         "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "fsGroup": settings.trainer_uid},
     }
     mount_artifacts(settings, uri, pod_spec, container)
+    init = artifact_dir_container(settings, uri)
+    if init is not None:
+        pod_spec["initContainers"] = [init]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -242,18 +245,69 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
     }
 
 
+#: The trainer pod's init container that makes the run's artifact directory (:func:`mount_artifacts`).
+ARTIFACT_DIR_CONTAINER = "artifact-dir"
+
+
+def artifact_paths(settings: OperatorSettings, uri: str) -> tuple[str, str] | None:
+    """Where a ``file://`` artifact ``uri`` lies on the artifact claim: ``(namespace mount path,
+    path under it)``, e.g. ``("/var/lib/rlops/artifacts/team-a", "cartpole/cartpole-1-1a2b3c4d")``;
+    None without a claim (``settings.artifact_pvc``) or for another scheme.
+
+    The claim ``artifact_pvc`` of a namespace holds that namespace's directory
+    ``<root>/<namespace>``, never the whole root, so that a pod of one namespace cannot reach
+    another namespace's files (``docs/install.md``)."""
+    if not settings.artifact_pvc or not uri.startswith("file://"):
+        return None
+    root = urlparse(settings.artifact_root).path.rstrip("/")
+    path = urlparse(uri).path
+    namespace, _, rest = path[len(root) + 1:].partition("/")
+    if not path.startswith(root + "/") or not namespace or not rest:
+        raise ValueError(f"artifact URI {uri!r} is not under the artifact root {settings.artifact_root!r}")
+    return f"{root}/{namespace}", rest
+
+
 def mount_artifacts(settings: OperatorSettings, uri: str, pod_spec: dict[str, Any], container: dict[str, Any],
-                    read_only: bool = False) -> None:
-    """The artifact store's volume (``settings.artifact_pvc``, a ``file://`` root), mounted at the
-    root's path (``read_only``: the claim and the mount read only)."""
-    if settings.artifact_pvc and uri.startswith("file://"):
-        mount = urlparse(settings.artifact_root).path
-        claim: dict[str, Any] = {"claimName": settings.artifact_pvc}
-        mounted: dict[str, Any] = {"name": "artifacts", "mountPath": mount}
-        if read_only:
-            claim["readOnly"] = mounted["readOnly"] = True
-        pod_spec["volumes"] = [{"name": "artifacts", "persistentVolumeClaim": claim}]
-        container["volumeMounts"] = [mounted]
+                    read_only: bool = False, levels: int = 2) -> None:
+    """Mount the artifact claim (``settings.artifact_pvc``, for a ``file://`` root) in
+    ``container``: only the directory ``levels`` deep under the namespace's, ``<agent>/<run>``
+    (2, the default) or ``<agent>`` (1), as a ``subPath`` at the path it has in the URI, so the
+    pod sees that directory and nothing else of the store (``read_only``: the claim and the
+    mount read only)."""
+    paths = artifact_paths(settings, uri)
+    if paths is None:
+        return
+    base, rest = paths
+    sub = "/".join(rest.split("/")[:levels])
+    claim: dict[str, Any] = {"claimName": settings.artifact_pvc}
+    mounted: dict[str, Any] = {"name": "artifacts", "mountPath": f"{base}/{sub}", "subPath": sub}
+    if read_only:
+        claim["readOnly"] = mounted["readOnly"] = True
+    pod_spec["volumes"] = [{"name": "artifacts", "persistentVolumeClaim": claim}]
+    container["volumeMounts"] = [mounted]
+
+
+def artifact_dir_container(settings: OperatorSettings, uri: str) -> dict[str, Any] | None:
+    """The init container that makes a run's artifact directory before the trainer starts, or
+    None without an artifact claim.
+
+    The kubelet makes a missing ``subPath`` directory as root, where the non-root trainer could
+    not write; this container (the platform's engine image, ``settings.evaluator_image``, as the
+    trainer's user, a fixed ``mkdir -p``) mounts the namespace's directory and makes
+    ``<agent>/<run>`` in it, owned by the trainer's user."""
+    paths = artifact_paths(settings, uri)
+    if paths is None:
+        return None
+    base, rest = paths
+    return {
+        "name": ARTIFACT_DIR_CONTAINER,
+        "image": settings.evaluator_image,
+        "command": ["mkdir", "-p", f"{base}/{rest}"],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}},
+        "securityContext": container_security(settings),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [{"name": "artifacts", "mountPath": base}],
+    }
 
 
 def container_security(settings: OperatorSettings) -> dict[str, Any]:
@@ -264,11 +318,12 @@ def container_security(settings: OperatorSettings) -> dict[str, Any]:
 
 
 def helper_pod_spec(settings: OperatorSettings, container: dict[str, Any], template: m.TrainingTemplate,
-                    uri: str, read_only: bool = False) -> dict[str, Any]:
+                    uri: str, read_only: bool = False, levels: int = 2) -> dict[str, Any]:
     """The pod of a short Job beside training (the artifact reclaim, the evaluation): ``container``
     without a GPU, as the trainer's non-root user, with the training template's tolerations (and
-    the GPU taint's) but not its node selector, and the artifact store mounted as training mounts
-    it (``read_only``: read only)."""
+    the GPU taint's) but not its node selector, and the artifact store's directory of the run
+    (``levels`` 2) or of its agent (1) mounted as :func:`mount_artifacts` does (``read_only``:
+    read only)."""
     container["securityContext"] = container_security(settings)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -277,7 +332,7 @@ def helper_pod_spec(settings: OperatorSettings, container: dict[str, Any], templ
                         *(t.wire() for t in template.tolerations)],
         "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "fsGroup": settings.trainer_uid},
     }
-    mount_artifacts(settings, uri, pod_spec, container, read_only=read_only)
+    mount_artifacts(settings, uri, pod_spec, container, read_only=read_only, levels=levels)
     return pod_spec
 
 
@@ -306,7 +361,7 @@ def reclaim_job(run: dict[str, Any], agent: dict[str, Any], settings: OperatorSe
         "env": [{"name": k, "value": v} for k, v in sorted(settings.extra_env.items())],
         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
     }
-    pod_spec = helper_pod_spec(settings, container, training, uri)
+    pod_spec = helper_pod_spec(settings, container, training, uri, levels=1)  # it deletes the run's directory
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -414,6 +469,19 @@ def pending_cause(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     return None
 
 
+def artifact_dir_failure(pods: list[dict[str, Any]]) -> str | None:
+    """Why the init container that makes the run's artifact directory failed (newest pod first),
+    or None: the trainer never started."""
+    for p in pods:
+        cs = next((c for c in (p.get("status") or {}).get("initContainerStatuses") or []
+                   if c.get("name") == ARTIFACT_DIR_CONTAINER), {})
+        done = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+        if done.get("exitCode"):
+            return (f"the run's artifact directory could not be made (exit code {done['exitCode']}; the artifact "
+                    f"claim's directory must be writable by the trainer's user): {(done.get('message') or '').strip()}")
+    return None
+
+
 def newest_first(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The pods, the newest (``creationTimestamp``) first."""
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
@@ -489,7 +557,9 @@ def observe_run(
         status.completion_time = failed.get("lastTransitionTime")
         terminated = next((t for p in newest if (t := container_state(p).get("terminated"))), {})
         summary = parse_termination_message(terminated.get("message"))
-        if summary and summary.get("reason"):
+        if not terminated and (init := artifact_dir_failure(newest)) is not None:
+            status.failure_reason, status.failure_message = "ArtifactDirectoryFailed", init[-1024:]
+        elif summary and summary.get("reason"):
             status.failure_reason = summary["reason"]
             status.failure_message = str(summary.get("message", ""))[:1024]
         else:

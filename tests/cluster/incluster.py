@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -20,9 +21,15 @@ def helm(c: Cluster, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def tenant_namespace(c: Cluster, name: str) -> str:
-    """A tenant namespace with the chart's artifact claim (``rlops-artifacts``), bound to a
-    hostPath PersistentVolume of its own at the artifact root's host directory."""
+    """A tenant namespace as docs/install.md sets one up: Pod Security ``restricted`` enforced
+    (no hostPath volumes, non-root), and the chart's artifact claim (``rlops-artifacts``) bound to
+    a hostPath PersistentVolume of its own at the namespace's directory under the artifact root
+    (owned by the trainer's uid 1000), never the whole root."""
     c.kubectl("create", "namespace", name)
+    c.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted")
+    host_dir = ARTIFACTS_HOST_DIR / name
+    host_dir.mkdir(parents=True, exist_ok=True)
+    os.chown(host_dir, 1000, 1000)
     c.kubectl("apply", "-f", "-", input=f"""
 apiVersion: v1
 kind: PersistentVolume
@@ -33,7 +40,7 @@ spec:
   storageClassName: rlops-hostpath
   persistentVolumeReclaimPolicy: Retain
   claimRef: {{namespace: {name}, name: rlops-artifacts}}
-  hostPath: {{path: {ARTIFACTS_HOST_DIR}, type: Directory}}
+  hostPath: {{path: {host_dir}, type: Directory}}
 ---
 apiVersion: v1
 kind: PersistentVolumeClaim

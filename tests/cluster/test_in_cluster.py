@@ -11,6 +11,7 @@ chart's KubeRay RayCluster serving; then ``helm upgrade`` and ``helm uninstall``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -21,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from incluster import helm, tenant_namespace
+from incluster import ARTIFACTS_HOST_DIR, helm, tenant_namespace
 from support import CACHE, REPO, Cluster, sample, scrape, wait_for
 from rl_operator import models as m
 from rl_operator import rayserve
@@ -118,6 +119,10 @@ def test_train_in_the_engine_image_approve_through_the_service_serve_and_canary(
     assert (run["fingerprint"], run["artifactURI"]) == (summary["fingerprint"], summary["artifactURI"])
     assert run["metrics"] == summary["metrics"]
     assert run["artifactURI"].startswith(f"file:///var/lib/rlops/artifacts/{ns}/cartpole/cartpole-1-")
+    # the trainer saw its run's directory only, made by the init container as the trainer's user
+    rest = run["artifactURI"].removeprefix(f"file:///var/lib/rlops/artifacts/{ns}/")
+    assert pod["spec"]["containers"][0]["volumeMounts"][0]["subPath"] == rest
+    assert (ARTIFACTS_HOST_DIR / ns / rest).stat().st_uid == 1000 and (ARTIFACTS_HOST_DIR / ns / rest / "model.pt").is_file()
     logs = c.kubectl("logs", "-n", ns, pod["metadata"]["name"]).stdout
     assert "fingerprint" in logs or "return" in logs, logs[-2000:]
 
@@ -130,8 +135,8 @@ def test_train_in_the_engine_image_approve_through_the_service_serve_and_canary(
     evaluator = trainer_pod(c, ns, "cartpole-1", evaluation=True)
     ecs = evaluator["status"]["containerStatuses"][0]
     assert ecs["imageID"] and "sha256:" in ecs["imageID"] and ecs["containerID"].startswith("containerd://")
-    assert {"name": "artifacts", "mountPath": "/var/lib/rlops/artifacts", "readOnly": True} in \
-        evaluator["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "artifacts", "mountPath": f"/var/lib/rlops/artifacts/{ns}/{rest}", "subPath": rest,
+            "readOnly": True} in evaluator["spec"]["containers"][0]["volumeMounts"]
     assert measured["imageID"] == ecs["imageID"] and measured["fingerprint"] == run["fingerprint"]
     evaluated = wait_for(lambda: (c.get("rollout", "cartpole-1", "-n", ns) or {}).get("spec", {}).get("evaluation"),
                          120, "the Rollout")
@@ -350,6 +355,72 @@ def test_kuberay_makes_the_ray_cluster_and_rlops_serves_on_it(real_cluster, rlop
     ray_status = c.get("raycluster", "rlops-ray", "-n", "rlops-system")["status"]
     conditions = {x["type"]: x["status"] for x in ray_status.get("conditions", [])}
     assert conditions.get("HeadPodReady") == "True", ray_status
+
+
+def snooping_pod(name: str, volume: dict[str, Any], script: str) -> str:
+    """A pod that Pod Security ``restricted`` admits (non-root, no privilege), of the engine
+    image, with ``volume`` at /data, running ``script``."""
+    return yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never",
+                 "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                 "containers": [{"name": "snoop", "image": ENGINE_IMAGE, "command": ["sh", "-c", script],
+                                 "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                                 "volumeMounts": [{"name": "store", "mountPath": "/data"}]}],
+                 "volumes": [{"name": "store", **volume}]}})
+
+
+def test_a_tenant_reaches_no_other_tenants_artifacts(real_cluster, rlops):
+    """An ``edit`` user of one tenant namespace tries every way to the artifact store that the
+    API gives them: the host's directory, the other tenant's volume, a subPath out of their own,
+    and their own claim mounted whole. None reaches the other tenant's files; their own are
+    reachable (so the last attempt could have done harm)."""
+    c = real_cluster
+    a, b = tenant_ns(c), tenant_ns(c)
+    theirs = ARTIFACTS_HOST_DIR / b / "cartpole" / "cartpole-1-0000beef"
+    theirs.mkdir(parents=True)
+    (theirs / "model.pt").write_bytes(b"tenant b's weights")
+    (ARTIFACTS_HOST_DIR / a / "mine.txt").write_bytes(b"tenant a's file")
+    for path in (theirs.parent, theirs, theirs / "model.pt", ARTIFACTS_HOST_DIR / a / "mine.txt"):
+        os.chown(path, 1000, 1000)  # as a trainer of uid 1000 leaves them, the snooper's uid
+    c.kubectl("create", "rolebinding", "mallory-edit", "--clusterrole=edit", "--user=mallory", "-n", a)
+
+    def as_mallory(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return c.kubectl(*args, "-n", a, "--as=mallory", check=False, input=input)
+
+    # the host's directory: Pod Security refuses hostPath volumes
+    out = as_mallory("apply", "-f", "-", input=snooping_pod(
+        "by-host", {"hostPath": {"path": str(ARTIFACTS_HOST_DIR)}}, "ls -R /data"))
+    assert out.returncode != 0 and "hostPath" in out.stderr, out.stdout + out.stderr
+    # tenant b's volume through a claim of a's own: the volume is reserved for b's claim, never bound
+    out = as_mallory("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "theirs"},
+        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "rlops-hostpath",
+                 "resources": {"requests": {"storage": "1Gi"}}, "volumeName": f"rlops-artifacts-{b}"}}))
+    assert out.returncode == 0, out.stderr
+    # out of a's own claim by a subPath: refused by the API's validation
+    escape = yaml.safe_load(snooping_pod("by-subpath", {"persistentVolumeClaim": {"claimName": "rlops-artifacts"}},
+                                         "ls -R /data"))
+    escape["spec"]["containers"][0]["volumeMounts"][0]["subPath"] = f"../{b}"
+    out = as_mallory("apply", "-f", "-", input=yaml.safe_dump(escape))
+    assert out.returncode != 0 and "'..'" in out.stderr, out.stdout + out.stderr
+    # a's own claim, mounted whole: list it, read b's weights by every path, delete what can be deleted
+    script = (f"ls -laR /data; cat /data/{b}/cartpole/*/model.pt /data/../{b}/cartpole/*/model.pt; "
+              "find /data -mindepth 1 -delete; echo listed-after; ls -laR /data")
+    out = as_mallory("apply", "-f", "-", input=snooping_pod(
+        "by-claim", {"persistentVolumeClaim": {"claimName": "rlops-artifacts"}}, script))
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: (c.get("pod", "by-claim", "-n", a) or {}).get("status", {}).get("phase") in ("Succeeded", "Failed"),
+             180, "the snooping pod ran")
+    logs = c.kubectl("logs", "-n", a, "by-claim").stdout
+    assert "mine.txt" in logs.split("listed-after")[0], logs  # its own volume was there to read
+    assert "mine.txt" not in logs.split("listed-after")[1] and not (ARTIFACTS_HOST_DIR / a / "mine.txt").exists()
+    assert "weights" not in logs and b not in logs.replace(f"/data/{b}/", "").replace(f"/data/../{b}/", ""), logs
+    assert (theirs / "model.pt").read_bytes() == b"tenant b's weights"
+    assert c.get("pvc", "theirs", "-n", a)["status"]["phase"] == "Pending"
+    assert c.get("pv", f"rlops-artifacts-{b}")["spec"]["claimRef"]["namespace"] == b
+    print(f"tenant {a} reached none of tenant {b}'s artifacts: hostPath refused, volume not bound, subPath refused, "
+          "its own claim holds its own files only")
 
 
 def test_helm_upgrade_keeps_the_webhook_and_uninstall_leaves_nothing_blocking(real_cluster, rlops):

@@ -7,6 +7,7 @@ import base64
 import json
 import ssl
 import threading
+import time
 
 import httpx
 import jsonpatch
@@ -141,4 +142,49 @@ def test_with_a_client_ca_only_a_caller_with_its_certificate_gets_a_review(tmp_p
                 post(who)
         assert len(calls) == 1
     finally:
+        server.stop()
+
+
+def test_a_flood_of_reviews_is_refused_beyond_what_the_webhook_holds_and_fails_closed(tmp_path):
+    """A review beyond ``workers + max_waiting`` in hand is refused at once (429), without calling
+    ``decide`` (no SubjectAccessReview); the reviews in hand are answered."""
+    files = certs.ensure_webhook_certs(str(tmp_path), ["127.0.0.1"])
+    release, started = threading.Event(), threading.Semaphore(0)
+
+    def decide(_):
+        started.release()
+        release.wait(30)
+        return {}
+
+    port = free_port()
+    server = admission.AdmissionServer("127.0.0.1", port, str(files.cert), str(files.key), decide,
+                                       workers=2, max_waiting=3)
+    server.start()
+    ctx = ssl.create_default_context(cafile=str(files.ca))
+    answers: list[dict] = []
+
+    def post() -> None:
+        with httpx.Client(verify=ctx, timeout=30) as http:
+            answers.append(http.post(f"https://127.0.0.1:{port}/approval", json=review(annotations={})).json())
+
+    try:
+        held = [threading.Thread(target=post) for _ in range(5)]
+        for t in held:
+            t.start()
+        assert started.acquire(timeout=10) and started.acquire(timeout=10)  # both workers busy
+        deadline = time.monotonic() + 10
+        while server._in_hand < 5 and time.monotonic() < deadline:  # and three waiting
+            time.sleep(0.05)
+        for _ in range(4):
+            post()
+        refused = [a["response"] for a in answers]
+        assert len(refused) == 4 and all(r["allowed"] is False and r["status"]["code"] == 429 for r in refused), refused
+        release.set()
+        for t in held:
+            t.join(30)
+        assert [a["response"]["allowed"] for a in answers[4:]] == [True] * 5
+        post()  # room again
+        assert answers[-1]["response"]["allowed"] is True
+    finally:
+        release.set()
         server.stop()

@@ -61,7 +61,10 @@ def test_the_evaluation_job_runs_the_platforms_image_on_a_read_only_artifact_wit
     config = json.loads(next(e["value"] for e in container["env"] if e["name"] == "RLOPS_EVALUATION"))
     assert config == {"artifactURI": run["status"]["artifactURI"], "fingerprint": FP,
                       "environment": {"id": "CartPole-v1", "kwargs": {"a": 1}}, "episodes": 20, "seed": 12345}
-    assert container["volumeMounts"] == [{"name": "artifacts", "mountPath": "/data/art", "readOnly": True}]
+    rest = run["status"]["artifactURI"].removeprefix("file:///data/art/ml/")
+    assert rest.count("/") == 1  # <agent>/<run>: the run's own directory, nothing else of the store
+    assert container["volumeMounts"] == [{"name": "artifacts", "mountPath": f"/data/art/ml/{rest}", "subPath": rest,
+                                          "readOnly": True}]
     assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "artifacts", "readOnly": True}
     assert "nvidia.com/gpu" not in container["resources"]["limits"] and "nodeSelector" not in pod
     assert container["securityContext"]["runAsNonRoot"] and container["securityContext"]["capabilities"] == {"drop": ["ALL"]}

@@ -148,6 +148,17 @@ def test_observe_run_failure_falls_back_to_log_tail_and_job_reason():
     assert status.failure_message.startswith("trainer exited with code 137") and "Killed" in status.failure_message
 
 
+def test_a_run_whose_artifact_directory_cannot_be_made_says_so():
+    run = run_for(agent())
+    failed = pod("Failed")
+    failed["status"]["initContainerStatuses"] = [{"name": training.ARTIFACT_DIR_CONTAINER, "state": {"terminated": {
+        "exitCode": 1, "message": "mkdir: cannot create directory 'cartpole': Permission denied\n"}}}]
+    status, events = training.observe_run(run, job_with(("Failed", "BackoffLimitExceeded")), [failed], AT)
+    assert status.failure_reason == "ArtifactDirectoryFailed"
+    assert "writable by the trainer's user" in status.failure_message and "Permission denied" in status.failure_message
+    assert [e.reason for e in events] == ["TrainingFailed"]
+
+
 def test_success_without_summary_is_a_failure():
     run = run_for(agent())
     done = pod("Succeeded", {"exitCode": 0, "reason": "Completed", "message": ""})
@@ -296,5 +307,34 @@ def test_the_reclaim_job_deletes_exactly_the_runs_artifact_and_belongs_to_no_run
     assert "nvidia.com/gpu" not in c["resources"]["limits"] and "nodeSelector" not in pod
     assert {t["key"] for t in pod["tolerations"]} == {"nvidia.com/gpu", "pool"}
     assert pod["volumes"] == [{"name": "artifacts", "persistentVolumeClaim": {"claimName": "artifacts"}}]
-    assert c["volumeMounts"] == [{"name": "artifacts", "mountPath": "/data/art"}]
+    # the agent's directory of the namespace's claim, which holds the namespace's files only
+    assert c["volumeMounts"] == [{"name": "artifacts", "mountPath": "/data/art/ml/cartpole", "subPath": "cartpole"}]
     assert job["spec"]["ttlSecondsAfterFinished"] == 600 and c["securityContext"]["runAsNonRoot"]
+
+
+def test_a_trainer_sees_only_its_own_runs_directory_of_its_namespaces_claim():
+    run = run_for(agent(), uid="0f6c1c52-0000-4000-8000-00000000abcd")
+    settings = OperatorSettings(artifact_root="file:///data/art/", artifact_pvc="artifacts")
+    pod = training.desired_job(run, settings)["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["volumeMounts"] == [{"name": "artifacts", "mountPath": "/data/art/ml/cartpole/cartpole-1-0f6c1c52",
+                                  "subPath": "cartpole/cartpole-1-0f6c1c52"}]
+    # the kubelet would make that subPath as root: the init container makes it as the trainer
+    (init,) = pod["initContainers"]
+    assert init["image"] == settings.evaluator_image and init["command"] == [
+        "mkdir", "-p", "/data/art/ml/cartpole/cartpole-1-0f6c1c52"]
+    assert init["volumeMounts"] == [{"name": "artifacts", "mountPath": "/data/art/ml"}]
+    assert init["securityContext"] == c["securityContext"] and init["securityContext"]["runAsUser"] == 1000
+    # without a claim (an object store, or no volume), nothing is mounted and nothing made
+    for other in (OperatorSettings(artifact_root="file:///data/art"),
+                  OperatorSettings(artifact_root="s3://bucket/art", artifact_pvc="artifacts")):
+        pod = training.desired_job(run, other)["spec"]["template"]["spec"]
+        assert "initContainers" not in pod and "volumeMounts" not in pod["containers"][0]
+
+
+def test_an_artifact_uri_outside_the_root_is_never_mounted():
+    settings = OperatorSettings(artifact_root="file:///data/art", artifact_pvc="artifacts")
+    assert training.artifact_paths(settings, "file:///data/art/ml/a/r-1") == ("/data/art/ml", "a/r-1")
+    for uri in ("file:///data/artist/ml/a/r", "file:///etc/ml/a/r", "file:///data/art/ml"):
+        with pytest.raises(ValueError, match="not under the artifact root"):
+            training.artifact_paths(settings, uri)
