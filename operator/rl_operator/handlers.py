@@ -1109,11 +1109,13 @@ def _act(namespace: str, agent: str, spec: m.RLAgentSpec, acts: rollout.Actions,
     if acts.deploy is not None:
         versions = {v: (e if e is not None else entries[v]) for v, e in acts.deploy["versions"].items()}
         reward = spec.canary.analysis.reward_range
+        per_client = spec.canary.analysis.feedback_per_client
         key = _KEY["value"]
         config = rayserve.app_config(
             namespace, agent, versions, acts.deploy["weights"], max_batch_size=spec.serving.max_batch_size,
             feedback_key=trust.derive_key(key, f"feedback:{app}").hex() if key else None,
-            reward_min=reward.min, reward_max=reward.max, artifact_root=SETTINGS.artifact_root,
+            reward_min=reward.min, reward_max=reward.max, feedback_per_client_per_minute=per_client.max_per_minute,
+            feedback_client_header=per_client.client_header, artifact_root=SETTINGS.artifact_root,
             router_extras=acts.router_extras)
         rayserve.apply_application(SETTINGS.ray_dashboard_url, config)
 

@@ -19,6 +19,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from rl_engine.serving import contract
+
 GROUP = "rlops.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -381,6 +383,27 @@ class RewardRange(_Model):
     )
 
 
+class FeedbackPerClientSpec(_Model):
+    """How much feedback one client may send: a share of the samples the analysis compares."""
+
+    max_per_minute: int = Field(
+        contract.DEFAULT_FEEDBACK_PER_CLIENT_PER_MINUTE, ge=0, le=contract.MAX_FEEDBACK_PER_CLIENT_PER_MINUTE,
+        description=(
+            "A client may send at most this many feedbacks per minute to one router replica (counted from its "
+            "first feedback of the minute); more get HTTP 429 and are not counted, and their request ids stay "
+            "usable until the feedback TTL. This bounds how much of a version's feedback one client supplies. "
+            "0: no cap."))
+    client_header: str = Field(
+        "", max_length=contract.MAX_HEADER_NAME_LENGTH, pattern=contract.HEADER_NAME_PATTERN,
+        description=(
+            "Empty: a client is the source address of its request, as Ray Serve sees it (behind a gateway or a "
+            "load balancer that hides client addresses, every client is that one address). Otherwise the name of "
+            "an HTTP header whose value names the client (the last comma-separated element, e.g. of "
+            "X-Forwarded-For); a request without it counts by its address. Name a header only a trusted gateway in "
+            "front of Ray Serve sets, overwriting what clients send: a client that can set it can claim any "
+            "number of clients."))
+
+
 class AnalysisSpec(_Model):
     """Checks run against Prometheus while the canary takes traffic (defaults: the usual rollback conditions)."""
 
@@ -421,6 +444,12 @@ class AnalysisSpec(_Model):
             "The canary is rolled back when more than this many measurements in a row could not be taken "
             "(Prometheus unreachable, or a query failing), one every intervalSeconds: a canary does not keep its "
             "traffic unmeasured. A measurement that succeeds, whatever its verdict, starts the count again."))
+    feedback_per_client: FeedbackPerClientSpec = Field(
+        default_factory=FeedbackPerClientSpec,
+        description=(
+            "A cap on the feedback of each client (POST /<namespace>/<agent>/feedback), so that one client cannot "
+            "supply most of the feedback the analysis compares. Applied when the Serve application is next "
+            "deployed (a canary starting or ending)."))
 
 
 class CircuitBreakerSpec(_Model):

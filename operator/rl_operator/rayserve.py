@@ -35,7 +35,14 @@ import time
 from typing import Any, Mapping
 
 import httpx
-from rl_engine.serving.contract import IMPORT_PATH, ROUTER_DEPLOYMENT, VERSION_KEYS, WEIGHTS_KEY
+from rl_engine.serving.contract import (
+    DEFAULT_FEEDBACK_PER_CLIENT_PER_MINUTE,
+    IMPORT_PATH,
+    ROUTER_DEPLOYMENT,
+    VERSION_KEYS,
+    WEIGHTS_KEY,
+    feedback_cap_errors,
+)
 
 __all__ = [
     "IMPORT_PATH",
@@ -163,6 +170,8 @@ def app_config(
     reward_min: float = -1.0,
     reward_max: float = 1.0,
     feedback_ttl_seconds: int = 600,
+    feedback_per_client_per_minute: int = DEFAULT_FEEDBACK_PER_CLIENT_PER_MINUTE,
+    feedback_client_header: str = "",
     artifact_root: str | None = None,
     router_extras: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -183,6 +192,12 @@ def app_config(
             finite, ``reward_min < reward_max``: ``spec.canary.analysis.rewardRange``).
         feedback_ttl_seconds: feedback is accepted this many seconds after the answer
             (integer in [1, 86400]).
+        feedback_per_client_per_minute: feedbacks one client may send to one router replica
+            per minute (integer in [0, 1000000]; 0: no cap); more get 429 and are not counted
+            (``spec.canary.analysis.feedbackPerClient.maxPerMinute``).
+        feedback_client_header: ``""``: a client is its source address; else the HTTP header
+            (set by a trusted gateway) whose value names the client
+            (``spec.canary.analysis.feedbackPerClient.clientHeader``).
         artifact_root: when set, the serving replicas refuse any artifact URI that is not under
             ``<artifact_root>/<namespace>/<agent>/`` (``args.artifactRoot``).
         router_extras: the router's ``user_config`` besides the weights (``shadow``,
@@ -190,7 +205,8 @@ def app_config(
 
     Returns:
         ``{"name", "route_prefix", "import_path", "args", "deployments": [router user_config]}``;
-        ``args.feedback`` is ``{"key"?, "rewardMin", "rewardMax", "ttlSeconds"}``.
+        ``args.feedback`` is ``{"key"?, "rewardMin", "rewardMax", "ttlSeconds", "perClientPerMinute",
+        "clientHeader"}``.
 
     Raises:
         ValueError: no versions, a malformed version entry, invalid weights, or invalid
@@ -211,8 +227,13 @@ def app_config(
     if isinstance(feedback_ttl_seconds, bool) or not isinstance(feedback_ttl_seconds, int) \
             or not 1 <= feedback_ttl_seconds <= 86400:
         raise ValueError(f"feedback_ttl_seconds: must be an integer in [1, 86400], got {feedback_ttl_seconds!r}")
+    cap_errors = feedback_cap_errors(feedback_per_client_per_minute, feedback_client_header)
+    if cap_errors:
+        raise ValueError("; ".join(f"args.feedback.{e}" for e in cap_errors))
     feedback: dict[str, Any] = {"rewardMin": float(reward_min), "rewardMax": float(reward_max),
-                                "ttlSeconds": feedback_ttl_seconds}
+                                "ttlSeconds": feedback_ttl_seconds,
+                                "perClientPerMinute": feedback_per_client_per_minute,
+                                "clientHeader": feedback_client_header}
     if feedback_key is not None:
         feedback["key"] = feedback_key
     return {

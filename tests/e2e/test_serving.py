@@ -50,6 +50,7 @@ M = {  # exported Prometheus series (see docs/serving.md)
     "negative": "ray_rlops_serve_negative_feedback_total",
     "reward_scaled_count": "ray_rlops_serve_feedback_reward_scaled_count",
     "reward_scaled_sum": "ray_rlops_serve_feedback_reward_scaled_sum",
+    "feedback_capped": "ray_rlops_serve_feedback_capped_total",
 }
 
 
@@ -276,7 +277,8 @@ def test_feedback_credits_the_version_that_answered(ray_head, client):
         assert fragment in resp.json()["error"], (body, resp.text)
     info = client.info()["feedback"]
     assert info == {"configured": True, "rewardMin": -1.0, "rewardMax": 1.0, "ttlSeconds": 600,
-                    "remembered": sum(sent.values())}, info
+                    "remembered": sum(sent.values()), "perClientPerMinute": 600, "clientHeader": "",
+                    "clients": 1}, info  # every request came from this process: one address
 
     labels = {"namespace": NAMESPACE, "agent": AGENT}
     ray_head.wait_metric(M["feedback"], sent[STABLE], version=STABLE, **labels)
@@ -357,6 +359,51 @@ def test_an_artifact_that_is_not_the_approved_one_is_not_served(ray_head, artifa
         with pytest.raises(rayserve.DeployFailed, match="fingerprint"):
             rayserve.wait_running(ray_head.dashboard, config["name"], DEPLOY_TIMEOUT, expect=config)
         assert rayserve.application_status(ray_head.dashboard, config["name"]) == "DEPLOY_FAILED"
+    finally:
+        rayserve.delete_application(ray_head.dashboard, config["name"])
+    bystander.assert_intact()
+
+
+def test_feedback_beyond_a_clients_cap_gets_429_and_is_not_counted(ray_head, artifacts, bystander):
+    """A client (the value of a gateway's header, else the source address) gets at most
+    ``perClientPerMinute`` feedbacks counted a minute; the rest get 429, count only as capped, and
+    their request ids stay usable; another client is counted apart."""
+    cap, agent = 5, "capped"
+    config = rayserve.app_config(NAMESPACE, agent, {STABLE: artifacts[STABLE]}, {STABLE: 100},
+                                 feedback_key=FEEDBACK_KEY, feedback_per_client_per_minute=cap,
+                                 feedback_client_header="X-Client-Id")
+    rayserve.apply_application(ray_head.dashboard, config)
+    try:
+        rayserve.wait_running(ray_head.dashboard, config["name"], DEPLOY_TIMEOUT, expect=config)
+        url = f"{ray_head.serve}/{NAMESPACE}/{agent}"
+        with httpx.Client(timeout=60) as http:
+            ids = [http.post(url, json={"observation": OBS}).json()["request_id"] for _ in range(20)]
+
+            def send(rid, client=None):
+                headers = {"X-Client-Id": client} if client else {}
+                return http.post(f"{url}/feedback", json={"request_id": rid, "reward": 1.0}, headers=headers)
+
+            alice = [send(rid, "alice") for rid in ids[:8]]
+            assert [r.status_code for r in alice] == [200] * cap + [429] * 3, [r.text for r in alice]
+            refused = alice[-1]
+            assert f"over the cap of {cap} feedbacks per minute from one client" in refused.json()["error"]
+            assert 1 <= int(refused.headers["retry-after"]) <= 60
+            # another client is counted apart, and the ids refused to alice were not used up
+            assert [send(rid, "bob").status_code for rid in ids[cap:8] + ids[8:10]] == [200] * 5
+            assert send(ids[10], "bob").status_code == 429
+            # without the header, the client is the address the Serve proxy saw (this process's)
+            assert [send(rid).status_code for rid in ids[10:17]] == [200] * cap + [429] * 2
+            # ... which, for a connection from loopback (uvicorn's FORWARDED_ALLOW_IPS), it takes
+            # from X-Forwarded-For: on the Ray head's machine a client can name any address
+            spoofed = http.post(f"{url}/feedback", json={"request_id": ids[17], "reward": 1.0},
+                                headers={"X-Forwarded-For": "203.0.113.9"})
+            assert spoofed.status_code == 200, spoofed.text
+            info = http.get(url).json()["feedback"]
+        assert (info["perClientPerMinute"], info["clientHeader"], info["clients"]) == (cap, "X-Client-Id", 4), info
+        labels = {"namespace": NAMESPACE, "agent": agent, "version": STABLE}
+        ray_head.wait_metric(M["feedback"], 3 * cap + 1, **labels)
+        ray_head.wait_metric(M["feedback_capped"], 3 + 1 + 2, **labels)
+        ray_head.wait_metric(M["reward_scaled_count"], 3 * cap + 1, **labels)
     finally:
         rayserve.delete_application(ray_head.dashboard, config["name"])
     bystander.assert_intact()

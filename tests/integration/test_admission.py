@@ -26,9 +26,13 @@ spec:
         ("  environment: {id: ''}", "spec.environment.id", "at least 1 chars long"),
         ("  environment: {id: CartPole-v1, numEnvs: 4096}", "spec.environment.numEnvs",
          "numEnvs above 1024 needs backend: torch"),
+        ("  environment: {id: CartPole-v1}\n  canary: {analysis: {feedbackPerClient: {clientHeader: 'X Client'}}}",
+         "spec.canary.analysis.feedbackPerClient.clientHeader", "should match"),
+        ("  environment: {id: CartPole-v1}\n  canary: {analysis: {feedbackPerClient: {maxPerMinute: -1}}}",
+         "spec.canary.analysis.feedbackPerClient.maxPerMinute", "greater than or equal to 0"),
     ],
     ids=["negative-gpu", "unknown-algorithm", "missing-environment", "cel-eval-interval", "empty-env-id",
-         "cel-num-envs-backend"],
+         "cel-num-envs-backend", "feedback-client-header", "feedback-per-minute"],
 )
 def test_bad_agent_is_refused_naming_the_field(cluster, namespace, spec, field, why):
     proc = cluster.apply(AGENT.format(name="bad", spec=spec), namespace)
@@ -51,6 +55,7 @@ def test_defaults_are_applied_by_the_api_server(cluster, namespace):
     assert spec["training"]["activeDeadlineSeconds"] == 3600
     assert spec["evaluation"]["episodes"] == 20
     assert spec["environment"]["numEnvs"] == 8
+    assert spec["canary"]["analysis"]["feedbackPerClient"] == {"maxPerMinute": 600, "clientHeader": ""}
 
 
 def test_rbac_is_enforced(cluster):

@@ -115,7 +115,10 @@ def test_rollout_outside_the_owner_chain_is_ignored(cluster, tenant):
     ({"canary": {"steps": [{"setWeight": 100}]}}, "spec.canary"),
     ({"canary": {"analysis": {"maxErrorRate": 1.0}}}, "spec.canary"),
     ({"canary": {"analysis": {"minSampleCount": 1000000000}}}, "spec.canary"),
-], ids=["auto-approval", "service-accounts", "skip-steps", "error-threshold", "sample-count"])
+    ({"canary": {"analysis": {"feedbackPerClient": {"maxPerMinute": 0}}}}, "spec.canary"),
+    ({"canary": {"analysis": {"feedbackPerClient": {"clientHeader": "X-Anyone"}}}}, "spec.canary"),
+], ids=["auto-approval", "service-accounts", "skip-steps", "error-threshold", "sample-count", "feedback-cap-off",
+        "feedback-client-header"])
 def test_policy_changes_need_the_approve_verb(cluster, tenant, patch, field):
     proc = as_user(cluster, MALLORY, "patch", "rlagent", "gate", "-n", tenant, "--type=merge",
                    "-p", json.dumps({"spec": patch}))

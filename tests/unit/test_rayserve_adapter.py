@@ -6,6 +6,7 @@ The HTTP parts are exercised against a real Ray Serve in ``tests/e2e/test_servin
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 
@@ -47,7 +48,8 @@ def test_app_config_layout():
         "import_path": "rl_engine.serving.app:build_app",
         "args": {"agent": "cartpole", "namespace": "default", "versions": VERSIONS,
                  "maxBatchSize": 32, "batchWaitTimeoutS": 0.002,
-                 "feedback": {"rewardMin": -1.0, "rewardMax": 1.0, "ttlSeconds": 600}},
+                 "feedback": {"rewardMin": -1.0, "rewardMax": 1.0, "ttlSeconds": 600, "perClientPerMinute": 600,
+                              "clientHeader": ""}},
         "deployments": [{"name": "router", "user_config": {"weights": {"v1": 90, "v2": 10}}}],
     }
     assert rs.app_name("default", "cartpole") == "default.cartpole"
@@ -58,9 +60,11 @@ def test_app_config_feedback_args_are_what_the_router_accepts():
 
     key = "3c" * 32
     cfg = rs.app_config("default", "cartpole", VERSIONS, {"v1": 100}, feedback_key=key, reward_min=0, reward_max=5,
-                        feedback_ttl_seconds=120)
-    assert cfg["args"]["feedback"] == {"key": key, "rewardMin": 0.0, "rewardMax": 5.0, "ttlSeconds": 120}
-    assert parse_args(cfg["args"]).feedback == FeedbackConfig(bytes.fromhex(key), 0.0, 5.0, 120)
+                        feedback_ttl_seconds=120, feedback_per_client_per_minute=30,
+                        feedback_client_header="X-Client-Id")
+    assert cfg["args"]["feedback"] == {"key": key, "rewardMin": 0.0, "rewardMax": 5.0, "ttlSeconds": 120,
+                                       "perClientPerMinute": 30, "clientHeader": "X-Client-Id"}
+    assert parse_args(cfg["args"]).feedback == FeedbackConfig(bytes.fromhex(key), 0.0, 5.0, 120, 30, "X-Client-Id")
     # Without a key the router refuses all feedback (503): the args say so by having no key.
     assert parse_args(rs.app_config("default", "cartpole", VERSIONS, {"v1": 100})["args"]).feedback.key is None
 
@@ -74,9 +78,16 @@ def test_app_config_feedback_args_are_what_the_router_accepts():
     ({"reward_min": float("-inf")}, "reward_min < reward_max"),
     ({"feedback_ttl_seconds": 0}, "feedback_ttl_seconds"),
     ({"feedback_ttl_seconds": 60.0}, "feedback_ttl_seconds"),
+    ({"feedback_per_client_per_minute": -1}, "args.feedback.perClientPerMinute: must be an integer in [0, 1000000]"),
+    ({"feedback_per_client_per_minute": 10.0}, "args.feedback.perClientPerMinute: must be an integer"),
+    ({"feedback_per_client_per_minute": True}, "args.feedback.perClientPerMinute: must be an integer"),
+    ({"feedback_client_header": "X Client"}, "args.feedback.clientHeader: must be empty (the source address) or an "
+                                             "HTTP header name"),
+    ({"feedback_client_header": "X-Id:"}, "args.feedback.clientHeader"),
+    ({"feedback_client_header": None}, "args.feedback.clientHeader"),
 ])
 def test_app_config_refuses_invalid_feedback_settings(kwargs, fragment):
-    with pytest.raises(ValueError, match=fragment) as exc:
+    with pytest.raises(ValueError, match=re.escape(fragment)) as exc:
         rs.app_config("default", "cartpole", VERSIONS, {"v1": 100}, **kwargs)
     assert "not-hex" not in str(exc.value)  # the key is never repeated
 

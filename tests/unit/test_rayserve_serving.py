@@ -232,11 +232,23 @@ def test_malformed_request_ids(rid):
 
 def test_parse_args_feedback():
     assert sc.parse_args(ARGS).feedback == sc.FeedbackConfig(key=None, reward_min=-1.0, reward_max=1.0,
-                                                              ttl_seconds=600)
+                                                              ttl_seconds=600, per_client_per_minute=600,
+                                                              client_header="")
     cfg = sc.parse_args({**ARGS, "feedback": {"key": "5e" * 32, "rewardMin": 0, "rewardMax": 5, "ttlSeconds": 30}})
     assert cfg.feedback == sc.FeedbackConfig(key=KEY, reward_min=0.0, reward_max=5.0, ttl_seconds=30)
     assert "5e5e" not in repr(cfg)  # the key is a secret: not in reprs (logs)
     assert [cfg.feedback.scaled(r) for r in (0, 2.5, 5, 1.25)] == [0.0, 0.5, 1.0, 0.25]
+
+
+@pytest.mark.parametrize("cap, per_minute, header", [
+    ({}, 600, ""),
+    ({"perClientPerMinute": 0}, 0, ""),
+    ({"perClientPerMinute": 1_000_000, "clientHeader": "X-Forwarded-For"}, 1_000_000, "X-Forwarded-For"),
+    ({"clientHeader": "x-client_id.v2~!#$%&'*+^`|"}, 600, "x-client_id.v2~!#$%&'*+^`|"),
+])
+def test_parse_args_feedback_per_client_cap(cap, per_minute, header):
+    fb = sc.parse_args({**ARGS, "feedback": {"key": "5e" * 32, **cap}}).feedback
+    assert (fb.per_client_per_minute, fb.client_header) == (per_minute, header)
 
 
 @pytest.mark.parametrize("feedback, fragment", [
@@ -250,6 +262,19 @@ def test_parse_args_feedback():
     ({"ttlSeconds": 0}, "args.feedback.ttlSeconds: must be in [1, 86400]"),
     ({"ttlSeconds": 1.5}, "args.feedback.ttlSeconds: must be an integer"),
     ({"secret": "x"}, "args.feedback.secret: unknown field"),
+    ({"perClientPerMinute": -1}, "args.feedback.perClientPerMinute: must be an integer in [0, 1000000] (0: no cap), "
+                                 "got -1"),
+    ({"perClientPerMinute": 1_000_001}, "args.feedback.perClientPerMinute: must be an integer in [0, 1000000]"),
+    ({"perClientPerMinute": 60.0}, "args.feedback.perClientPerMinute: must be an integer"),
+    ({"perClientPerMinute": True}, "args.feedback.perClientPerMinute: must be an integer"),
+    ({"perClientPerMinute": "600"}, "args.feedback.perClientPerMinute: must be an integer"),
+    ({"clientHeader": "X Client"}, "args.feedback.clientHeader: must be empty (the source address) or an HTTP header "
+                                   "name (letters, digits and !#$%&'*+-.^_`|~, at most 128 characters), got 'X Client'"),
+    ({"clientHeader": "X-Client:"}, "args.feedback.clientHeader: must be empty"),
+    ({"clientHeader": "X-Client\n"}, "args.feedback.clientHeader: must be empty"),
+    ({"clientHeader": "é"}, "args.feedback.clientHeader: must be empty"),
+    ({"clientHeader": "x" * 129}, "args.feedback.clientHeader: must be empty"),
+    ({"clientHeader": None}, "args.feedback.clientHeader: must be empty"),
     ("on", "args.feedback: must be an object"),
 ])
 def test_parse_args_feedback_errors(feedback, fragment):
@@ -388,7 +413,8 @@ class _Policy:
         return {"action": 1}
 
 
-def _post(router, path, body):
+def _send(router, path, body, headers=(), client=None):
+    """The router's response to a POST of ``body`` from ``client`` ((host, port), as the Serve proxy passes it)."""
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
 
     async def receive():
@@ -396,8 +422,12 @@ def _post(router, path, body):
 
     from starlette.requests import Request
     scope = {"type": "http", "method": "POST", "path": "/default/cartpole" + path, "root_path": "/default/cartpole",
-             "headers": [], "query_string": b""}
-    resp = asyncio.run(router(Request(scope, receive)))
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers], "query_string": b"", "client": client}
+    return asyncio.run(router(Request(scope, receive)))
+
+
+def _post(router, path, body, headers=(), client=None):
+    resp = _send(router, path, body, headers, client)
     return resp.status_code, json.loads(resp.body)
 
 
@@ -453,6 +483,47 @@ def test_router_feedback_codes(monkeypatch):
     restarted = _router(monkeypatch, {"key": "5e" * 32, "ttlSeconds": 600})
     code, body = _post(restarted, "/feedback", {"request_id": rid, "reward": 1.0})
     assert code == 409 and "issued before this router replica started" in body["error"]
+
+
+def test_router_caps_the_feedback_of_each_client_and_keeps_refused_ids_usable(monkeypatch):
+    router = _router(monkeypatch, {"key": "5e" * 32, "perClientPerMinute": 3, "clientHeader": "X-Client-Id"})
+    ids = [_post(router, "", {"observation": [0.0] * 4})[1] for _ in range(8)]
+    alice, bob = [("X-Client-Id", "alice")], [("X-Client-Id", "bob")]
+    codes = [_post(router, "/feedback", {"request_id": a["request_id"], "reward": 1.0}, alice)[0] for a in ids[:5]]
+    assert codes == [200, 200, 200, 429, 429]
+    resp = _send(router, "/feedback", {"request_id": ids[3]["request_id"], "reward": 1.0}, alice)
+    body = json.loads(resp.body)
+    assert resp.status_code == 429 and int(resp.headers["retry-after"]) in range(1, 61), resp.headers
+    assert body["error"].startswith("feedback: over the cap of 3 feedbacks per minute from one client to this router "
+                                    "replica (spec.canary.analysis.feedbackPerClient.maxPerMinute); this one was not "
+                                    "counted. Send it again in "), body
+    assert (body["version"], body["request_id"]) == (ids[3]["version"], ids[3]["request_id"])
+    # Only feedback that would be counted is capped: the cheaper checks answer first, whatever the cap.
+    assert _post(router, "/feedback", {"request_id": ids[0]["request_id"], "reward": 1.0}, alice)[0] == 409
+    assert _post(router, "/feedback", {"request_id": ids[5]["request_id"], "reward": 9.0}, alice)[0] == 400
+    # The header's last element names the client (what the nearest gateway wrote); another client is counted apart.
+    assert _post(router, "/feedback", {"request_id": ids[5]["request_id"], "reward": 1.0},
+                 [("X-Client-Id", "bob, alice")])[0] == 429
+    # A refused id was not used up: another client (or alice, a minute later) may send it.
+    assert [_post(router, "/feedback", {"request_id": a["request_id"], "reward": -1.0}, bob)[0]
+            for a in ids[3:6]] == [200, 200, 200]
+    # Without the header, the client is the source address.
+    assert [_post(router, "/feedback", {"request_id": a["request_id"], "reward": 1.0}, client=("10.0.0.7", 5000))[0]
+            for a in ids[6:8]] == [200, 200]
+    counted = _counted(router)
+    assert len(counted["rlops_serve_feedback"]) == 3 + 3 + 2
+    assert counted["rlops_serve_feedback_reward_negative"] == [(a["version"], 1.0) for a in ids[3:6]]
+    assert router.m_feedback_capped.values == [(a["version"], 1) for a in (ids[3], ids[4], ids[3], ids[5])]
+    info = router.info()["feedback"]
+    assert (info["perClientPerMinute"], info["clientHeader"], info["clients"], info["remembered"]) == \
+        (3, "X-Client-Id", 3, 8)
+
+
+def test_router_without_a_cap_counts_every_feedback(monkeypatch):
+    router = _router(monkeypatch, {"key": "5e" * 32, "perClientPerMinute": 0})
+    ids = [_post(router, "", {"observation": [0.0] * 4})[1]["request_id"] for _ in range(700)]
+    assert {_post(router, "/feedback", {"request_id": rid, "reward": 1.0})[0] for rid in ids} == {200}
+    assert len(router.m_feedback.values) == 700 and router.m_feedback_capped.values == []
 
 
 def test_router_without_a_feedback_key_refuses_all_feedback(monkeypatch):

@@ -32,6 +32,7 @@ from .config import (
     ComparisonLedger,
     RouterConfig,
     DuplicateFeedback,
+    Feedback,
     FeedbackLedger,
     FeedbackUnavailable,
     ServingConfig,
@@ -43,6 +44,7 @@ from .config import (
     parse_router_config,
     policy_deployment_name,
 )
+from .feedback_cap import FeedbackCap, client_key
 # ray.util.metrics names, exported by Ray's metrics agent as ``ray_<name>`` (counters with a
 # ``_total`` suffix): the operator's analysis queries them by the same names (docs/serving.md)
 from .contract import METRIC_NAMES, METRIC_TAGS
@@ -246,6 +248,8 @@ _ROUTER_METRICS: dict[str, tuple[str, str, str]] = {
     "m_circuit_opens": ("circuit_opens", "counter", "Times the circuit breaker opened on this version's failures."),
     "m_fallbacks": ("circuit_fallbacks", "counter", "Requests of this version answered by stable (failed, or breaker "
                                                     "open)."),
+    "m_feedback_capped": ("feedback_capped", "counter", "Feedback refused by the per-client cap (HTTP 429), by the "
+                                                        "version its request id names."),
 }
 
 
@@ -278,7 +282,8 @@ class Router:
       400 for a malformed, forged, altered or expired ``request_id`` or a reward outside
       the declared range, 409 for a second feedback on the same ``request_id`` (this
       replica remembers credited ids until they expire, and refuses ids issued before it
-      started), 503 when no feedback key is configured
+      started), 429 for a valid feedback beyond ``args.feedback.perClientPerMinute`` of its
+      client (not counted, the id stays unused), 503 when no feedback key is configured
     * ``GET /`` -> the router's identity (pid, replica id) and current weights
 
     Request ids are signed with ``args.feedback.key`` (HMAC-SHA256, bound to the version, the
@@ -326,6 +331,7 @@ class Router:
         # but every feedback is refused with 503: nothing unsigned reaches the metrics.
         self.id_key = self.config.feedback.key or secrets.token_bytes(32)
         self.ledger = FeedbackLedger()
+        self.cap = FeedbackCap(self.config.feedback.per_client_per_minute)
         self.router_config = RouterConfig(dict(self.weights))  # no split before the first reconfigure
         self.breaker: CircuitBreaker | None = None
         self.comparisons = ComparisonLedger()
@@ -376,7 +382,9 @@ class Router:
                 "mirrorsQueued": len(self.mirror_queue), "mirrorBatchesInFlight": self.mirror_batches, "pid": os.getpid(), "replica": _replica_id(),
                 "reconfigurations": self.reconfigurations, "startedAt": self.started_at,
                 "feedback": {"configured": fb.key is not None, "rewardMin": fb.reward_min, "rewardMax": fb.reward_max,
-                             "ttlSeconds": fb.ttl_seconds, "remembered": len(self.ledger)}}
+                             "ttlSeconds": fb.ttl_seconds, "remembered": len(self.ledger),
+                             "perClientPerMinute": fb.per_client_per_minute, "clientHeader": fb.client_header,
+                             "clients": len(self.cap)}}
 
     async def __call__(self, request: Request) -> JSONResponse:
         path = _subpath(request)
@@ -526,20 +534,45 @@ class Router:
 
     async def feedback(self, request: Request) -> JSONResponse:
         """Credit one feedback to the version its (verified, unexpired, not yet credited)
-        request id names. 400 / 409 / 503 as in the class docstring; nothing is counted then."""
+        request id names, within its client's cap. 400 / 409 / 429 / 503 as in the class
+        docstring; nothing is counted then but a 429 (``rlops_serve_feedback_capped``)."""
         cfg = self.config.feedback
         try:
             body = await _json_body(request)
             now = time.time()
             fb = parse_feedback(body, self.config.versions, cfg, scope=self.scope, now=now)
-            # No await between the check and the record: one event loop, so no double credit.
-            self.ledger.credit(fb.request_id, fb.issued_at + cfg.ttl_seconds, now, issued_at=fb.issued_at)
+            # No await from this check to the credit: one event loop, so no double credit.
+            self.ledger.check(fb.request_id, now, issued_at=fb.issued_at)
         except FeedbackUnavailable as err:
             return _error(503, str(err))
         except DuplicateFeedback as err:
             return _error(409, str(err))
         except BadRequest as err:
             return _error(400, str(err))
+        # The cap counts only feedback that would be counted: spending a client's share takes
+        # real, unused request ids, and a refused one stays unused (docs/serving.md).
+        client = client_key(request.client.host if request.client else None,
+                            request.headers.getlist(cfg.client_header) if cfg.client_header else ())
+        if not self.cap.hit(client):
+            self.m_feedback_capped.inc(1, {"version": fb.version})
+            return self._capped(fb, self.cap.retry_after(client))
+        self.ledger.credit(fb.request_id, fb.issued_at + cfg.ttl_seconds, now, issued_at=fb.issued_at)
+        self._count_feedback(fb, now)
+        return JSONResponse({"ok": True, "version": fb.version, "request_id": fb.request_id})
+
+    def _capped(self, fb: Feedback, retry_after: int) -> JSONResponse:
+        """The 429 of a feedback over its client's cap, with ``Retry-After`` (seconds)."""
+        cfg = self.config.feedback
+        message = (f"feedback: over the cap of {cfg.per_client_per_minute} feedbacks per minute from one client "
+                   f"to this router replica (spec.canary.analysis.feedbackPerClient.maxPerMinute); this one was "
+                   f"not counted. Send it again in {retry_after} s: its request_id stays unused until "
+                   f"{cfg.ttl_seconds} s after the answer")
+        return JSONResponse({"error": message, "version": fb.version, "request_id": fb.request_id},
+                            status_code=429, headers={"Retry-After": str(retry_after)})
+
+    def _count_feedback(self, fb: Feedback, now: float) -> None:
+        """The metrics of one credited feedback, and the override it judges."""
+        cfg = self.config.feedback
         tags = {"version": fb.version}
         self.m_feedback.inc(1, tags)
         if fb.reward > 0:
@@ -555,7 +588,6 @@ class Router:
             self.m_override_feedback.inc(1, {"version": evaluated})
             if right:
                 self.m_override_correct.inc(1, {"version": evaluated})
-        return JSONResponse({"ok": True, "version": fb.version, "request_id": fb.request_id})
 
 
 def _policy(cfg: ServingConfig, version: str) -> Application:

@@ -38,6 +38,7 @@ from ..artifacts import uri_parts
 # the names the operator writes and reads too (router, versions, args fields): one home
 from .contract import (
     ARGS_KEYS as _ARGS_KEYS,
+    DEFAULT_FEEDBACK_PER_CLIENT_PER_MINUTE,
     FEEDBACK_KEYS as _FEEDBACK_KEYS,
     BASELINE_KEY,
     BREAKER_KEY,
@@ -48,6 +49,7 @@ from .contract import (
     VERSION_KEYS as _VERSION_KEYS,
     VERSION_RE,
     WEIGHTS_KEY,
+    feedback_cap_errors,
     policy_deployment_name,
 )
 
@@ -137,12 +139,19 @@ class FeedbackConfig:
         reward_min, reward_max: the declared range of the feedback reward (reward units,
             ``min < max``, both finite); a reward outside it is refused with 400.
         ttl_seconds: feedback is accepted for this many seconds after the answer.
+        per_client_per_minute: feedbacks one client may send to one router replica per minute
+            (``perClientPerMinute``); more get 429 and are not counted. 0: no cap.
+        client_header: ``clientHeader``: ``""``, the client is the request's source address;
+            else the name of the HTTP header (set by a trusted gateway) whose value names the
+            client (:func:`rl_engine.serving.feedback_cap.client_key`).
     """
 
     key: bytes | None = field(default=None, repr=False)
     reward_min: float = -1.0
     reward_max: float = 1.0
     ttl_seconds: int = DEFAULT_FEEDBACK_TTL_S
+    per_client_per_minute: int = DEFAULT_FEEDBACK_PER_CLIENT_PER_MINUTE
+    client_header: str = ""
 
     def scaled(self, reward: float) -> float:
         """The reward's position in the declared range, ``(reward - min) / (max - min)``,
@@ -227,7 +236,8 @@ def _parse_feedback_args(errors: list[str], raw: Any) -> FeedbackConfig:
     if raw is None:
         return FeedbackConfig()
     if not isinstance(raw, Mapping):
-        errors.append(f"args.feedback: must be an object with key, rewardMin, rewardMax, ttlSeconds, got {raw!r}")
+        errors.append("args.feedback: must be an object with key, rewardMin, rewardMax, ttlSeconds, "
+                      f"perClientPerMinute, clientHeader, got {raw!r}")
         return FeedbackConfig()
     bad = len(errors)
     for k in sorted(set(raw) - _FEEDBACK_KEYS, key=str):
@@ -248,11 +258,15 @@ def _parse_feedback_args(errors: list[str], raw: Any) -> FeedbackConfig:
                       f"({values['rewardMax']})")
     if "ttlSeconds" in values and not 1 <= values["ttlSeconds"] <= MAX_FEEDBACK_TTL_S:
         errors.append(f"args.feedback.ttlSeconds: must be in [1, {MAX_FEEDBACK_TTL_S}], got {values['ttlSeconds']!r}")
+    per_minute = raw.get("perClientPerMinute", DEFAULT_FEEDBACK_PER_CLIENT_PER_MINUTE)
+    header = raw.get("clientHeader", "")
+    errors += [f"args.feedback.{e}" for e in feedback_cap_errors(per_minute, header)]
     if len(errors) > bad:
         return FeedbackConfig()
     return FeedbackConfig(key=bytes.fromhex(key) if key is not None else None,
                           reward_min=float(values["rewardMin"]), reward_max=float(values["rewardMax"]),
-                          ttl_seconds=int(values["ttlSeconds"]))
+                          ttl_seconds=int(values["ttlSeconds"]), per_client_per_minute=per_minute,
+                          client_header=header)
 
 
 def parse_args(args: Mapping[str, Any]) -> ServingConfig:
@@ -264,7 +278,8 @@ def parse_args(args: Mapping[str, Any]) -> ServingConfig:
          "versions": {"cartpole-1": {"artifactURI": "file:///...", "fingerprint": "sha256:..."}},
          "maxBatchSize": 32, "batchWaitTimeoutS": 0.002,
          "artifactRoot": "file:///var/lib/rlops/artifacts",
-         "feedback": {"key": "<64 hex>", "rewardMin": -1.0, "rewardMax": 1.0, "ttlSeconds": 600}}
+         "feedback": {"key": "<64 hex>", "rewardMin": -1.0, "rewardMax": 1.0, "ttlSeconds": 600,
+                      "perClientPerMinute": 600, "clientHeader": ""}}
 
     ``artifactRoot`` (optional, an fsspec URI): when given, each version's ``artifactURI``
     must have the same scheme and sit strictly under ``<artifactRoot>/<namespace>/<agent>/``,
@@ -274,7 +289,10 @@ def parse_args(args: Mapping[str, Any]) -> ServingConfig:
     ``feedback`` (optional, :class:`FeedbackConfig`): ``key`` (32 to 256 hex digits: the
     HMAC-SHA256 key of the request ids; without it every feedback is refused with 503),
     ``rewardMin`` < ``rewardMax`` (finite, reward units; default -1 and 1), ``ttlSeconds``
-    (integer in [1, 86400], default 600). Error messages never repeat the key.
+    (integer in [1, 86400], default 600), ``perClientPerMinute`` (integer in [0, 1000000],
+    default 600, 0: no cap: feedbacks one client may send to one router replica per minute),
+    ``clientHeader`` (``""``: the client is the source address; else an HTTP header name).
+    Error messages never repeat the key.
 
     Raises:
         ServingConfigError: naming the field, e.g. ``args.versions.v1.artifactURI: required``,
@@ -587,6 +605,16 @@ class FeedbackLedger:
         """Record ``request_id`` as credited until ``expires_at`` (Unix seconds).
 
         Raises:
+            DuplicateFeedback, FeedbackUnavailable: as :meth:`check`; nothing is recorded then.
+        """
+        self.check(request_id, now, issued_at=issued_at)
+        self._expiry[request_id] = expires_at
+        heapq.heappush(self._heap, (expires_at, request_id))
+
+    def check(self, request_id: str, now: float | None = None, *, issued_at: float | None = None) -> None:
+        """Whether :meth:`credit` would record ``request_id`` now (Unix seconds); records nothing.
+
+        Raises:
             DuplicateFeedback: it was already credited and has not expired, or it was issued
                 (``issued_at``, Unix seconds) in a whole second before this ledger started.
             FeedbackUnavailable: ``max_entries`` unexpired ids are held.
@@ -602,8 +630,6 @@ class FeedbackLedger:
         if len(self._expiry) >= self.max_entries:
             raise FeedbackUnavailable(f"feedback: {len(self._expiry)} answers already received feedback within "
                                       "the TTL, the most this router replica remembers; retry later")
-        self._expiry[request_id] = expires_at
-        heapq.heappush(self._heap, (expires_at, request_id))
 
 
 @dataclass

@@ -9,7 +9,8 @@ the standard library (``tests/unit/test_serving_contract.py`` checks that in a b
 
 * The application: its builder (:data:`IMPORT_PATH`), its ``args`` fields
   (:data:`ARGS_KEYS`, :data:`VERSION_KEYS`, :data:`FEEDBACK_KEYS`), version names
-  (:data:`VERSION_RE`).
+  (:data:`VERSION_RE`), the per-client feedback cap and its check (:func:`feedback_cap_errors`,
+  also the CRD's bounds of ``spec.canary.analysis.feedbackPerClient``).
 * The deployments: the ``router`` ingress (:data:`ROUTER_DEPLOYMENT`), whose ``user_config``
   holds the traffic split under :data:`WEIGHTS_KEY`, the shadow or override comparison
   (:data:`SHADOW_KEY`, :data:`BASELINE_KEY`) and the circuit breaker (:data:`BREAKER_KEY`,
@@ -36,6 +37,11 @@ __all__ = [
     "ARGS_KEYS",
     "VERSION_KEYS",
     "FEEDBACK_KEYS",
+    "DEFAULT_FEEDBACK_PER_CLIENT_PER_MINUTE",
+    "MAX_FEEDBACK_PER_CLIENT_PER_MINUTE",
+    "HEADER_NAME_PATTERN",
+    "MAX_HEADER_NAME_LENGTH",
+    "feedback_cap_errors",
     "METRIC_NAMES",
     "METRIC_TAGS",
     "policy_deployment_name",
@@ -71,8 +77,18 @@ ARGS_KEYS = frozenset({"agent", "namespace", "versions", "maxBatchSize", "batchW
                        "policyNumGpus", "artifactRoot", "feedback"})
 #: One entry of ``args.versions``: the artifact and the fingerprint it must have.
 VERSION_KEYS = frozenset({"artifactURI", "fingerprint"})
-#: ``args.feedback``: the request-id signing key and the declared reward range.
-FEEDBACK_KEYS = frozenset({"key", "rewardMin", "rewardMax", "ttlSeconds"})
+#: ``args.feedback``: the request-id signing key, the declared reward range, the TTL, and the
+#: per-client cap (``perClientPerMinute``, ``clientHeader``).
+FEEDBACK_KEYS = frozenset({"key", "rewardMin", "rewardMax", "ttlSeconds", "perClientPerMinute", "clientHeader"})
+#: ``perClientPerMinute`` when not given: feedbacks one client may send to one router replica per
+#: minute (10 a second; 0 means no cap). Also the CRD's default.
+DEFAULT_FEEDBACK_PER_CLIENT_PER_MINUTE = 600
+#: Largest ``perClientPerMinute`` (feedbacks per minute).
+MAX_FEEDBACK_PER_CLIENT_PER_MINUTE = 1_000_000
+#: ``clientHeader``: empty (the client is its source address) or an HTTP header name, an RFC 9110
+#: token (letters, digits and ``!#$%&'*+-.^_`|~``).
+HEADER_NAME_PATTERN = r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+)?$"
+MAX_HEADER_NAME_LENGTH = 128
 
 #: The router's ``ray.util.metrics`` names, by role.
 METRIC_NAMES = {
@@ -95,11 +111,36 @@ METRIC_NAMES = {
     "circuit_open": "rlops_serve_circuit_open",
     "circuit_opens": "rlops_serve_circuit_opens",
     "circuit_fallbacks": "rlops_serve_circuit_fallbacks",
+    # feedback refused by the per-client cap (HTTP 429), tagged with the version its (verified) id names
+    "feedback_capped": "rlops_serve_feedback_capped",
 }
 #: The tags (Prometheus labels) of every one of those metrics.
 METRIC_TAGS = ("namespace", "agent", "version")
 #: Ray's metrics agent exports every application metric with this prefix.
 _RAY_PREFIX = "ray_"
+
+
+def feedback_cap_errors(per_minute: object, client_header: object) -> list[str]:
+    """What is wrong with a per-client feedback cap, one message per field, each naming it as in
+    ``args.feedback`` (``perClientPerMinute: ...``); empty when both are valid.
+
+    Args:
+        per_minute: feedbacks one client may send to one router replica per minute: an integer
+            in [0, :data:`MAX_FEEDBACK_PER_CLIENT_PER_MINUTE`], 0 for no cap.
+        client_header: ``""`` (the client is the request's source address) or an HTTP header
+            name matching :data:`HEADER_NAME_PATTERN`, at most :data:`MAX_HEADER_NAME_LENGTH`
+            characters.
+    """
+    errors = []
+    if isinstance(per_minute, bool) or not isinstance(per_minute, int) \
+            or not 0 <= per_minute <= MAX_FEEDBACK_PER_CLIENT_PER_MINUTE:
+        errors.append(f"perClientPerMinute: must be an integer in [0, {MAX_FEEDBACK_PER_CLIENT_PER_MINUTE}] "
+                      f"(0: no cap), got {per_minute!r}")
+    if not isinstance(client_header, str) or len(client_header) > MAX_HEADER_NAME_LENGTH \
+            or not re.fullmatch(HEADER_NAME_PATTERN, client_header):
+        errors.append(f"clientHeader: must be empty (the source address) or an HTTP header name (letters, digits "
+                      f"and !#$%&'*+-.^_`|~, at most {MAX_HEADER_NAME_LENGTH} characters), got {client_header!r:.200}")
+    return errors
 
 
 def policy_deployment_name(version: str) -> str:
