@@ -832,3 +832,65 @@ def test_a_graduated_shadow_is_approved_automatically_when_the_agents_policy_say
     st, acts = world.step(ro, shadow=counts(100, 90, 5, 5))
     assert st.approval.policy == "auto" and st.phase == "Progressing"
     assert {"Graduated", "Approved", "RolloutStarted"} <= {e.reason for e in acts.events}
+
+
+# ----------------------------------------------------------------------------- the stages, one at a time
+
+
+def a_pass(annotations=None, status=None, **observed):
+    ro = make_rollout(annotations, status)
+    obs = r.Observed(now=T0, annotations=dict(ro["metadata"]["annotations"]), agent_spec=observed.pop("spec", agent_spec()),
+                     active_model=STABLE, approval_key=KEY, **observed)
+    return r.Pass(rollout=ro, spec=m.RolloutSpec.model_validate(ro["spec"]),
+                  st=m.RolloutStatus.model_validate(ro["status"]), obs=obs)
+
+
+def test_a_stage_goes_on_with_none_and_ends_the_reconcile_with_its_verdict():
+    progressing = {"phase": "Progressing", "approval": {"policy": "manual", "approvedBy": "alice", "fingerprint": FP,
+                                "approvedAt": "2026-11-22T11:00:00Z"},
+                   "stableVersion": "cp-1", "canaryVersion": "cp-2", "canaryWeight": 10}
+    assert r.queue(a_pass(blocking_rollout="cp-1")) is not None
+    assert r.queue(a_pass(status=progressing, blocking_rollout="cp-1")) is None  # a started Rollout is never queued
+    p = a_pass({approvals.REJECT: "reward hacking"})
+    st, acts = r.rejected(p)
+    cond = next(c for c in st.conditions if c.type == "Approved")
+    assert st.phase == "Rejected" and (cond.reason, cond.message) == ("Rejected", "reward hacking")
+    assert [e.reason for e in acts.events] == ["Rejected"]
+    st, _ = r.superseded(a_pass(newer_rollout="cp-3"))
+    cond = next(c for c in st.conditions if c.type == "Approved")
+    assert st.phase == "Superseded" and cond.reason == "Superseded" and "cp-3" in cond.message
+    assert r.superseded(a_pass()) is None and r.rejected(a_pass()) is None
+    st, acts = r.abort_requested(a_pass(status=progressing, circuit_open="5 errors in a row"))
+    assert st.phase == "RolledBack" and acts.set_weights == {"cp-1": 100, "cp-2": 0}
+    assert r.abort_requested(a_pass(circuit_open="5 errors in a row")) is None  # no canary yet: nothing to roll back
+
+
+def test_a_step_holds_for_its_pause_its_analysis_or_until_promoted():
+    spec = agent_spec(canary={"steps": [{"setWeight": 10}, {"pause": {"durationSeconds": 60}}, {"setWeight": 50},
+                                        {"setWeight": 100}]})
+    at_pause = {"phase": "Progressing", "stableVersion": "cp-1", "canaryVersion": "cp-2", "canaryWeight": 10,
+                "currentStepIndex": 1, "stepStartedAt": "2026-11-22T11:59:30Z"}
+    st, _ = r.steps(a_pass(status=at_pause, spec=spec))
+    assert st.phase == "Paused" and st.message == "paused at 10% for 30s more"
+    p = a_pass({approvals.PROMOTE: ""}, at_pause, spec=spec)
+    st, acts = r.steps(p)  # promoted out of the pause: the next step sets 50%
+    assert st.canary_weight == 50 and acts.set_weights == {"cp-1": 50, "cp-2": 50} and p.promote is None
+    assert acts.remove_annotations == [approvals.PROMOTE]
+    at_fifty = {**at_pause, "canaryWeight": 50, "currentStepIndex": 2}
+    st, acts = r.steps(a_pass(status=at_fifty, spec=spec))
+    assert st.message == "canary weight 50%: analysis pending" and acts.set_weights is None
+    p = a_pass(status=at_fifty, spec=spec, analysis=OK)
+    assert r.steps(p) is None and p.st.canary_weight == 100  # analysis passed, the last step: promotion follows
+    st, _ = r.steps(a_pass(status=at_fifty, spec=spec, analysis=("Failed", "canary error rate 9% above 5%", {})))
+    assert st.phase == "RolledBack" and "canary error rate 9% above 5%" in st.abort_reason
+
+
+def test_the_stages_are_one_ordered_list_that_ends_with_promotion():
+    names = [s.__name__ for s in r.STAGES]
+    assert names.index("trust") < names.index("approve") < names.index("queue") < names.index("deploy") \
+        < names.index("steps") < names.index("promote") == len(names) - 1
+    # an untrusted Rollout goes no further, even with an abort or an approval on it
+    st, _ = r.reconcile(make_rollout({r.ABORT: "x", **APPROVED}), r.Observed(
+        now=T0, annotations={r.ABORT: "x", **APPROVED}, agent_spec=agent_spec(), active_model=STABLE,
+        approval_key=KEY, untrusted="not made by the operator"))
+    assert st.phase == "Ignored"
