@@ -37,7 +37,7 @@ import kubernetes
 import yaml
 
 from rl_operator import rayserve
-from rl_operator.rollout import same_split
+from rl_operator.traffic import same_split
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("RLOPS_CACHE", Path.home() / ".cache" / "rlops"))

@@ -4,7 +4,7 @@ The serving router (``rl_engine.serving``) exports per-version counters and a re
 through Ray's metrics agent; Prometheus scrapes them. Each query is PromQL templated with the
 namespace, agent, version and window: the increase of a counter over the window, or of every
 bucket of the reward histogram (``rlops_serve_feedback_reward_scaled``: the feedback reward as a
-fraction of the declared range). ``rollout.judge`` turns the measurement into a verdict (seed
+fraction of the declared range). ``verdicts.judge`` turns the measurement into a verdict (seed
 004's rollback conditions), comparing 10%-trimmed mean rewards computed from those buckets.
 """
 
@@ -16,7 +16,7 @@ from typing import Mapping
 import httpx
 from rl_engine.serving import contract
 
-from rl_operator.rollout import Measurement, ShadowCounts
+from rl_operator.verdicts import Measurement, ShadowCounts
 
 #: Exported Prometheus series (``docs/serving.md``), named by the serving application's own
 #: contract: Ray prefixes ``ray_``; counters end in ``_total``.
@@ -92,7 +92,7 @@ def measure(
     """Measure the canary (and the stable version, when there is one) over the last ``window_seconds``.
 
     Counts are increases over the window; the reward histograms are the increase of every
-    bucket of ``rlops_serve_feedback_reward_scaled`` (see :class:`rl_operator.rollout.Measurement`).
+    bucket of ``rlops_serve_feedback_reward_scaled`` (see :class:`rl_operator.verdicts.Measurement`).
 
     Raises:
         AnalysisError: Prometheus could not be queried or answered something unexpected.

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rl_operator import models as m
-from rl_operator.rollout import APPROVE
+from rl_operator.approvals import APPROVE
 
 #: How far apart (seconds) the audited request and the webhook's ``approved-at`` may be.
 MAX_SKEW_SECONDS = 120.0

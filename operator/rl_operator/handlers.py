@@ -40,7 +40,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from rl_engine.serving.contract import BREAKER_KEY, SHADOW_KEY
 
-from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, diffbase, evaluation, jetstream, kube, metrics, nats_events, peering, rayserve, rollout, shards, training, triggers, trust
+from rl_operator import admission, alerts, analysis, approvals, audit, cache, certs, diffbase, evaluation, jetstream, kube, metrics, nats_events, peering, rayserve, rollout, shards, traffic, training, triggers, trust, verdicts
 from rl_operator import models as m
 from rl_operator.settings import OperatorSettings
 
@@ -595,7 +595,7 @@ async def watch_kill_switch() -> None:
         if not _note_kill_switch(reason) or not _WORKING["value"]:
             continue
         for ro in cache.every(m.Rollout.PLURAL):
-            if (ro.get("status") or {}).get("phase") not in rollout.TERMINAL:
+            if (ro.get("status") or {}).get("phase") not in m.ROLLOUT_TERMINAL:
                 await asyncio.to_thread(_reconcile_quietly, ro["metadata"]["namespace"], ro["metadata"]["name"])
 
 
@@ -913,7 +913,7 @@ def rollout_ticks(status: dict[str, Any] | None, annotations: dict[str, str] | N
     or on the agent's spec. An AwaitingApproval Rollout whose approval is recorded but not yet
     acted on (Ray Serve was down) still ticks."""
     phase = (status or {}).get("phase")
-    if phase in rollout.TERMINAL:
+    if phase in m.ROLLOUT_TERMINAL:
         return False
     return phase not in WAITING or (phase == "AwaitingApproval" and approvals.APPROVED_BY in (annotations or {}))
 
@@ -988,7 +988,7 @@ def reconcile_rollout(namespace: str, name: str) -> None:
     runs), on a change of the agent's spec, and every 2 s only while a canary runs."""
     with cache.locked("rollouts", namespace, name):
         ro = cache.get_custom(namespace, m.Rollout.PLURAL, name)
-        if ro is None or (ro.get("status") or {}).get("phase") in rollout.TERMINAL:
+        if ro is None or (ro.get("status") or {}).get("phase") in m.ROLLOUT_TERMINAL:
             return
         agent_name = ro["spec"]["agentRef"]["name"]
         agent = cache.get_custom_confirmed(namespace, m.RLAgent.PLURAL, agent_name)
@@ -1003,16 +1003,16 @@ def reconcile_rollout(namespace: str, name: str) -> None:
         agent_status = m.RLAgentStatus.model_validate(agent.get("status") or {})
         others = cache.list_custom(namespace, m.Rollout.PLURAL, agent_name)
         blocking = next((o["metadata"]["name"] for o in others if o["metadata"]["name"] != name
-                         and (o.get("status") or {}).get("phase") in rollout.ACTIVE), None)
+                         and (o.get("status") or {}).get("phase") in m.ROLLOUT_ACTIVE), None)
         newer = _newer_rollout(namespace, run, others) if run is not None else None
         now = training.now()
         status = m.RolloutStatus.model_validate(ro.get("status") or {})
-        obs = rollout.Observed(now=now, annotations=dict(ro["metadata"].get("annotations") or {}),
+        obs = traffic.Observed(now=now, annotations=dict(ro["metadata"].get("annotations") or {}),
                                agent_spec=agent_spec, active_model=agent_status.active_model,
                                blocking_rollout=blocking, newer_rollout=newer, approval_key=_KEY["value"],
                                untrusted=untrusted, frozen=KILL_SWITCH["reason"])
         entries: dict[str, Any] = {}
-        if approvals.approval_given(status, obs.annotations, agent_spec) and agent_spec.serving.enabled and not blocking and (not untrusted or status.phase in rollout.ACTIVE):
+        if approvals.approval_given(status, obs.annotations, agent_spec) and agent_spec.serving.enabled and not blocking and (not untrusted or status.phase in m.ROLLOUT_ACTIVE):
             try:
                 serving = _serving(namespace, agent_name)
                 obs.serving_versions, obs.serving_weights, obs.app_status = serving.versions, serving.weights, serving.status
@@ -1021,11 +1021,11 @@ def reconcile_rollout(namespace: str, name: str) -> None:
                 _write_rollout(ro, status.model_copy(update={"message": f"Ray Serve unavailable: {exc}"}), [])
                 return
             _observe_router(obs, namespace, agent_name, ro["spec"]["version"], status)
-            if obs.frozen is None and (window := rollout.analysis_window(status, agent_spec, now)) is not None:
+            if obs.frozen is None and (window := traffic.analysis_window(status, agent_spec, now)) is not None:
                 try:
                     meas = analysis.measure(SETTINGS.prometheus_url, namespace, agent_name, ro["spec"]["version"],
                                             status.stable_version, window)
-                    obs.analysis = rollout.judge(meas, agent_spec.canary.analysis, status.stable_version is not None)
+                    obs.analysis = verdicts.judge(meas, agent_spec.canary.analysis, status.stable_version is not None)
                 except analysis.AnalysisError as exc:
                     obs.analysis = ("Error", str(exc)[:500], {})
                 metrics.ANALYSIS.labels(namespace, obs.analysis[0]).inc()
@@ -1053,16 +1053,16 @@ def _set_agent_shadow(agent: dict[str, Any], rollout_name: str, st: m.RolloutSta
         state = "shadowing"
     else:
         state = (st.phase or "pending").lower()
-    counts = rollout.ShadowCounts(sh.decisions, sh.agreements, sh.override_feedback, sh.override_correct)
+    counts = verdicts.ShadowCounts(sh.decisions, sh.agreements, sh.override_feedback, sh.override_correct)
     spec = m.RLAgentSpec.model_validate(agent["spec"])
-    summary = m.ShadowSummary(rollout=rollout_name, progress=f"{state}: {rollout.graduation(counts, spec.observe)[1]}",
+    summary = m.ShadowSummary(rollout=rollout_name, progress=f"{state}: {verdicts.graduation(counts, spec.observe)[1]}",
                               graduated_at=sh.graduated_at).wire()
     if (agent.get("status") or {}).get("shadow") != summary:
         meta = agent["metadata"]
         cache.patch_status(meta["namespace"], m.RLAgent.PLURAL, meta["name"], {"shadow": summary})
 
 
-def _observe_router(obs: rollout.Observed, namespace: str, agent: str, version: str,
+def _observe_router(obs: traffic.Observed, namespace: str, agent: str, version: str,
                     status: m.RolloutStatus) -> None:
     """What the router reports through Prometheus: a shadow's comparison counters, and whether
     the circuit breaker opened for a canary. A Prometheus error leaves them unmeasured (the
@@ -1096,12 +1096,12 @@ def _newer_rollout(namespace: str, run: dict[str, Any], rollouts: list[dict[str,
 def _ignored(ro: dict[str, Any], why: str) -> tuple[m.RolloutStatus, list[training.Event]]:
     """The status and Events for a Rollout outside the owner chain, when no agent is left to consult."""
     agent = m.RLAgentSpec(environment=m.EnvironmentSpec(id="-"))
-    status, acts = rollout.reconcile(ro, rollout.Observed(now=training.now(), annotations={}, agent_spec=agent,
+    status, acts = rollout.reconcile(ro, traffic.Observed(now=training.now(), annotations={}, agent_spec=agent,
                                                           active_model=None, untrusted=why))
     return status, acts.events
 
 
-def _act(namespace: str, agent: str, spec: m.RLAgentSpec, acts: rollout.Actions, entries: dict[str, Any]) -> None:
+def _act(namespace: str, agent: str, spec: m.RLAgentSpec, acts: traffic.Actions, entries: dict[str, Any]) -> None:
     """Carry out serving actions: weights first (the router's user_config only), then deploys."""
     app = rayserve.app_name(namespace, agent)
     if acts.set_weights is not None:
@@ -1135,9 +1135,9 @@ def _write_rollout(ro: dict[str, Any], status: m.RolloutStatus, events: list[tra
         if status.phase != old.phase:
             nats_events.OUTBOX.put(nats_events.model_deployed({**ro, "status": status.wire()}))
     metrics.rollout_written(namespace, name, ro["spec"]["agentRef"]["name"], old.phase, status.phase,
-                            status.canary_weight, status.phase in rollout.TERMINAL)
+                            status.canary_weight, status.phase in m.ROLLOUT_TERMINAL)
     _post(ro, events)
-    if status.phase in rollout.TERMINAL and old.phase not in rollout.TERMINAL:
+    if status.phase in m.ROLLOUT_TERMINAL and old.phase not in m.ROLLOUT_TERMINAL:
         # its run was kept for it: now it may be over the history limits
         _expire_runs(namespace, ro["spec"]["agentRef"]["name"])
 
@@ -1145,14 +1145,14 @@ def _write_rollout(ro: dict[str, Any], status: m.RolloutStatus, events: list[tra
 def abort_agent_rollout(namespace: str, agent: str, reason: str) -> str | None:
     """Abort the agent's in-progress Rollout (canary weight 0 at once). Returns its name, or None."""
     for ro in kube.list_custom(namespace, m.Rollout.PLURAL, f"{m.AGENT_LABEL}={agent}"):
-        if (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
+        if (ro.get("status") or {}).get("phase") not in m.ROLLOUT_ACTIVE:
             continue
         name = ro["metadata"]["name"]
         with cache.locked("rollouts", namespace, name):
             ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
-            if ro is None or (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
+            if ro is None or (ro.get("status") or {}).get("phase") not in m.ROLLOUT_ACTIVE:
                 continue
-            status, acts = rollout.abort(ro, reason, training.now())
+            status, acts = traffic.abort(ro, reason, training.now())
             agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
             spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else None
             entries = _serving(namespace, agent).entries
@@ -1254,10 +1254,10 @@ def on_rollout_deleted(namespace: str, name: str, **_: Any) -> None:
     metrics.rollout_deleted(namespace, name)
     with cache.locked("rollouts", namespace, name):
         ro = kube.get_custom(namespace, m.Rollout.PLURAL, name)
-        if ro is None or (ro.get("status") or {}).get("phase") not in rollout.ACTIVE:
+        if ro is None or (ro.get("status") or {}).get("phase") not in m.ROLLOUT_ACTIVE:
             return
         agent = ro["spec"]["agentRef"]["name"]
-        status, acts = rollout.abort(ro, "the Rollout was deleted", training.now())
+        status, acts = traffic.abort(ro, "the Rollout was deleted", training.now())
         try:
             if status.stable_version is None:
                 rayserve.delete_application(SETTINGS.ray_dashboard_url, rayserve.app_name(namespace, agent))

@@ -3,7 +3,7 @@
 Two really trained (short) CartPole policies serve 50/50 on a real Ray head, deployed with
 ``rl_operator.rayserve`` as the operator does, with the application's request-id key. Honest
 clients send feedback that makes the canary clearly worse than the stable version, and the
-analysis (``analysis.measure`` on Prometheus, then ``rollout.judge``) fails it. Then an attacker,
+analysis (``analysis.measure`` on Prometheus, then ``verdicts.judge``) fails it. Then an attacker,
 who can reach the Serve endpoint, tries to rescue the canary and sink the stable version with a
 burst of forged request ids, replayed ids, out-of-range and non-finite rewards (every one
 refused, with the status code asserted), and a handful of in-range extreme rewards on real ids
@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from rl_engine.serving import config as sc
-from rl_operator import analysis, rayserve, rollout
+from rl_operator import analysis, rayserve, verdicts
 from rl_operator import models as m
 from support import finish_training, prometheus_down, prometheus_up, start_training, wait_for
 
@@ -74,7 +74,7 @@ def answers(client: httpx.Client, url: str, n: int) -> dict[str, list[str]]:
 
 def verdict(prom: str) -> tuple[str, str, dict]:
     meas = analysis.measure(prom, NAMESPACE, AGENT, CANARY, STABLE, WINDOW)
-    return rollout.judge(meas, SPEC, has_stable=True)
+    return verdicts.judge(meas, SPEC, has_stable=True)
 
 
 def test_a_burst_of_forged_replayed_and_extreme_feedback_does_not_change_the_verdict(app, prometheus):

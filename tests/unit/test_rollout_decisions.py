@@ -11,7 +11,10 @@ import pytest
 
 from rl_operator import approvals
 from rl_operator import models as m
+from rl_operator import canary
 from rl_operator import rollout as r
+from rl_operator import traffic as t
+from rl_operator import verdicts as v
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 FP = "sha256:" + "c" * 64
@@ -69,7 +72,7 @@ class World:
     def step(self, ro, analysis=None, annotations=None, blocking=None, frozen=None, shadow=None, circuit_open=None,
              newer=None, shadow_error=None):
         ro["metadata"]["annotations"] = annotations if annotations is not None else ro["metadata"]["annotations"]
-        obs = r.Observed(now=self.now, annotations=dict(ro["metadata"]["annotations"]), agent_spec=self.spec,
+        obs = t.Observed(now=self.now, annotations=dict(ro["metadata"]["annotations"]), agent_spec=self.spec,
                          active_model=self.stable, serving_versions=self.versions,
                          serving_weights=self.weights, app_status="RUNNING" if self.versions else None,
                          blocking_rollout=blocking, analysis=analysis, approval_key=KEY, frozen=frozen,
@@ -205,9 +208,9 @@ def test_abort_annotation_and_abort_function():
     ro = make_rollout(APPROVED)
     world.step(ro)
     world.step(ro)
-    st, acts = r.abort(ro, "alert RLOpsCanaryErrorRateHigh firing", T0)
+    st, acts = t.abort(ro, "alert RLOpsCanaryErrorRateHigh firing", T0)
     assert st.phase == "RolledBack" and acts.set_weights == {"cp-1": 100, "cp-2": 0}
-    st, acts = world.step(make_rollout({**APPROVED, r.ABORT: "bad vibes"}, status=ro["status"] | {"phase": "Paused"}))
+    st, acts = world.step(make_rollout({**APPROVED, t.ABORT: "bad vibes"}, status=ro["status"] | {"phase": "Paused"}))
     assert st.phase == "RolledBack" and "bad vibes" in st.abort_reason
 
 
@@ -251,7 +254,7 @@ def test_analysis_is_due_every_interval_over_the_time_at_this_step(status, secon
                          analysis=m.AnalysisRun(phase="Successful", message="ok", step_index=0,
                                                 measured_at=now - timedelta(seconds=measured))
                          if measured is not None else None)
-    assert r.analysis_window(st, agent_spec(), now) == window
+    assert t.analysis_window(st, agent_spec(), now) == window
 
 
 def test_first_rollout_without_stable_goes_straight_to_100():
@@ -352,7 +355,7 @@ def rewards_histogram(rewards, low=-1.0, high=1.0):
 
 def feedback(canary, stable, canary_negative=0, stable_negative=0, **kw):
     """A measurement with 1000 canary requests and these feedback rewards on each version."""
-    return r.Measurement(canary_requests=1000, canary_errors=0,
+    return v.Measurement(canary_requests=1000, canary_errors=0,
                          canary_feedback=len(canary), canary_reward_buckets=rewards_histogram(canary, **kw),
                          canary_negative=canary_negative,
                          stable_feedback=len(stable), stable_reward_buckets=rewards_histogram(stable, **kw),
@@ -360,15 +363,15 @@ def feedback(canary, stable, canary_negative=0, stable_negative=0, **kw):
 
 
 @pytest.mark.parametrize(("meas", "phase", "words"), [
-    (r.Measurement(canary_requests=50, canary_errors=0), "Inconclusive", "minSampleCount"),
-    (r.Measurement(canary_requests=1000, canary_errors=60), "Failed", "error rate 6.0%"),
-    (r.Measurement(canary_requests=1000, canary_errors=40), "Successful", "skipped"),
+    (v.Measurement(canary_requests=50, canary_errors=0), "Inconclusive", "minSampleCount"),
+    (v.Measurement(canary_requests=1000, canary_errors=60), "Failed", "error rate 6.0%"),
+    (v.Measurement(canary_requests=1000, canary_errors=40), "Successful", "skipped"),
     (feedback([0.8] * 100, [0.9] * 100), "Failed", "canary reward 0.800 < stable 0.900 - 0.05 (10%-trimmed means)"),
     (feedback([0.9] * 70 + [0.8] * 30, [0.9] * 100), "Successful", "reward 0.875 vs stable 0.900"),
     (feedback([0.9] * 100, [0.9] * 100, canary_negative=9, stable_negative=4), "Failed", "negative-feedback rate 9.0%"),
 ])
 def test_judge_follows_seed_004(meas, phase, words):
-    verdict, message, _ = r.judge(meas, SPEC, has_stable=True)
+    verdict, message, _ = v.judge(meas, SPEC, has_stable=True)
     assert verdict == phase and words in message, message
 
 
@@ -389,25 +392,25 @@ ATTACK = 100
 
 def test_extreme_feedback_cannot_make_a_bad_canary_pass(monkeypatch):
     stable, canary = honest(0.5, seed=1), honest(0.42, seed=2)
-    assert r.judge(feedback(canary, stable), SPEC, True)[0] == "Failed"
+    assert v.judge(feedback(canary, stable), SPEC, True)[0] == "Failed"
     poisoned = canary + [1.0] * ATTACK
     assert mean(poisoned) > mean(stable) - SPEC.max_reward_drop, "the attack would fool a plain mean"
-    verdict, message, metrics = r.judge(feedback(poisoned, stable), SPEC, True)
+    verdict, message, metrics = v.judge(feedback(poisoned, stable), SPEC, True)
     assert verdict == "Failed" and "canary reward" in message, message
     assert metrics["canaryTrimmedMeanReward"] < 0.45
-    monkeypatch.setattr(r.Measurement, "REWARD_TRIM", 0.0)  # without the trimming, the attack works
-    assert r.judge(feedback(poisoned, stable), SPEC, True)[0] == "Successful"
+    monkeypatch.setattr(v.Measurement, "REWARD_TRIM", 0.0)  # without the trimming, the attack works
+    assert v.judge(feedback(poisoned, stable), SPEC, True)[0] == "Successful"
 
 
 def test_extreme_feedback_cannot_make_a_good_canary_fail(monkeypatch):
     stable, canary = honest(0.5, seed=1), honest(0.5, seed=3)
-    assert r.judge(feedback(canary, stable), SPEC, True)[0] == "Successful"
+    assert v.judge(feedback(canary, stable), SPEC, True)[0] == "Successful"
     poisoned = canary + [-1.0] * ATTACK
     assert mean(poisoned) < mean(stable) - SPEC.max_reward_drop, "the attack would fool a plain mean"
-    verdict, message, metrics = r.judge(feedback(poisoned, stable), SPEC, True)
+    verdict, message, metrics = v.judge(feedback(poisoned, stable), SPEC, True)
     assert verdict == "Successful" and "reward" in message, message
-    monkeypatch.setattr(r.Measurement, "REWARD_TRIM", 0.0)
-    assert r.judge(feedback(poisoned, stable), SPEC, True)[0] == "Failed"
+    monkeypatch.setattr(v.Measurement, "REWARD_TRIM", 0.0)
+    assert v.judge(feedback(poisoned, stable), SPEC, True)[0] == "Failed"
 
 
 @pytest.mark.parametrize("k", [1, 10, 50, 100])
@@ -417,28 +420,28 @@ def test_trimmed_mean_moves_at_most_as_documented(k):
     # (d: spread of the other feedback's central values; here all of it lies in [-0.2, 0.4]).
     n, rng = 1000, random.Random(k)
     base = [rng.choice([-0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4]) for _ in range(n)]  # on the bucket grid
-    t0 = r.Measurement.trimmed_mean(rewards_histogram(base), -1.0, 1.0, 0.1)
+    t0 = v.Measurement.trimmed_mean(rewards_histogram(base), -1.0, 1.0, 0.1)
     assert t0 == pytest.approx(mean(sorted(base)[100:900]))  # exact on the grid
     for extreme in (-1.0, 1.0):
-        t1 = r.Measurement.trimmed_mean(rewards_histogram(base[k:] + [extreme] * k), -1.0, 1.0, 0.1)
+        t1 = v.Measurement.trimmed_mean(rewards_histogram(base[k:] + [extreme] * k), -1.0, 1.0, 0.1)
         assert abs(t1 - t0) <= k * 2.0 / (0.8 * n) + 1e-9
         assert abs(t1 - t0) <= k * 0.6 / (0.8 * n) + 1e-9
         assert abs(t1 - t0) < abs(extreme - t0) * k / n or k == 0  # less than a plain mean moves
 
 
 def test_trimmed_mean_reads_prometheus_buckets():
-    assert r.Measurement.trimmed_mean((), -1, 1) is None
-    assert r.Measurement.trimmed_mean(rewards_histogram([]), -1, 1) is None
+    assert v.Measurement.trimmed_mean((), -1, 1) is None
+    assert v.Measurement.trimmed_mean(rewards_histogram([]), -1, 1) is None
     # Rewards on the grid of 1/20 of the range come back exactly, in reward units (range [1, 5]: stars).
-    assert r.Measurement.trimmed_mean(rewards_histogram([1, 2, 3, 4, 5] * 20, 1, 5), 1, 5) == pytest.approx(3.0)
-    assert r.Measurement.trimmed_mean(rewards_histogram([1] * 10, 1, 5), 1, 5) == pytest.approx(1.0)
-    assert r.Measurement.trimmed_mean(rewards_histogram([5] * 10, 1, 5), 1, 5) == pytest.approx(5.0)
+    assert v.Measurement.trimmed_mean(rewards_histogram([1, 2, 3, 4, 5] * 20, 1, 5), 1, 5) == pytest.approx(3.0)
+    assert v.Measurement.trimmed_mean(rewards_histogram([1] * 10, 1, 5), 1, 5) == pytest.approx(1.0)
+    assert v.Measurement.trimmed_mean(rewards_histogram([5] * 10, 1, 5), 1, 5) == pytest.approx(5.0)
     # Elsewhere within 1/40 of the range; fractional counts (increase()) and resets are tolerated.
-    assert r.Measurement.trimmed_mean(rewards_histogram([0.33] * 10), -1, 1) == pytest.approx(0.33, abs=0.05)
+    assert v.Measurement.trimmed_mean(rewards_histogram([0.33] * 10), -1, 1) == pytest.approx(0.33, abs=0.05)
     buckets = [(le, 0.9 * count) for le, count in rewards_histogram([-1.0] * 25 + [0.0] * 50 + [0.9] * 25)]
     assert buckets[14] == (0.725, 67.5)
     buckets[14] = (0.725, 60.0)  # one bucket's increase() came out lower than the one before it
-    assert r.Measurement.trimmed_mean(buckets, -1, 1, 0.0) == pytest.approx((-22.5 + 0.9 * 22.5) / 90)
+    assert v.Measurement.trimmed_mean(buckets, -1, 1, 0.0) == pytest.approx((-22.5 + 0.9 * 22.5) / 90)
 
 
 def test_measure_reads_the_reward_histogram_by_bucket(monkeypatch):
@@ -471,7 +474,7 @@ def test_measure_reads_the_reward_histogram_by_bucket(monkeypatch):
            'version="cp-2"}[60s]))' in asked
     assert meas.canary_reward_buckets == canary and meas.stable_reward_buckets == ()
     assert meas.canary_feedback == 33 and meas.canary_requests == 1000
-    assert r.Measurement.trimmed_mean(meas.canary_reward_buckets, -1, 1) == pytest.approx(0.4)
+    assert v.Measurement.trimmed_mean(meas.canary_reward_buckets, -1, 1) == pytest.approx(0.4)
 
 
 def test_reward_range_default_and_rule():
@@ -599,20 +602,20 @@ def test_approval_for_another_artifact_in_status_is_not_trusted():
     ro["status"]["approval"]["fingerprint"] = OLD_FP
     st, acts = world.step(ro)
     assert st.phase == "RolledBack" and "status.approval names" in st.abort_reason
-    assert r.same_split(world.weights, {"cp-1": 100}) and world.versions == {"cp-1": OLD_FP}
+    assert t.same_split(world.weights, {"cp-1": 100}) and world.versions == {"cp-1": OLD_FP}
 
 
 def test_untrusted_rollout_is_ignored_or_rolled_back():
     world = World()
     st, _ = world.step(make_rollout(APPROVED))
-    obs = r.Observed(now=T0, annotations=APPROVED, agent_spec=agent_spec(), active_model=STABLE,
+    obs = t.Observed(now=T0, annotations=APPROVED, agent_spec=agent_spec(), active_model=STABLE,
                      untrusted="it is not controlled by TrainingRun 'cp-2'")
     fresh, acts = r.reconcile(make_rollout(APPROVED), obs)
     assert fresh.phase == "Ignored" and fresh.approval is None and acts.deploy is None and acts.set_weights is None
     assert [e.reason for e in acts.events] == ["Ignored"]
     ro = make_rollout(APPROVED)
     ro["status"] = st.wire()
-    assert st.phase in r.ACTIVE
+    assert st.phase in t.ACTIVE
     later, acts = r.reconcile(ro, obs)
     assert later.phase == "RolledBack" and acts.set_weights == {"cp-1": 100, "cp-2": 0}
     sar = approvals.sar_body({"username": "bob", "groups": ["devs"]}, "ml", "cp-2")
@@ -722,9 +725,9 @@ def test_an_open_circuit_breaker_rolls_the_canary_back_with_the_reason():
     (1000, 850, "Successful"), (1000, 790, "Failed"), (40, 0, "Successful"),  # 40 < minSampleCount / 2: not judged
 ])
 def test_judge_fails_a_canary_that_overrides_stable_too_often(decisions, agreements, phase):
-    meas = r.Measurement(canary_requests=1000, canary_errors=0, canary_decisions=decisions,
+    meas = v.Measurement(canary_requests=1000, canary_errors=0, canary_decisions=decisions,
                          canary_agreements=agreements, window_seconds=30)
-    verdict, message, metrics = r.judge(meas, m.AnalysisSpec(), has_stable=True)
+    verdict, message, metrics = v.judge(meas, m.AnalysisSpec(), has_stable=True)
     assert verdict == phase, message
     if phase == "Failed":
         assert "canary overrides stable in 21.0% of 1000 compared answers > maxOverrideRate 20.0%" in message
@@ -737,7 +740,7 @@ OBSERVE = {"mode": "observe", "observe": {"minDecisions": 100, "minOverrideFeedb
 
 
 def counts(decisions, agreements, judged=0, correct=0):
-    return r.ShadowCounts(decisions, agreements, judged, correct)
+    return v.ShadowCounts(decisions, agreements, judged, correct)
 
 
 def test_shadow_deploys_beside_stable_mirrors_and_graduates_not_one_decision_early():
@@ -775,7 +778,7 @@ def test_shadow_deploys_beside_stable_mirrors_and_graduates_not_one_decision_ear
     (counts(500, 450, 10, 5), "override accuracy >= 60%"),
 ])
 def test_shadow_does_not_graduate_outside_the_criteria(c, missing):
-    graduated, progress = r.graduation(c, m.ObserveSpec.model_validate(OBSERVE["observe"]))
+    graduated, progress = v.graduation(c, m.ObserveSpec.model_validate(OBSERVE["observe"]))
     assert not graduated and missing in progress
 
 
@@ -820,7 +823,7 @@ def test_shadow_queues_behind_another_rollout_and_an_abort_removes_it():
     st, acts = world.step(ro, blocking="cp-0")
     assert st.phase == "Queued" and acts.deploy is None
     world.step(ro)
-    st, _ = world.step(ro, annotations={r.ABORT: "enough"})
+    st, _ = world.step(ro, annotations={t.ABORT: "enough"})
     assert st.phase == "RolledBack" and set(world.versions) == {"cp-1"} and world.extras == {}
 
 
@@ -839,9 +842,9 @@ def test_a_graduated_shadow_is_approved_automatically_when_the_agents_policy_say
 
 def a_pass(annotations=None, status=None, **observed):
     ro = make_rollout(annotations, status)
-    obs = r.Observed(now=T0, annotations=dict(ro["metadata"]["annotations"]), agent_spec=observed.pop("spec", agent_spec()),
+    obs = t.Observed(now=T0, annotations=dict(ro["metadata"]["annotations"]), agent_spec=observed.pop("spec", agent_spec()),
                      active_model=STABLE, approval_key=KEY, **observed)
-    return r.Pass(rollout=ro, spec=m.RolloutSpec.model_validate(ro["spec"]),
+    return canary.Pass(rollout=ro, spec=m.RolloutSpec.model_validate(ro["spec"]),
                   st=m.RolloutStatus.model_validate(ro["status"]), obs=obs)
 
 
@@ -849,20 +852,20 @@ def test_a_stage_goes_on_with_none_and_ends_the_reconcile_with_its_verdict():
     progressing = {"phase": "Progressing", "approval": {"policy": "manual", "approvedBy": "alice", "fingerprint": FP,
                                 "approvedAt": "2026-11-22T11:00:00Z"},
                    "stableVersion": "cp-1", "canaryVersion": "cp-2", "canaryWeight": 10}
-    assert r.queue(a_pass(blocking_rollout="cp-1")) is not None
-    assert r.queue(a_pass(status=progressing, blocking_rollout="cp-1")) is None  # a started Rollout is never queued
+    assert canary.queue(a_pass(blocking_rollout="cp-1")) is not None
+    assert canary.queue(a_pass(status=progressing, blocking_rollout="cp-1")) is None  # a started Rollout is never queued
     p = a_pass({approvals.REJECT: "reward hacking"})
-    st, acts = r.rejected(p)
+    st, acts = canary.rejected(p)
     cond = next(c for c in st.conditions if c.type == "Approved")
     assert st.phase == "Rejected" and (cond.reason, cond.message) == ("Rejected", "reward hacking")
     assert [e.reason for e in acts.events] == ["Rejected"]
-    st, _ = r.superseded(a_pass(newer_rollout="cp-3"))
+    st, _ = canary.superseded(a_pass(newer_rollout="cp-3"))
     cond = next(c for c in st.conditions if c.type == "Approved")
     assert st.phase == "Superseded" and cond.reason == "Superseded" and "cp-3" in cond.message
-    assert r.superseded(a_pass()) is None and r.rejected(a_pass()) is None
-    st, acts = r.abort_requested(a_pass(status=progressing, circuit_open="5 errors in a row"))
+    assert canary.superseded(a_pass()) is None and canary.rejected(a_pass()) is None
+    st, acts = canary.abort_requested(a_pass(status=progressing, circuit_open="5 errors in a row"))
     assert st.phase == "RolledBack" and acts.set_weights == {"cp-1": 100, "cp-2": 0}
-    assert r.abort_requested(a_pass(circuit_open="5 errors in a row")) is None  # no canary yet: nothing to roll back
+    assert canary.abort_requested(a_pass(circuit_open="5 errors in a row")) is None  # no canary yet: nothing to roll back
 
 
 def test_a_step_holds_for_its_pause_its_analysis_or_until_promoted():
@@ -870,27 +873,27 @@ def test_a_step_holds_for_its_pause_its_analysis_or_until_promoted():
                                         {"setWeight": 100}]})
     at_pause = {"phase": "Progressing", "stableVersion": "cp-1", "canaryVersion": "cp-2", "canaryWeight": 10,
                 "currentStepIndex": 1, "stepStartedAt": "2026-11-22T11:59:30Z"}
-    st, _ = r.steps(a_pass(status=at_pause, spec=spec))
+    st, _ = canary.steps(a_pass(status=at_pause, spec=spec))
     assert st.phase == "Paused" and st.message == "paused at 10% for 30s more"
     p = a_pass({approvals.PROMOTE: ""}, at_pause, spec=spec)
-    st, acts = r.steps(p)  # promoted out of the pause: the next step sets 50%
+    st, acts = canary.steps(p)  # promoted out of the pause: the next step sets 50%
     assert st.canary_weight == 50 and acts.set_weights == {"cp-1": 50, "cp-2": 50} and p.promote is None
     assert acts.remove_annotations == [approvals.PROMOTE]
     at_fifty = {**at_pause, "canaryWeight": 50, "currentStepIndex": 2}
-    st, acts = r.steps(a_pass(status=at_fifty, spec=spec))
+    st, acts = canary.steps(a_pass(status=at_fifty, spec=spec))
     assert st.message == "canary weight 50%: analysis pending" and acts.set_weights is None
     p = a_pass(status=at_fifty, spec=spec, analysis=OK)
-    assert r.steps(p) is None and p.st.canary_weight == 100  # analysis passed, the last step: promotion follows
-    st, _ = r.steps(a_pass(status=at_fifty, spec=spec, analysis=("Failed", "canary error rate 9% above 5%", {})))
+    assert canary.steps(p) is None and p.st.canary_weight == 100  # analysis passed, the last step: promotion follows
+    st, _ = canary.steps(a_pass(status=at_fifty, spec=spec, analysis=("Failed", "canary error rate 9% above 5%", {})))
     assert st.phase == "RolledBack" and "canary error rate 9% above 5%" in st.abort_reason
 
 
 def test_the_stages_are_one_ordered_list_that_ends_with_promotion():
-    names = [s.__name__ for s in r.STAGES]
+    names = [s.__name__ for s in canary.STAGES]
     assert names.index("trust") < names.index("approve") < names.index("queue") < names.index("deploy") \
         < names.index("steps") < names.index("promote") == len(names) - 1
     # an untrusted Rollout goes no further, even with an abort or an approval on it
-    st, _ = r.reconcile(make_rollout({r.ABORT: "x", **APPROVED}), r.Observed(
-        now=T0, annotations={r.ABORT: "x", **APPROVED}, agent_spec=agent_spec(), active_model=STABLE,
+    st, _ = r.reconcile(make_rollout({t.ABORT: "x", **APPROVED}), t.Observed(
+        now=T0, annotations={t.ABORT: "x", **APPROVED}, agent_spec=agent_spec(), active_model=STABLE,
         approval_key=KEY, untrusted="not made by the operator"))
     assert st.phase == "Ignored"
