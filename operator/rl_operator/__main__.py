@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     from rl_operator import kube, peering, shards
 
     kube.load_config()
-    error = shards.claim_ray_cluster(handlers.SETTINGS)
+    error = shards.claim_ray_cluster(handlers.RUNTIME.settings)
     if error:
         print(f"rlops-operator: {error}", file=sys.stderr)
         sys.exit(2)

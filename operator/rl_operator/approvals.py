@@ -42,7 +42,7 @@ from typing import Any
 from rl_operator import models as m
 from rl_operator.conditions import get_condition, set_condition
 from rl_operator.models import OPERATOR_USER, rfc3339
-from rl_operator.training import Event
+from rl_operator.objects import Event
 
 APPROVE = f"{m.GROUP}/approve"
 APPROVED_BY = f"{m.GROUP}/approved-by"

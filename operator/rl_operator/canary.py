@@ -18,7 +18,7 @@ from rl_operator.approvals import APPROVE, APPROVED_BY, APPROVED_VIA, PROMOTE, R
 from rl_operator.conditions import set_condition
 from rl_operator.traffic import (ABORT, ACTIVE, TERMINAL, Actions, Observed, deployed, distrust, end_shadow, errors_note,
                                  hold_frozen, roll_back, same_split, serving_ready, shadow_step, weights_for)
-from rl_operator.training import Event
+from rl_operator.objects import Event
 
 Verdict = tuple[m.RolloutStatus, Actions]
 """What one reconcile decided: the status to write and the actions to take."""

@@ -29,7 +29,8 @@ from rl_operator import models as m
 from rl_operator import trust
 from rl_operator.conditions import set_condition
 from rl_operator.settings import OperatorSettings
-from rl_operator.training import Event, artifact_uri, container_state, container_status, helper_pod_spec, \
+from rl_operator.objects import Event
+from rl_operator.training import artifact_uri, container_state, container_status, helper_pod_spec, \
     job_condition, newest_first, owner_reference, parse_termination_message
 
 EVALUATOR_CONTAINER = "evaluator"

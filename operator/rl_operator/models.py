@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Mapping, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -669,8 +669,12 @@ class ShadowSummary(_Status):
     graduated_at: datetime | None = None
 
 
+#: An RLAgent's phases (``training.observe_agent``). None (no status yet) is read as Pending.
+AgentPhase = Literal["Pending", "Training", "Evaluating", "Trained", "Failed"]
+
+
 class RLAgentStatus(_Status):
-    phase: str | None = None
+    phase: AgentPhase | None = None
     observed_generation: int | None = None
     latest_run: str | None = None
     latest_mean_return: float | None = None
@@ -746,6 +750,8 @@ class TrainingRunSpec(_Model):
     evaluation: EvaluationSpec
 
 
+#: A TrainingRun's phases. None (no status yet) is read as Pending.
+RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Superseded"]
 #: A TrainingRun's finished phases: nothing moves a run out of these.
 RUN_TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed", "Superseded"})
 
@@ -799,7 +805,7 @@ class MeasuredEvaluation(_Status):
 
 
 class TrainingRunStatus(_Status):
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Superseded"] | None = None
+    phase: RunPhase | None = None
     observed_generation: int | None = None
     job_name: str | None = None
     start_time: datetime | None = None
@@ -953,3 +959,29 @@ class Rollout(_Status):
     PLURAL: ClassVar[str] = "rollouts"
     spec: RolloutSpec
     status: RolloutStatus = Field(default_factory=RolloutStatus)
+
+
+def _phase(obj: Mapping[str, Any] | None, phases: Any, kind: str) -> Any:
+    phase = ((obj or {}).get("status") or {}).get("phase")
+    if phase is not None and phase not in get_args(phases):
+        name = ((obj or {}).get("metadata") or {}).get("name")
+        raise ValueError(f"{kind} {name}: status.phase {phase!r} is none of {', '.join(get_args(phases))}")
+    return phase
+
+
+def agent_phase(agent: Mapping[str, Any] | None) -> AgentPhase | None:
+    """An RLAgent's ``status.phase`` (a dict as the API returns it), checked against :data:`AgentPhase`.
+
+    Raises:
+        ValueError: a phase that is not one of :data:`AgentPhase`."""
+    return _phase(agent, AgentPhase, "RLAgent")
+
+
+def run_phase(run: Mapping[str, Any] | None) -> RunPhase | None:
+    """A TrainingRun's ``status.phase``, checked against :data:`RunPhase` (ValueError otherwise)."""
+    return _phase(run, RunPhase, "TrainingRun")
+
+
+def rollout_phase(rollout: Mapping[str, Any] | None) -> RolloutPhase | None:
+    """A Rollout's ``status.phase``, checked against :data:`RolloutPhase` (ValueError otherwise)."""
+    return _phase(rollout, RolloutPhase, "Rollout")

@@ -26,7 +26,7 @@ from rl_operator import canary, traffic
 from rl_operator import models as m
 from rl_operator.traffic import ACTIVE, Actions, Observed
 from rl_operator.evaluation import rollout_evaluation
-from rl_operator.training import owner_reference
+from rl_operator.objects import owner_reference
 
 # ----------------------------------------------------------------------------- creation
 

@@ -13,8 +13,9 @@ from typing import Any
 from rl_engine.serving.contract import BASELINE_KEY, BREAKER_KEY, SHADOW_KEY
 
 from rl_operator import models as m
+from rl_operator.approvals import approval_given
 from rl_operator.conditions import set_condition
-from rl_operator.training import Event
+from rl_operator.objects import Event
 from rl_operator.verdicts import ShadowCounts, graduation
 
 ABORT = f"{m.GROUP}/abort"
@@ -180,6 +181,14 @@ def analysis_window(status: m.RolloutStatus, agent_spec: m.RLAgentSpec, now: dat
         return None
     at_step = (now - (status.step_started_at or now)).total_seconds()
     return int(min(plan.window_seconds, max(10.0, at_step)))
+
+
+def reads_serving(status: m.RolloutStatus, obs: Observed) -> bool:
+    """Whether a reconcile must read Ray Serve first: the Rollout is approved, the agent serves,
+    no other Rollout of the agent runs, and the Rollout is trusted (or, distrusted mid-canary,
+    must be rolled back). Otherwise the decision needs nothing of Serve, and Serve is not asked."""
+    return (approval_given(status, obs.annotations, obs.agent_spec) and obs.agent_spec.serving.enabled
+            and not obs.blocking_rollout and (not obs.untrusted or status.phase in ACTIVE))
 
 
 def weights_for(stable: str | None, canary: str, canary_weight: int) -> dict[str, int]:

@@ -12,44 +12,19 @@ latest run's status becomes the agent's.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlparse
 
 from rl_operator import models as m
 from rl_operator.conditions import get_condition, set_condition
+from rl_operator.objects import Event, owner_reference
 from rl_operator.settings import OperatorSettings
 
 TRAINER_CONTAINER = "trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
 TERMINATION_LOG = "/dev/termination-log"
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event to post on an object: ``type`` is Normal or Warning."""
-
-    type: str
-    reason: str
-    message: str
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
-    """A controller ownerReference to ``obj`` (a Kubernetes object as a dict)."""
-    return {
-        "apiVersion": obj["apiVersion"],
-        "kind": obj["kind"],
-        "name": obj["metadata"]["name"],
-        "uid": obj["metadata"]["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 # ----------------------------------------------------------------------------- RLAgent -> TrainingRun

@@ -50,7 +50,8 @@ from croniter import croniter
 
 from rl_operator import models as m
 from rl_operator.conditions import get_condition, set_condition
-from rl_operator.training import Event, desired_training_run, run_name, run_order
+from rl_operator.objects import Event
+from rl_operator.training import desired_training_run, run_name, run_order
 
 RETRAIN = f"{m.GROUP}/retrain"
 
@@ -104,7 +105,7 @@ class Plan(NamedTuple):
 
 
 def in_progress(run: dict[str, Any]) -> bool:
-    return (run.get("status") or {}).get("phase") not in m.RUN_TERMINAL
+    return m.run_phase(run) not in m.RUN_TERMINAL
 
 
 def _time(value: Any) -> datetime | None:
@@ -364,7 +365,7 @@ def expired_runs(agent: dict[str, Any], runs: list[dict[str, Any]], rollouts: li
     """
     spec = m.RLAgentSpec.model_validate(agent["spec"])
     status = m.RLAgentStatus.model_validate(agent.get("status") or {})
-    keep = {r["metadata"]["name"] for r in rollouts if (r.get("status") or {}).get("phase") not in m.ROLLOUT_TERMINAL}
+    keep = {r["metadata"]["name"] for r in rollouts if m.rollout_phase(r) not in m.ROLLOUT_TERMINAL}
     if status.active_model is not None:
         keep.add(status.active_model.version)
     if runs:

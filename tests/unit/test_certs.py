@@ -1,7 +1,7 @@
 """The webhook's certificate: when a stored one may be served, and when the operator restarts onto another."""
 
 from rl_operator import certs
-from rl_operator.handlers import webhook_cert_stale
+from rl_operator.handlers.startup import webhook_cert_stale
 
 
 def test_webhook_certificates_usable_only_for_their_names_signer_and_lifetime():

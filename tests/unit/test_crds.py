@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from rl_operator import crdgen
+from rl_operator import models as m
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,3 +64,16 @@ def test_exclusive_bounds_are_openapi_v3_flags():
     form a CustomResourceDefinition takes."""
     node = crdgen.structural({"type": "number", "exclusiveMinimum": 0, "maximum": 5}, {}, in_spec=True)
     assert node == {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 5}
+
+
+def test_a_phase_is_read_as_its_kinds_literal_and_an_unknown_one_is_refused():
+    assert m.rollout_phase({"status": {"phase": "Paused"}}) == "Paused"
+    assert m.run_phase({"status": {}}) is None and m.agent_phase(None) is None
+    for read, kind in ((m.rollout_phase, "Rollout"), (m.run_phase, "TrainingRun"), (m.agent_phase, "RLAgent")):
+        with pytest.raises(ValueError, match=f"{kind} x: status.phase 'Bogus' is none of"):
+            read({"metadata": {"name": "x"}, "status": {"phase": "Bogus"}})
+    # the API server refuses such a status too: every kind's phase is an enum in its CRD
+    for plural in ("rlagents", "trainingruns", "rollouts"):
+        crd = yaml.safe_load((ROOT / "crds" / f"rlops.dev_{plural}.yaml").read_text())
+        phase = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["phase"]
+        assert phase.get("enum"), (plural, phase)

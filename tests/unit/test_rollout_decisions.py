@@ -624,7 +624,7 @@ def test_untrusted_rollout_is_ignored_or_rolled_back():
 
 
 def test_only_rollouts_that_move_with_time_keep_the_periodic_reconcile():
-    from rl_operator.handlers import rollout_ticks
+    from rl_operator.handlers.rollouts import rollout_ticks
     for phase in (None, "Queued", "Progressing", "Paused", "Promoting"):
         assert rollout_ticks({"phase": phase} if phase else None), phase
     for phase in ("Promoted", "RolledBack", "Rejected", "Ignored", "Approved", "AwaitingApproval"):

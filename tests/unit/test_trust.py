@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from rl_operator import models as m
+from rl_operator import models as m, objects
 from rl_operator import approvals, policygen, training, trust
 from rl_operator.settings import OperatorSettings
 from support import REPO
@@ -17,7 +17,7 @@ FP = "sha256:" + "b" * 64
 def _obj(kind, name, uid, owner=None, **rest):
     meta = {"name": name, "namespace": "ml", "uid": uid}
     if owner is not None:
-        meta["ownerReferences"] = [training.owner_reference(owner)]
+        meta["ownerReferences"] = [objects.owner_reference(owner)]
     return {"apiVersion": m.API_VERSION, "kind": kind, "metadata": meta, **rest}
 
 
@@ -112,11 +112,11 @@ def test_trainer_summary_outside_the_assigned_root_fails_the_run():
     job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
     msg = '{"artifactURI": "file:///tmp/evil", "fingerprint": "%s", "metrics": {"meanReturn": 500}}' % FP
     pod["status"] = {"containerStatuses": [{"name": "trainer", "state": {"terminated": {"message": msg}}}]}
-    status, _ = training.observe_run(run, job, [pod], training.now(), uri)
+    status, _ = training.observe_run(run, job, [pod], objects.now(), uri)
     assert status.phase == "Failed" and status.failure_reason == "ArtifactOutsideAssignedRoot"
     good = msg.replace("file:///tmp/evil", uri)
     pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = good
-    status, _ = training.observe_run(run, job, [pod], training.now(), uri)
+    status, _ = training.observe_run(run, job, [pod], objects.now(), uri)
     assert status.phase == "Succeeded" and status.artifact_uri == uri
 
 
