@@ -187,20 +187,7 @@ def observe_evaluation(run: dict[str, Any], job: dict[str, Any] | None, pods: li
             events = _failed(record, "FingerprintMismatch", f"the evaluator read an artifact of fingerprint "
                              f"{summary.get('fingerprint')}, not the trainer's {status.fingerprint}")
         elif key is not None:
-            record.fingerprint = summary["fingerprint"]
-            for field_name, key_name in _FIGURES.items():
-                value = figures.get(key_name)
-                setattr(record, field_name, float(value) if isinstance(value, (int, float)) else None)
-            record.episodes = int(figures.get("episodes") or record.episodes or 0)
-            record.image_id = (container_status(pods[0], EVALUATOR_CONTAINER).get("imageID") or "") if pods else ""
-            record.phase, record.measured_at = "Succeeded", at
-            record.signature = trust.evaluation_signature(key, meta["namespace"], run["metadata"]["name"],
-                                                          run["metadata"]["uid"], trust.evidence(record))
-            gap = reported_gap(status.metrics, record)
-            set_condition(status.conditions, "ReportedMatchesMeasured", "False" if gap else "True",
-                          "ReportedFiguresDiffer" if gap else "WithinTolerance", gap or "", at)
-            if gap:
-                events.append(Event("Warning", "ReportedFiguresDiffer", gap))
+            events = _measured(run, status, record, summary["fingerprint"], figures, pods, at, key)
     elif job_condition(job, "Failed"):
         events = _failed(record, str(summary.get("reason") or "EvaluatorFailed"),
                          str(summary.get("message") or terminated.get("message") or "the evaluation Job failed"))
@@ -215,6 +202,26 @@ def observe_evaluation(run: dict[str, Any], job: dict[str, Any] | None, pods: li
         set_condition(status.conditions, "Evaluated", "False", record.reason or "Failed", record.message or "", at)
     status.evaluation = record
     return status, events
+
+
+def _measured(run: dict[str, Any], status: m.TrainingRunStatus, record: m.MeasuredEvaluation, fingerprint: str,
+              figures: dict[str, Any], pods: list[dict[str, Any]], at: datetime, key: bytes) -> list[Event]:
+    """Record a finished evaluation's figures (``pods``: newest first), sign the record, and
+    compare the trainer's reported figures with them (condition ``ReportedMatchesMeasured``)."""
+    meta = run["metadata"]
+    record.fingerprint = fingerprint
+    for field_name, key_name in _FIGURES.items():
+        value = figures.get(key_name)
+        setattr(record, field_name, float(value) if isinstance(value, (int, float)) else None)
+    record.episodes = int(figures.get("episodes") or record.episodes or 0)
+    record.image_id = (container_status(pods[0], EVALUATOR_CONTAINER).get("imageID") or "") if pods else ""
+    record.phase, record.measured_at = "Succeeded", at
+    record.signature = trust.evaluation_signature(key, meta["namespace"], meta["name"], meta["uid"],
+                                                  trust.evidence(record))
+    gap = reported_gap(status.metrics, record)
+    set_condition(status.conditions, "ReportedMatchesMeasured", "False" if gap else "True",
+                  "ReportedFiguresDiffer" if gap else "WithinTolerance", gap or "", at)
+    return [Event("Warning", "ReportedFiguresDiffer", gap)] if gap else []
 
 
 def rollout_evaluation(run_status: m.TrainingRunStatus) -> m.EvaluationSummary:

@@ -218,24 +218,8 @@ def app_config(
         raise ValueError("versions: at least one version is required")
     entries = {str(v): _version_entry(str(v), spec) for v, spec in versions.items()}
     split = normalize_weights(weights, list(entries))
-    if feedback_key is not None and (not isinstance(feedback_key, str) or len(feedback_key) % 2
-                                     or not re.fullmatch(r"[0-9a-f]{32,256}", feedback_key)):
-        raise ValueError("feedback_key: must be an even number (32 to 256) of lowercase hex digits")
-    if not float("-inf") < reward_min < reward_max < float("inf"):  # also refuses NaN
-        raise ValueError(f"reward_min, reward_max: must be finite with reward_min < reward_max, "
-                         f"got {reward_min!r}, {reward_max!r}")
-    if isinstance(feedback_ttl_seconds, bool) or not isinstance(feedback_ttl_seconds, int) \
-            or not 1 <= feedback_ttl_seconds <= 86400:
-        raise ValueError(f"feedback_ttl_seconds: must be an integer in [1, 86400], got {feedback_ttl_seconds!r}")
-    cap_errors = feedback_cap_errors(feedback_per_client_per_minute, feedback_client_header)
-    if cap_errors:
-        raise ValueError("; ".join(f"args.feedback.{e}" for e in cap_errors))
-    feedback: dict[str, Any] = {"rewardMin": float(reward_min), "rewardMax": float(reward_max),
-                                "ttlSeconds": feedback_ttl_seconds,
-                                "perClientPerMinute": feedback_per_client_per_minute,
-                                "clientHeader": feedback_client_header}
-    if feedback_key is not None:
-        feedback["key"] = feedback_key
+    feedback = _feedback_args(feedback_key, reward_min, reward_max, feedback_ttl_seconds,
+                              feedback_per_client_per_minute, feedback_client_header)
     return {
         "name": app_name(namespace, agent),
         "route_prefix": route_prefix or f"/{namespace}/{agent}",
@@ -251,6 +235,26 @@ def app_config(
         },
         "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": {WEIGHTS_KEY: split, **(router_extras or {})}}],
     }
+
+def _feedback_args(key: str | None, reward_min: float, reward_max: float, ttl_seconds: int, per_client_per_minute: int,
+                   client_header: str) -> dict[str, Any]:
+    """``args.feedback`` of :func:`app_config`, validated (ValueError naming the argument; the
+    key's value is never repeated)."""
+    if key is not None and (not isinstance(key, str) or len(key) % 2 or not re.fullmatch(r"[0-9a-f]{32,256}", key)):
+        raise ValueError("feedback_key: must be an even number (32 to 256) of lowercase hex digits")
+    if not float("-inf") < reward_min < reward_max < float("inf"):  # also refuses NaN
+        raise ValueError(f"reward_min, reward_max: must be finite with reward_min < reward_max, "
+                         f"got {reward_min!r}, {reward_max!r}")
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or not 1 <= ttl_seconds <= 86400:
+        raise ValueError(f"feedback_ttl_seconds: must be an integer in [1, 86400], got {ttl_seconds!r}")
+    cap_errors = feedback_cap_errors(per_client_per_minute, client_header)
+    if cap_errors:
+        raise ValueError("; ".join(f"args.feedback.{e}" for e in cap_errors))
+    feedback: dict[str, Any] = {"rewardMin": float(reward_min), "rewardMax": float(reward_max), "ttlSeconds": ttl_seconds,
+                                "perClientPerMinute": per_client_per_minute, "clientHeader": client_header}
+    if key is not None:
+        feedback["key"] = key
+    return feedback
 
 
 def application_versions(app: Mapping[str, Any]) -> list[str]:

@@ -152,36 +152,15 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
     spec = m.TrainingRunSpec.model_validate(run["spec"])
     meta = run["metadata"]
     training = spec.training
-    gpus = training.resources.gpu
     labels = {
         m.RUN_LABEL: meta["name"],
         m.AGENT_LABEL: spec.agent_ref.name,
         "app.kubernetes.io/name": "rlops-trainer",
         "app.kubernetes.io/managed-by": "rlops",
     }
-    limits: dict[str, Any] = {"cpu": training.resources.cpu, "memory": training.resources.memory}
-    node_selector: dict[str, str] = {}
-    tolerations: list[dict[str, Any]] = []
-    if gpus:
-        limits[GPU_RESOURCE] = gpus
-        node_selector[GPU_PRESENT_LABEL] = "true"
-        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
-    node_selector.update(training.node_selector)
-    tolerations.extend(t.wire() for t in training.tolerations)
+    limits, node_selector, tolerations = _placement(training)
     uri = artifact_uri(settings, run)
-    env = [
-        {"name": "RLOPS_RUN_CONFIG", "value": json.dumps(run_config(run), sort_keys=True)},
-        {"name": "RLOPS_ARTIFACT_URI", "value": uri},
-        {"name": "RLOPS_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ]
-    window = spec.trigger.trajectories
-    if window is not None and settings.nats_url:
-        # the range the trajectory trigger started the run for (rl_engine.trajectories)
-        env.append({"name": "RLOPS_TRAJECTORIES", "value": json.dumps({
-            "url": settings.nats_url, "stream": window.stream, "subject": window.subject,
-            "firstSequence": window.first_sequence, "lastSequence": window.last_sequence}, sort_keys=True)})
-    env.extend({"name": k, "value": v} for k, v in sorted(settings.extra_env.items()))
+    env = _trainer_env(run, spec, settings, uri)
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": training.image,
@@ -218,6 +197,39 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
+
+
+def _placement(training: m.TrainingTemplate) -> tuple[dict[str, Any], dict[str, str], list[dict[str, Any]]]:
+    """The trainer's ``(limits, nodeSelector, tolerations)``: the template's, plus a GPU's."""
+    limits: dict[str, Any] = {"cpu": training.resources.cpu, "memory": training.resources.memory}
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    if training.resources.gpu:
+        limits[GPU_RESOURCE] = training.resources.gpu
+        node_selector[GPU_PRESENT_LABEL] = "true"
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    node_selector.update(training.node_selector)
+    tolerations.extend(t.wire() for t in training.tolerations)
+    return limits, node_selector, tolerations
+
+
+def _trainer_env(run: dict[str, Any], spec: m.TrainingRunSpec, settings: OperatorSettings, uri: str) -> list[dict[str, Any]]:
+    """The trainer container's environment: its run config, artifact URI and pod name, the
+    trajectories it was started for (a trajectory trigger), and the platform's extra env."""
+    env = [
+        {"name": "RLOPS_RUN_CONFIG", "value": json.dumps(run_config(run), sort_keys=True)},
+        {"name": "RLOPS_ARTIFACT_URI", "value": uri},
+        {"name": "RLOPS_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    window = spec.trigger.trajectories
+    if window is not None and settings.nats_url:
+        # the range the trajectory trigger started the run for (rl_engine.trajectories)
+        env.append({"name": "RLOPS_TRAJECTORIES", "value": json.dumps({
+            "url": settings.nats_url, "stream": window.stream, "subject": window.subject,
+            "firstSequence": window.first_sequence, "lastSequence": window.last_sequence}, sort_keys=True)})
+    env.extend({"name": k, "value": v} for k, v in sorted(settings.extra_env.items()))
+    return env
 
 
 #: The trainer pod's init container that makes the run's artifact directory (:func:`mount_artifacts`).
@@ -497,52 +509,9 @@ def observe_run(
     complete = job_condition(job, "Complete")
     failed = job_condition(job, "Failed")
     if complete:
-        summary = next(
-            (s for p in newest if (s := parse_termination_message(container_state(p).get("terminated", {}).get("message")))),
-            None,
-        )
-        status.completion_time = job_status.get("completionTime") or complete.get("lastTransitionTime")
-        if not newest:
-            status.phase = "Failed"
-            status.failure_reason = "TrainerPodMissing"
-            status.failure_message = ("the Job completed, but none of its pods is the Job's own trainer pod "
-                                      "(deleted, or ignored: see the PodsIgnored condition)")
-        elif summary and summary.get("artifactURI") and assigned_artifact_uri is not None \
-                and summary["artifactURI"] != assigned_artifact_uri:
-            status.phase = "Failed"
-            status.failure_reason = "ArtifactOutsideAssignedRoot"
-            status.failure_message = (f"the trainer reported artifact {summary['artifactURI']!r}, not the one the "
-                                      f"operator assigned to this run ({assigned_artifact_uri!r})")[:1024]
-        elif summary and summary.get("fingerprint") and summary.get("artifactURI"):
-            status.phase = "Succeeded"
-            status.metrics = summary.get("metrics") or {}
-            status.artifact_uri = summary["artifactURI"]
-            status.fingerprint = summary["fingerprint"]
-            if isinstance(summary.get("trajectories"), dict):
-                try:
-                    status.trajectories = m.TrajectoriesUsed.model_validate(summary["trajectories"])
-                except ValueError:  # the trainer's own summary: a malformed one is left out, not fatal
-                    status.trajectories = None
-        else:
-            status.phase = "Failed"
-            status.failure_reason = "InvalidTerminationMessage"
-            status.failure_message = "the trainer exited 0 but left no JSON summary with artifactURI and fingerprint"
+        _completed(status, newest, job_status, complete, assigned_artifact_uri)
     elif failed:
-        status.phase = "Failed"
-        status.completion_time = failed.get("lastTransitionTime")
-        terminated = next((t for p in newest if (t := container_state(p).get("terminated"))), {})
-        summary = parse_termination_message(terminated.get("message"))
-        if not terminated and (init := artifact_dir_failure(newest)) is not None:
-            status.failure_reason, status.failure_message = "ArtifactDirectoryFailed", init[-1024:]
-        elif summary and summary.get("reason"):
-            status.failure_reason = summary["reason"]
-            status.failure_message = str(summary.get("message", ""))[:1024]
-        else:
-            status.failure_reason = failed.get("reason") or "JobFailed"
-            detail = terminated.get("message") or failed.get("message") or ""
-            code = terminated.get("exitCode")
-            prefix = f"trainer exited with code {code}: " if code is not None else ""
-            status.failure_message = (prefix + detail.strip())[-1024:]
+        _failed(status, newest, failed)
     elif any((p.get("status") or {}).get("phase") == "Running" for p in pods) or (
         # the pod has exited but the Job controller has not concluded yet: still running, not Pending
         prev.phase == "Running" and any((p.get("status") or {}).get("phase") in ("Succeeded", "Failed") for p in pods)
@@ -550,7 +519,76 @@ def observe_run(
         status.phase = "Running"
     else:
         status.phase = "Pending"
+    events += _phase_conditions(status, prev, newest, pods, at)
 
+    # Events on a run are Warnings only: its start and success are in its conditions (Running,
+    # Complete), and its agent posts one Event for the outcome (AgentTrained). An Event is a write
+    # to the API server; at a thousand agents they were a third of the operator's requests.
+    if status.phase != prev.phase and status.phase == "Failed":
+        events.append(Event("Warning", "TrainingFailed", f"{status.failure_reason}: {status.failure_message}"))
+    return status, events
+
+
+def _completed(status: m.TrainingRunStatus, newest: list[dict[str, Any]], job_status: dict[str, Any],
+               complete: dict[str, Any], assigned_artifact_uri: str | None) -> None:
+    """A Complete Job: Succeeded with the trainer's summary, or Failed when no pod of the Job's
+    own speaks for it, the summary names another artifact, or there is no summary."""
+    summary = next(
+        (s for p in newest if (s := parse_termination_message(container_state(p).get("terminated", {}).get("message")))),
+        None,
+    )
+    status.completion_time = job_status.get("completionTime") or complete.get("lastTransitionTime")
+    if not newest:
+        status.phase = "Failed"
+        status.failure_reason = "TrainerPodMissing"
+        status.failure_message = ("the Job completed, but none of its pods is the Job's own trainer pod "
+                                  "(deleted, or ignored: see the PodsIgnored condition)")
+    elif summary and summary.get("artifactURI") and assigned_artifact_uri is not None \
+            and summary["artifactURI"] != assigned_artifact_uri:
+        status.phase = "Failed"
+        status.failure_reason = "ArtifactOutsideAssignedRoot"
+        status.failure_message = (f"the trainer reported artifact {summary['artifactURI']!r}, not the one the "
+                                  f"operator assigned to this run ({assigned_artifact_uri!r})")[:1024]
+    elif summary and summary.get("fingerprint") and summary.get("artifactURI"):
+        status.phase = "Succeeded"
+        status.metrics = summary.get("metrics") or {}
+        status.artifact_uri = summary["artifactURI"]
+        status.fingerprint = summary["fingerprint"]
+        if isinstance(summary.get("trajectories"), dict):
+            try:
+                status.trajectories = m.TrajectoriesUsed.model_validate(summary["trajectories"])
+            except ValueError:  # the trainer's own summary: a malformed one is left out, not fatal
+                status.trajectories = None
+    else:
+        status.phase = "Failed"
+        status.failure_reason = "InvalidTerminationMessage"
+        status.failure_message = "the trainer exited 0 but left no JSON summary with artifactURI and fingerprint"
+
+
+def _failed(status: m.TrainingRunStatus, newest: list[dict[str, Any]], failed: dict[str, Any]) -> None:
+    """A Failed Job: the trainer's own reason (its summary), or why its artifact directory could
+    not be made, or the Job's reason with the trainer's exit code and message (log tail)."""
+    status.phase = "Failed"
+    status.completion_time = failed.get("lastTransitionTime")
+    terminated = next((t for p in newest if (t := container_state(p).get("terminated"))), {})
+    summary = parse_termination_message(terminated.get("message"))
+    if not terminated and (init := artifact_dir_failure(newest)) is not None:
+        status.failure_reason, status.failure_message = "ArtifactDirectoryFailed", init[-1024:]
+    elif summary and summary.get("reason"):
+        status.failure_reason = summary["reason"]
+        status.failure_message = str(summary.get("message", ""))[:1024]
+    else:
+        status.failure_reason = failed.get("reason") or "JobFailed"
+        detail = terminated.get("message") or failed.get("message") or ""
+        code = terminated.get("exitCode")
+        prefix = f"trainer exited with code {code}: " if code is not None else ""
+        status.failure_message = (prefix + detail.strip())[-1024:]
+
+
+def _phase_conditions(status: m.TrainingRunStatus, prev: m.TrainingRunStatus, newest: list[dict[str, Any]],
+                      pods: list[dict[str, Any]], at: datetime) -> list[Event]:
+    """The conditions of the run's new phase, and a Warning when a pending trainer cannot start."""
+    events: list[Event] = []
     if status.phase == "Running":
         node = next(((p.get("spec") or {}).get("nodeName") for p in newest), None)
         set_condition(status.conditions, "Running", "True", "PodRunning", f"the trainer pod is running on node {node}", at)
@@ -566,13 +604,7 @@ def observe_run(
         if before is None or before.reason != cause[0]:
             events.append(Event("Warning", "TrainerNotStarting", f"{cause[0]}: {cause[1]}"[:1024]))
         set_condition(status.conditions, "Running", "False", cause[0], cause[1][:1024], at)
-
-    # Events on a run are Warnings only: its start and success are in its conditions (Running,
-    # Complete), and its agent posts one Event for the outcome (AgentTrained). An Event is a write
-    # to the API server; at a thousand agents they were a third of the operator's requests.
-    if status.phase != prev.phase and status.phase == "Failed":
-        events.append(Event("Warning", "TrainingFailed", f"{status.failure_reason}: {status.failure_message}"))
-    return status, events
+    return events
 
 
 # ----------------------------------------------------------------------------- TrainingRuns -> RLAgent status
