@@ -13,6 +13,7 @@ every write unchanged (same config, same replica process).
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -383,11 +384,15 @@ def test_feedback_beyond_a_clients_cap_gets_429_and_is_not_counted(ray_head, art
                 headers = {"X-Client-Id": client} if client else {}
                 return http.post(f"{url}/feedback", json={"request_id": rid, "reward": 1.0}, headers=headers)
 
+            started = time.monotonic()
             alice = [send(rid, "alice") for rid in ids[:8]]
+            took = time.monotonic() - started
             assert [r.status_code for r in alice] == [200] * cap + [429] * 3, [r.text for r in alice]
             refused = alice[-1]
             assert f"over the cap of {cap} feedbacks per minute from one client" in refused.json()["error"]
-            assert 1 <= int(refused.headers["retry-after"]) <= 60
+            # alice's minute began at her first counted feedback, within the `took` seconds above:
+            # she may send again when it ends, not sooner and not later
+            assert math.floor(60 - took) <= int(refused.headers["retry-after"]) <= 60, (took, refused.headers)
             # another client is counted apart, and the ids refused to alice were not used up
             assert [send(rid, "bob").status_code for rid in ids[cap:8] + ids[8:10]] == [200] * 5
             assert send(ids[10], "bob").status_code == 429
