@@ -176,7 +176,7 @@ def desired_job(run: dict[str, Any], settings: OperatorSettings) -> dict[str, An
         "containers": [container],
         "nodeSelector": node_selector,
         "tolerations": tolerations,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "fsGroup": settings.trainer_uid},
+        "securityContext": pod_security(settings),
     }
     mount_artifacts(settings, uri, pod_spec, container)
     init = artifact_dir_container(settings, uri)
@@ -297,6 +297,12 @@ def artifact_dir_container(settings: OperatorSettings, uri: str) -> dict[str, An
     }
 
 
+def pod_security(settings: OperatorSettings) -> dict[str, Any]:
+    """The securityContext of every pod the operator runs: non-root (``trainer_uid``), volumes
+    writable by that user's group where the volume supports it (``fsGroup``)."""
+    return {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "fsGroup": settings.trainer_uid}
+
+
 def container_security(settings: OperatorSettings) -> dict[str, Any]:
     """The securityContext of every container the operator runs: non-root (``trainer_uid``), no
     privilege escalation, no capabilities, the runtime's default seccomp profile."""
@@ -317,7 +323,7 @@ def helper_pod_spec(settings: OperatorSettings, container: dict[str, Any], templ
         "containers": [container],
         "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
                         *(t.wire() for t in template.tolerations)],
-        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.trainer_uid, "fsGroup": settings.trainer_uid},
+        "securityContext": pod_security(settings),
     }
     mount_artifacts(settings, uri, pod_spec, container, read_only=read_only, levels=levels)
     return pod_spec

@@ -216,10 +216,21 @@ def _newer_rollout(namespace: str, run: dict[str, Any], rollouts: list[dict[str,
     return None
 
 
+#: The spec that stands for an agent that is gone (its Rollout is ignored or rolled back).
+_NO_AGENT = m.RLAgentSpec(environment=m.EnvironmentSpec(id="-"))
+
+
+def _act_on_abort(namespace: str, agent: str, acts: traffic.Actions) -> None:
+    """Carry out an abort's serving actions, with the agent's spec read fresh (the placeholder
+    when the agent is gone) and Serve's entries of the versions it runs."""
+    agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
+    spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else _NO_AGENT
+    _act(namespace, agent, spec, acts, _serving(namespace, agent).entries)
+
+
 def _ignored(ro: dict[str, Any], why: str) -> tuple[m.RolloutStatus, list[objects.Event]]:
     """The status and Events for a Rollout outside the owner chain, when no agent is left to consult."""
-    agent = m.RLAgentSpec(environment=m.EnvironmentSpec(id="-"))
-    status, acts = rollout.reconcile(ro, traffic.Observed(now=objects.now(), annotations={}, agent_spec=agent,
+    status, acts = rollout.reconcile(ro, traffic.Observed(now=objects.now(), annotations={}, agent_spec=_NO_AGENT,
                                                           active_model=None, untrusted=why))
     return status, acts.events
 
@@ -276,10 +287,7 @@ def abort_agent_rollout(namespace: str, agent: str, reason: str) -> str | None:
             if ro is None or m.rollout_phase(ro) not in m.ROLLOUT_ACTIVE:
                 continue
             status, acts = traffic.abort(ro, reason, objects.now())
-            agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
-            spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else None
-            entries = _serving(namespace, agent).entries
-            _act(namespace, agent, spec or m.RLAgentSpec(environment=m.EnvironmentSpec(id="-")), acts, entries)
+            _act_on_abort(namespace, agent, acts)
             _write_rollout(ro, status, acts.events)
         return name
     return None
@@ -300,10 +308,7 @@ def on_rollout_deleted(namespace: str, name: str, **_: Any) -> None:
             if status.stable_version is None:
                 rayserve.delete_application(RUNTIME.settings.ray_dashboard_url, rayserve.app_name(namespace, agent))
             else:
-                agent_obj = kube.get_custom(namespace, m.RLAgent.PLURAL, agent)
-                spec = m.RLAgentSpec.model_validate(agent_obj["spec"]) if agent_obj else \
-                    m.RLAgentSpec(environment=m.EnvironmentSpec(id="-"))
-                _act(namespace, agent, spec, acts, _serving(namespace, agent).entries)
+                _act_on_abort(namespace, agent, acts)
         except rayserve.ApplicationNotFound:
             pass
         except rayserve.RayServeError as exc:
